@@ -1,0 +1,3 @@
+"""deepmetric: deep metric learning for PyTorch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,142 @@
+"""Pair machinery shared by every pair-based loss.
+
+A loss sees B anchors (``embeddings``, ``labels``) and M references. Without a reference
+set the references are the batch itself and each anchor's own column (the diagonal) is
+excluded. With a reference set (cross-batch memory, a gathered batch) the caller may name,
+for each anchor, the reference slot that holds its own copy (``self_index``; -1 = none):
+only that one entry is excluded. Self-pairs are never removed by a similarity threshold,
+so genuine duplicates (similarity exactly 1) stay valid pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Pairs:
+    """Everything a pair-based loss needs about one batch.
+
+    sim: (B, M) float32 cosine similarities anchors x references (no autocast).
+    pos: (B, M) bool, same label and not the anchor's own slot.
+    neg: (B, M) bool, different label.
+    labels: (B,) anchor labels; ref_labels: (M,) reference labels.
+    """
+
+    sim: Tensor
+    pos: Tensor
+    neg: Tensor
+    labels: Tensor
+    ref_labels: Tensor
+
+    def distance(self) -> Tensor:
+        """(B, M) Euclidean distance of unit vectors, sqrt(2 - 2 S), clamped away from 0.
+
+        The clamp (1e-12 under the root) keeps the gradient finite for duplicates.
+        """
+        return (2.0 - 2.0 * self.sim).clamp(min=1e-12).sqrt()
+
+
+def check_inputs(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_emb: Tensor | None,
+    ref_labels: Tensor | None,
+    self_index: Tensor | None,
+) -> None:
+    """Raise ValueError with a clear message for malformed loss inputs."""
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be (B, d), got shape {tuple(embeddings.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"labels must be (B,) with B = {embeddings.shape[0]}, got shape {tuple(labels.shape)}"
+        )
+    if (ref_emb is None) != (ref_labels is None):
+        raise ValueError("ref_emb and ref_labels must be given together")
+    if ref_emb is not None:
+        if ref_emb.dim() != 2 or ref_emb.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"ref_emb must be (M, {embeddings.shape[1]}), got shape {tuple(ref_emb.shape)}"
+            )
+        if ref_labels.dim() != 1 or ref_labels.shape[0] != ref_emb.shape[0]:
+            raise ValueError(
+                f"ref_labels must be (M,) with M = {ref_emb.shape[0]}, "
+                f"got shape {tuple(ref_labels.shape)}"
+            )
+        if not torch.isfinite(ref_emb).all():
+            raise ValueError("ref_emb contains NaN or inf")
+    elif self_index is not None:
+        raise ValueError("self_index is only meaningful with ref_emb")
+    if self_index is not None and (
+        self_index.dim() != 1 or self_index.shape[0] != embeddings.shape[0]
+    ):
+        raise ValueError(f"self_index must be (B,), got shape {tuple(self_index.shape)}")
+    if labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if not torch.isfinite(embeddings).all():
+        raise ValueError("embeddings contain NaN or inf (check the model output / learning rate)")
+
+
+def build_pairs(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    self_index: Tensor | None = None,
+) -> Pairs:
+    """Similarity matrix and positive/negative masks, self-pairs excluded by index.
+
+    embeddings: (B, d) L2-normalised anchors; labels: (B,) integer class ids.
+    ref_emb, ref_labels: (M, d), (M,) reference set; None = the batch itself.
+    self_index: (B,) long, the reference slot holding anchor i's own copy, -1 for none.
+    """
+    check_inputs(embeddings, labels, ref_emb, ref_labels, self_index)
+    b = embeddings.shape[0]
+    if ref_emb is None:
+        ref_emb, ref_labels = embeddings, labels
+        self_index = torch.arange(b, device=embeddings.device)
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        sim = embeddings.float() @ ref_emb.float().T
+    same = labels[:, None] == ref_labels[None, :]
+    pos = same
+    if self_index is not None:
+        rows = torch.arange(b, device=embeddings.device)
+        has_self = self_index >= 0
+        not_self = torch.ones_like(same)
+        not_self[rows[has_self], self_index[has_self]] = False
+        pos = same & not_self
+    return Pairs(sim=sim, pos=pos, neg=~same, labels=labels, ref_labels=ref_labels)
+
+
+def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = -1, include_zero: bool = False) -> Tensor:
+    """log(sum_{mask} e^x) along ``dim`` (plus e^0 when ``include_zero``: log(1 + sum e^x)).
+
+    Stable for large x. A slice with no True entry gives -inf (0 with ``include_zero``) and
+    passes back zero gradient, never NaN, whatever the caller does with it.
+    """
+    m = torch.where(mask, x, float("-inf")).amax(dim, keepdim=True)
+    if include_zero:
+        m = m.clamp(min=0.0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    s = torch.where(mask, x - m, float("-inf")).exp().sum(dim, keepdim=True)
+    if include_zero:
+        s = s + torch.exp(-m)
+    nonempty = s > 0
+    out = m + torch.log(torch.where(nonempty, s, torch.ones_like(s)))
+    out = torch.where(nonempty, out, torch.full_like(out, float("-inf")))
+    return out.squeeze(dim)
+
+
+def zero_loss(embeddings: Tensor) -> Tensor:
+    """A zero that keeps the graph: backward gives zero gradients, never NaN."""
+    return embeddings.sum() * 0.0
+
+
+def masked_mean(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean of ``values`` over ``valid`` entries and their count; zero with a graph if none."""
+    count = valid.sum()
+    total = torch.where(valid, values, torch.zeros_like(values)).sum()
+    return total / count.clamp(min=1), count
