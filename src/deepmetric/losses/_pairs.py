@@ -20,10 +20,12 @@ from torch import Tensor
 class Pairs:
     """Everything a pair-based loss needs about one batch.
 
-    sim: (B, M) float32 cosine similarities anchors x references (no autocast).
+    sim: (B, M) cosine similarities anchors x references, at least float32 (no autocast).
     pos: (B, M) bool, same label and not the anchor's own slot.
     neg: (B, M) bool, different label.
     labels: (B,) anchor labels; ref_labels: (M,) reference labels.
+    in_batch: True when the references are the batch itself (M = B, same order).
+    dim: d, the embedding dimension.
     """
 
     sim: Tensor
@@ -31,6 +33,8 @@ class Pairs:
     neg: Tensor
     labels: Tensor
     ref_labels: Tensor
+    in_batch: bool
+    dim: int
 
     def distance(self) -> Tensor:
         """(B, M) Euclidean distance of unit vectors, sqrt(2 - 2 S), clamped away from 0.
@@ -95,11 +99,13 @@ def build_pairs(
     """
     check_inputs(embeddings, labels, ref_emb, ref_labels, self_index)
     b = embeddings.shape[0]
-    if ref_emb is None:
+    in_batch = ref_emb is None
+    if in_batch:
         ref_emb, ref_labels = embeddings, labels
         self_index = torch.arange(b, device=embeddings.device)
+    dtype = torch.promote_types(embeddings.dtype, torch.float32)  # float32, or float64 in tests
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        sim = embeddings.float() @ ref_emb.float().T
+        sim = embeddings.to(dtype) @ ref_emb.to(dtype).T
     same = labels[:, None] == ref_labels[None, :]
     pos = same
     if self_index is not None:
@@ -108,7 +114,7 @@ def build_pairs(
         not_self = torch.ones_like(same)
         not_self[rows[has_self], self_index[has_self]] = False
         pos = same & not_self
-    return Pairs(sim=sim, pos=pos, neg=~same, labels=labels, ref_labels=ref_labels)
+    return Pairs(sim, pos, ~same, labels, ref_labels, in_batch, embeddings.shape[1])
 
 
 def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = -1, include_zero: bool = False) -> Tensor:
@@ -140,3 +146,37 @@ def masked_mean(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     count = valid.sum()
     total = torch.where(valid, values, torch.zeros_like(values)).sum()
     return total / count.clamp(min=1), count
+
+
+class PairLoss(torch.nn.Module):
+    """Base of every pair-based loss: one call signature, input checks, active count.
+
+    Subclasses implement ``compute(pairs) -> (loss, num_active)``. After each call
+    ``num_active`` holds the number of items the loss was averaged over (a detached 0-d
+    tensor, so reading it costs nothing until it is logged) and ``active_unit`` names them.
+    """
+
+    active_unit = "pairs"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_active = torch.zeros((), dtype=torch.long)
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        self_index: Tensor | None = None,
+    ) -> Tensor:
+        """embeddings (B, d) L2-normalised, labels (B,); optional references (M, d), (M,)
+        and self_index (B,) (reference slot of each anchor's own copy, -1 = none).
+        Returns a scalar loss (float32, or float64 for float64 input)."""
+        pairs = build_pairs(embeddings, labels, ref_emb, ref_labels, self_index)
+        loss, num_active = self.compute(pairs)
+        self.num_active = num_active.detach()
+        return loss
+
+    def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError

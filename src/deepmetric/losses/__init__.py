@@ -1,0 +1,62 @@
+"""Pair-based metric learning losses, all with one call:
+
+    loss(embeddings (B, d), labels (B,), ref_emb=None (M, d), ref_labels=None (M,),
+         self_index=None (B,)) -> scalar
+
+Build one by name with ``build_loss(name, **hparams)``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ._pairs import PairLoss, Pairs, build_pairs, masked_logsumexp
+from .binomial import BinomialDevianceLoss
+from .contrastive import ContrastiveLoss
+from .lifted import LiftedStructureLoss
+from .margin import MarginLoss
+from .multi_similarity import MultiSimilarityLoss
+from .nca import NCALoss
+from .triplet import TripletLoss
+
+LOSSES: dict[str, type[PairLoss]] = {
+    "contrastive": ContrastiveLoss,
+    "triplet": TripletLoss,
+    "lifted": LiftedStructureLoss,
+    "binomial": BinomialDevianceLoss,
+    "nca": NCALoss,
+    "multi_similarity": MultiSimilarityLoss,
+    "margin": MarginLoss,
+}
+
+
+def build_loss(name: str, **hparams) -> nn.Module:
+    """The loss called ``name`` (a key of ``LOSSES``) with the given hyper-parameters.
+
+    Unknown names raise ValueError listing the choices; unknown hyper-parameters raise
+    TypeError naming them.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    cls = LOSSES[name]
+    try:
+        return cls(**hparams)
+    except TypeError as err:
+        raise TypeError(f"loss {name!r}: {err}") from err
+
+
+__all__ = [
+    "LOSSES",
+    "BinomialDevianceLoss",
+    "ContrastiveLoss",
+    "LiftedStructureLoss",
+    "MarginLoss",
+    "MultiSimilarityLoss",
+    "NCALoss",
+    "PairLoss",
+    "Pairs",
+    "TripletLoss",
+    "build_loss",
+    "build_pairs",
+    "masked_logsumexp",
+]

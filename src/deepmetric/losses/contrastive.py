@@ -1,0 +1,62 @@
+"""Contrastive loss (Hadsell, Chopra, LeCun 2006), in similarity or distance form."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._pairs import PairLoss, Pairs
+
+
+class ContrastiveLoss(PairLoss):
+    """Pairwise margin loss over every positive and negative pair.
+
+    ``form="similarity"`` (the seed's, research-xbm's and the MS paper's form), S = cosine:
+        positive pair: [pos_margin - S]_+  (pos_margin = 1 gives the seed's 1 - S)
+        negative pair: [S - neg_margin]_+  (neg_margin = 0.5)
+    ``form="distance"`` (Hadsell's form), D = Euclidean distance of unit vectors:
+        positive pair: 1/2 [D - pos_margin]_+^2  (pos_margin = 0 gives 1/2 D^2)
+        negative pair: 1/2 [neg_margin - D]_+^2  (neg_margin = 1)
+
+    ``reduction="mean"``: mean over all valid pairs (positive and negative alike);
+    ``num_active`` = that number of pairs. ``reduction="seed"``: sum over pairs / B, as the
+    seed and research-xbm do (grows with the number of references).
+    PML's ContrastiveLoss differs on purpose: it uses non-squared distance hinges and averages
+    each part over its non-zero terms only.
+    """
+
+    def __init__(
+        self,
+        form: str = "similarity",
+        pos_margin: float | None = None,
+        neg_margin: float | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        if form not in ("similarity", "distance"):
+            raise ValueError(f"form must be 'similarity' or 'distance', got {form!r}")
+        if reduction not in ("mean", "seed"):
+            raise ValueError(f"reduction must be 'mean' or 'seed', got {reduction!r}")
+        self.form = form
+        self.reduction = reduction
+        if form == "similarity":
+            self.pos_margin = 1.0 if pos_margin is None else float(pos_margin)
+            self.neg_margin = 0.5 if neg_margin is None else float(neg_margin)
+        else:
+            self.pos_margin = 0.0 if pos_margin is None else float(pos_margin)
+            self.neg_margin = 1.0 if neg_margin is None else float(neg_margin)
+
+    def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
+        if self.form == "similarity":
+            pos_loss = (self.pos_margin - pairs.sim).clamp(min=0)
+            neg_loss = (pairs.sim - self.neg_margin).clamp(min=0)
+        else:
+            dist = pairs.distance()
+            pos_loss = 0.5 * (dist - self.pos_margin).clamp(min=0).square()
+            neg_loss = 0.5 * (self.neg_margin - dist).clamp(min=0).square()
+        per_pair = torch.where(pairs.pos, pos_loss, torch.where(pairs.neg, neg_loss, 0.0))
+        num_pairs = pairs.pos.sum() + pairs.neg.sum()
+        total = per_pair.sum()
+        if self.reduction == "seed":
+            return total / pairs.sim.shape[0], num_pairs
+        return total / num_pairs.clamp(min=1), num_pairs
