@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -70,7 +71,7 @@ def check_inputs(
                 f"ref_labels must be (M,) with M = {ref_emb.shape[0]}, "
                 f"got shape {tuple(ref_labels.shape)}"
             )
-        if not torch.isfinite(ref_emb).all():
+        if not torch.isfinite(ref_emb.sum()):
             raise ValueError("ref_emb contains NaN or inf")
     elif self_index is not None:
         raise ValueError("self_index is only meaningful with ref_emb")
@@ -80,7 +81,7 @@ def check_inputs(
         raise ValueError(f"self_index must be (B,), got shape {tuple(self_index.shape)}")
     if labels.dtype.is_floating_point:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if not torch.isfinite(embeddings).all():
+    if not torch.isfinite(embeddings.detach().sum()):  # one cheap reduction; NaN/inf propagate
         raise ValueError("embeddings contain NaN or inf (check the model output / learning rate)")
 
 
@@ -98,42 +99,48 @@ def build_pairs(
     self_index: (B,) long, the reference slot holding anchor i's own copy, -1 for none.
     """
     check_inputs(embeddings, labels, ref_emb, ref_labels, self_index)
-    b = embeddings.shape[0]
-    in_batch = ref_emb is None
-    if in_batch:
-        ref_emb, ref_labels = embeddings, labels
-        self_index = torch.arange(b, device=embeddings.device)
     dtype = torch.promote_types(embeddings.dtype, torch.float32)  # float32, or float64 in tests
+    in_batch = ref_emb is None
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        sim = embeddings.to(dtype) @ ref_emb.to(dtype).T
+        if in_batch:
+            sim = _Gram.apply(embeddings.to(dtype))
+            ref_labels = labels
+        else:
+            sim = embeddings.to(dtype) @ ref_emb.to(dtype).T
     same = labels[:, None] == ref_labels[None, :]
-    pos = same
-    if self_index is not None:
-        rows = torch.arange(b, device=embeddings.device)
+    pos = same.clone()
+    if in_batch:
+        pos.fill_diagonal_(False)
+    elif self_index is not None:
         has_self = self_index >= 0
-        not_self = torch.ones_like(same)
-        not_self[rows[has_self], self_index[has_self]] = False
-        pos = same & not_self
+        rows = torch.arange(embeddings.shape[0], device=embeddings.device)
+        pos[rows[has_self], self_index[has_self]] = False
     return Pairs(sim, pos, ~same, labels, ref_labels, in_batch, embeddings.shape[1])
 
 
-def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = -1, include_zero: bool = False) -> Tensor:
-    """log(sum_{mask} e^x) along ``dim`` (plus e^0 when ``include_zero``: log(1 + sum e^x)).
+class _Gram(torch.autograd.Function):
+    """x @ x.T whose backward is one matmul, (G + G.T) @ x, instead of autograd's two."""
 
-    Stable for large x. A slice with no True entry gives -inf (0 with ``include_zero``) and
-    passes back zero gradient, never NaN, whatever the caller does with it.
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x @ x.T
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return (grad + grad.T) @ x
+
+
+def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = -1, include_zero: bool = False) -> Tensor:
+    """log(sum_{mask} e^x) along ``dim``; with ``include_zero`` log(1 + sum_{mask} e^x).
+
+    Masked entries are filled with a huge finite negative (never -inf, whose all-masked rows
+    give NaN gradients in torch.logsumexp). A slice with no True entry therefore gives about
+    -1e30 (0 with ``include_zero``) and zero gradient: callers mark such slices invalid.
     """
-    m = torch.where(mask, x, float("-inf")).amax(dim, keepdim=True)
-    if include_zero:
-        m = m.clamp(min=0.0)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    s = torch.where(mask, x - m, float("-inf")).exp().sum(dim, keepdim=True)
-    if include_zero:
-        s = s + torch.exp(-m)
-    nonempty = s > 0
-    out = m + torch.log(torch.where(nonempty, s, torch.ones_like(s)))
-    out = torch.where(nonempty, out, torch.full_like(out, float("-inf")))
-    return out.squeeze(dim)
+    lse = torch.logsumexp(x.masked_fill(~mask, -1e30), dim)
+    return F.softplus(lse) if include_zero else lse
 
 
 def zero_loss(embeddings: Tensor) -> Tensor:

@@ -57,9 +57,8 @@ class LiftedStructureLoss(PairLoss):
             return per_anchor.sum() / count.clamp(min=1), count
 
         dist = pairs.distance()
-        row_lse = masked_logsumexp(self.margin - dist, pairs.neg)  # R_i, -inf without negatives
-        has_neg = torch.isfinite(row_lse)
-        row_lse = torch.where(has_neg, row_lse, -1e4)  # finite stand-in keeps gradients finite
+        row_lse = masked_logsumexp(self.margin - dist, pairs.neg)  # R_i; ~-1e30 if no negative
+        has_neg = pairs.neg.any(1)
         b, m = dist.shape
         if pairs.in_batch:
             upper = torch.ones(b, b, dtype=torch.bool, device=dist.device).triu(1)
