@@ -27,6 +27,7 @@ class Pairs:
     labels: (B,) anchor labels; ref_labels: (M,) reference labels.
     in_batch: True when the references are the batch itself (M = B, same order).
     dim: d, the embedding dimension.
+    self_rows, self_cols: (S,) long, the excluded (anchor, own slot) entries.
     """
 
     sim: Tensor
@@ -36,6 +37,12 @@ class Pairs:
     ref_labels: Tensor
     in_batch: bool
     dim: int
+    self_rows: Tensor
+    self_cols: Tensor
+
+    def without_self(self, x: Tensor, value: float) -> Tensor:
+        """A copy of the (B, M) tensor x with the anchors' own slots set to ``value``."""
+        return x.index_put((self.self_rows, self.self_cols), torch.tensor(value, dtype=x.dtype))
 
     def distance(self) -> Tensor:
         """(B, M) Euclidean distance of unit vectors, sqrt(2 - 2 S), clamped away from 0.
@@ -109,13 +116,16 @@ def build_pairs(
             sim = embeddings.to(dtype) @ ref_emb.to(dtype).T
     same = labels[:, None] == ref_labels[None, :]
     pos = same.clone()
+    rows = torch.arange(embeddings.shape[0], device=embeddings.device)
     if in_batch:
-        pos.fill_diagonal_(False)
+        cols = rows
     elif self_index is not None:
-        has_self = self_index >= 0
-        rows = torch.arange(embeddings.shape[0], device=embeddings.device)
-        pos[rows[has_self], self_index[has_self]] = False
-    return Pairs(sim, pos, ~same, labels, ref_labels, in_batch, embeddings.shape[1])
+        rows = rows[self_index >= 0]
+        cols = self_index[self_index >= 0]
+    else:
+        rows = cols = rows[:0]
+    pos[rows, cols] = False
+    return Pairs(sim, pos, ~same, labels, ref_labels, in_batch, embeddings.shape[1], rows, cols)
 
 
 class _Gram(torch.autograd.Function):

@@ -47,15 +47,16 @@ class ContrastiveLoss(PairLoss):
             self.neg_margin = 1.0 if neg_margin is None else float(neg_margin)
 
     def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
+        same = ~pairs.neg
         if self.form == "similarity":
-            pos_loss = (self.pos_margin - pairs.sim).clamp(min=0)
-            neg_loss = (pairs.sim - self.neg_margin).clamp(min=0)
+            # Positive pairs: pos_margin - S; negative pairs: S - neg_margin; then the hinge.
+            hinge = torch.where(same, self.pos_margin - pairs.sim, pairs.sim - self.neg_margin)
         else:
             dist = pairs.distance()
-            pos_loss = 0.5 * (dist - self.pos_margin).clamp(min=0).square()
-            neg_loss = 0.5 * (self.neg_margin - dist).clamp(min=0).square()
-        per_pair = torch.where(pairs.pos, pos_loss, torch.where(pairs.neg, neg_loss, 0.0))
-        num_pairs = pairs.pos.sum() + pairs.neg.sum()
+            hinge = torch.where(same, dist - self.pos_margin, self.neg_margin - dist)
+        hinge = pairs.without_self(hinge, 0.0).clamp(min=0)  # the anchors' own slots: no pair
+        per_pair = hinge if self.form == "similarity" else 0.5 * hinge.square()
+        num_pairs = torch.tensor(pairs.pos.numel() - pairs.self_rows.numel())
         total = per_pair.sum()
         if self.reduction == "seed":
             return total / pairs.sim.shape[0], num_pairs

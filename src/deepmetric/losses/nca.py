@@ -30,7 +30,7 @@ class NCALoss(PairLoss):
     def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
         logits = self.scale * pairs.sim
         log_pos = masked_logsumexp(logits, pairs.pos)
-        log_all = masked_logsumexp(logits, pairs.pos | pairs.neg)
+        log_all = torch.logsumexp(pairs.without_self(logits, -1e30), 1)
         valid = pairs.pos.any(1)
         per_anchor = torch.where(valid, log_all - log_pos, 0.0)
         count = valid.sum()
