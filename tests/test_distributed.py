@@ -1,0 +1,450 @@
+"""Distributed training helpers: 2-process gloo runs on CPU against one process.
+
+The multi-process tests launch this very file as a script, once per rank, with torchrun's
+environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on 127.0.0.1 and
+a free port); each rank writes its results to a file that the test compares with the same
+computation done here in one process. One launch covers every loss, the XBM steps, the uneven
+gathers and the sharded evaluation, so process start-up is paid once.
+
+The setup for the gradient checks: a tiny linear model (float64, DDP-wrapped) on fixed inputs;
+rank r embeds its half of the global batch, gathers (with gradient), computes the global loss
+and backpropagates; after DDP's averaging the parameter gradients must equal those of one
+process computing the loss on the whole batch, and the loss value must be the true one (no
+world-size factor).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deepmetric import distributed as D
+from deepmetric.losses import build_loss
+
+WORLD = 2
+DIM_IN, DIM_OUT = 10, 6
+NUM_CLASSES = 6
+B_GLOBAL = 24  # 12 rows per rank; every class has rows on both ranks
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+LOSS_CASES: dict[str, tuple[str, dict]] = {
+    "contrastive_similarity": ("contrastive", {"form": "similarity"}),
+    "contrastive_distance": ("contrastive", {"form": "distance"}),
+    "triplet_semihard": ("triplet", {"mining": "semihard"}),
+    "triplet_hard": ("triplet", {"mining": "hard"}),
+    "triplet_all": ("triplet", {"mining": "all"}),
+    "lifted_original": ("lifted", {"variant": "original"}),
+    "lifted_modified": ("lifted", {"variant": "modified"}),
+    "binomial": ("binomial", {}),
+    "nca": ("nca", {}),
+    "multi_similarity": ("multi_similarity", {}),
+    # random negative sampling: identical generator seed on every rank and in the reference
+    "margin": ("margin", {"seed": 7}),
+    "margin_per_class": ("margin", {"seed": 7, "num_classes": NUM_CLASSES}),
+}
+
+XBM_STEPS = 4
+XBM_SIZE = 40  # < 2 global batches: the ring buffer wraps during the test
+UNEVEN_SIZES = (3, 5)
+EVAL_N = 11
+
+
+# --------------------------------------------------------------------------------------------
+# Shared computations (run identically by each rank and by the single-process reference)
+# --------------------------------------------------------------------------------------------
+
+
+def _inputs(step: int = 0) -> tuple[Tensor, Tensor]:
+    """Fixed global batch: (B_GLOBAL, DIM_IN) float64 inputs and labels 0..5, each class on
+    both ranks' halves."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(B_GLOBAL, DIM_IN, generator=g, dtype=torch.float64)
+    labels = torch.arange(B_GLOBAL) % NUM_CLASSES
+    labels = labels[torch.randperm(B_GLOBAL, generator=g)]
+    return x, labels
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(DIM_IN, DIM_OUT).double()
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's contiguous share of a global tensor (everything in one process)."""
+    rank, world = D.get_rank(), D.get_world_size()
+    n = t.shape[0] // world
+    return t[rank * n : (rank + 1) * n]
+
+
+def _embed(model: nn.Module, x: Tensor) -> Tensor:
+    return F.normalize(model(x), dim=1)
+
+
+def _loss_step(case: str) -> dict:
+    """One forward/backward of a loss case on the global batch; same code in every setting."""
+    name, hparams = LOSS_CASES[case]
+    model = D.wrap_model(_model())
+    criterion = build_loss(name, **hparams).double()
+    x, labels = _inputs()
+    emb = _embed(model, _local(x))
+    global_emb, global_labels = D.gather_batch(emb, _local(labels))
+    loss = criterion(global_emb, global_labels)
+    loss.backward()
+    D.average_gradients(criterion.parameters())
+    out = {
+        "loss": loss.detach().clone(),
+        "num_active": int(criterion.num_active),
+        "grads": {n: p.grad.clone() for n, p in D.unwrap_model(model).named_parameters()},
+        "loss_grads": {n: p.grad.clone() for n, p in criterion.named_parameters()},
+        "local_only_loss": criterion(emb.detach(), _local(labels)).detach().clone(),
+    }
+    return out
+
+
+def _xbm_steps() -> dict:
+    """A few SGD steps with a cross-batch memory fed the gathered global batch."""
+    from deepmetric.memory import CrossBatchMemory
+
+    model = D.wrap_model(_model())
+    xbm = CrossBatchMemory(build_loss("contrastive"), size=XBM_SIZE, dim=DIM_OUT, start_iteration=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for step in range(XBM_STEPS):
+        x, labels = _inputs(step)
+        opt.zero_grad()
+        emb = _embed(model, _local(x))
+        global_emb, global_labels = D.gather_batch(emb, _local(labels))
+        loss = xbm(global_emb, global_labels)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().clone())
+    return {
+        "losses": torch.stack(losses),
+        "params": {n: p.detach().clone() for n, p in D.unwrap_model(model).named_parameters()},
+        "memory": {k: v.clone() for k, v in xbm.state_dict().items()},
+    }
+
+
+def _uneven_weights(n: int) -> Tensor:
+    return torch.linspace(-1.0, 2.0, n * 3, dtype=torch.float64).reshape(n, 3)
+
+
+def _uneven_local(rank: int) -> Tensor:
+    start = sum(UNEVEN_SIZES[:rank])
+    full = torch.arange(sum(UNEVEN_SIZES) * 3, dtype=torch.float64).reshape(-1, 3) / 7.0
+    return full[start : start + UNEVEN_SIZES[rank]]
+
+
+def _eval_embeddings(index: Tensor) -> Tensor:
+    """A deterministic 'embedding' of dataset items by index."""
+    return torch.stack([index.double(), (index * index).double(), -index.double()], 1).float()
+
+
+# --------------------------------------------------------------------------------------------
+# Worker (each rank runs this file as a script)
+# --------------------------------------------------------------------------------------------
+
+
+def _worker_all(out_dir: Path) -> None:
+    rank, world, local_rank = D.init_distributed(timeout_s=60)
+    assert (rank, world, local_rank) == (D.get_rank(), D.get_world_size(), D.get_local_rank())
+    assert D.is_distributed() and D.is_main_process() == (rank == 0)
+    res: dict = {"rank": rank, "world": world, "backend": torch.distributed.get_backend()}
+    res["broadcast"] = D.broadcast_object({"from": rank}, src=0)
+
+    res["losses"] = {case: _loss_step(case) for case in LOSS_CASES}
+    res["xbm"] = _xbm_steps()
+
+    # Uneven all_gather_with_grad: the same loss on every rank, and a rank-dependent loss.
+    x = _uneven_local(rank).requires_grad_(True)
+    g = D.all_gather_with_grad(x)
+    (g * _uneven_weights(g.shape[0])).square().sum().backward()
+    res["uneven_gathered"] = g.detach().clone()
+    res["uneven_grad_same"] = x.grad.clone()
+    x.grad = None
+    g = D.all_gather_with_grad(x)
+    (g * (rank + 1.0)).sum().backward()
+    res["uneven_grad_per_rank"] = x.grad.clone()
+    ints = torch.arange(UNEVEN_SIZES[rank]) + 100 * rank
+    res["uneven_ints"] = D.all_gather(ints)
+    res["uneven_bools"] = D.all_gather(ints % 2 == 0)
+
+    # Sharded evaluation, two ways: contiguous shards of a model's embeddings, and a permuted
+    # uneven split with a duplicated index (as a padding sampler would produce).
+    x_eval, labels_eval = _inputs(99)
+    model = _model()
+    idx = D.shard_indices(B_GLOBAL - 1)
+    with torch.no_grad():
+        emb = _embed(model, x_eval[idx])
+    res["eval_model"] = D.gather_eval(emb, labels_eval[idx], idx)
+    perm = torch.randperm(EVAL_N, generator=torch.Generator().manual_seed(5))
+    mine = perm[:4] if rank == 0 else torch.cat([perm[4:], perm[:1]])
+    res["eval_perm"] = D.gather_eval(_eval_embeddings(mine), mine % 3, mine)
+
+    # sync_bn on CPU: a warning, the model still trains.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bn_model = D.wrap_model(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), sync_bn=True)
+    res["sync_bn_warned"] = any("sync_bn" in str(w.message) for w in caught)
+    bn_model(torch.randn(6, 4)).sum().backward()
+
+    D.barrier()
+    torch.save(res, out_dir / f"rank{rank}.pt")
+    D.destroy_distributed()
+
+
+def _worker_dies(out_dir: Path, stall: bool = False) -> None:
+    """Rank 1 dies (or stalls) right after joining; rank 0's next collective must raise (at
+    once when the peer's socket closes, after the 2 s collective timeout when it stalls)."""
+    rank, _, _ = D.init_distributed(timeout_s=2)
+    if rank == 1:
+        if stall:
+            time.sleep(8)
+        os._exit(3)
+    start = time.monotonic()
+    result = {"raised": False}
+    try:
+        t = torch.ones(4)
+        for _ in range(3):  # the peer may not have gone yet on the first call
+            torch.distributed.all_reduce(t)
+            time.sleep(0.5)
+    except Exception as err:  # whatever torch raises, it must raise
+        result = {"raised": True, "type": type(err).__name__, "message": str(err)[:300]}
+    result["elapsed"] = time.monotonic() - start
+    (out_dir / "dies.json").write_text(json.dumps(result))
+    os._exit(0)  # skip destroy_process_group on a broken group
+
+
+def _worker_stalls(out_dir: Path) -> None:
+    _worker_dies(out_dir, stall=True)
+
+
+WORKERS = {"all": _worker_all, "dies": _worker_dies, "stalls": _worker_stalls}
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    scenario: str, out_dir: Path, world: int = WORLD, timeout_s: float = 120.0
+) -> list[tuple[int, str]]:
+    """Run ``scenario`` in ``world`` processes with torchrun's environment; kill on timeout.
+
+    Returns (returncode, output) per rank.
+    """
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ)
+        env.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            CUDA_VISIBLE_DEVICES="",  # gloo on CPU even on a GPU machine
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, scenario, str(out_dir)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    deadline = time.monotonic() + timeout_s
+    results = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((p.returncode, out))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        outputs = [p.communicate()[0] for p in procs]
+        pytest.fail(f"{scenario}: ranks did not finish in {timeout_s}s\n" + "\n".join(outputs))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("dist")
+    results = launch("all", out_dir)
+    for rank, (rc, out) in enumerate(results):
+        assert rc == 0, f"rank {rank} failed:\n{out}"
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_process_group_basics(dist_results):
+    for rank, res in enumerate(dist_results):
+        assert (res["rank"], res["world"], res["backend"]) == (rank, WORLD, "gloo")
+        assert res["broadcast"] == {"from": 0}
+
+
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_loss_and_gradients_match_single_process(dist_results, case):
+    ref = _loss_step(case)  # one process, whole batch (no process group here)
+    assert ref["num_active"] > 0
+    for res in dist_results:
+        got = res["losses"][case]
+        # the true global loss value: no world-size factor
+        torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-6, atol=1e-7)
+        assert got["num_active"] == ref["num_active"]
+        for name, grad in ref["grads"].items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-6, atol=1e-8)
+        assert got["loss_grads"].keys() == ref["loss_grads"].keys()
+        for name, grad in ref["loss_grads"].items():
+            torch.testing.assert_close(got["loss_grads"][name], grad, rtol=1e-6, atol=1e-8)
+    # the global batch matters: the per-rank loss differs from the global one
+    local = dist_results[0]["losses"][case]["local_only_loss"]
+    assert not torch.allclose(local, ref["loss"])
+
+
+def test_xbm_memories_identical_across_ranks_and_match_single_process(dist_results):
+    ref = _xbm_steps()
+    mem0 = dist_results[0]["xbm"]["memory"]
+    for res in dist_results:
+        for key, value in res["xbm"]["memory"].items():
+            assert torch.equal(value, mem0[key]), f"memory {key} differs between ranks"
+            torch.testing.assert_close(value, ref["memory"][key], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(res["xbm"]["losses"], ref["losses"], rtol=1e-6, atol=1e-7)
+        for name, p in ref["params"].items():
+            torch.testing.assert_close(res["xbm"]["params"][name], p, rtol=1e-6, atol=1e-8)
+    # the ring buffer wrapped: the memory holds rows of the last steps
+    assert int(mem0["filled"]) == XBM_SIZE
+    assert int(mem0["ptr"]) == (XBM_STEPS - 1) * B_GLOBAL % XBM_SIZE
+
+
+def test_uneven_all_gather_with_grad(dist_results):
+    full = torch.cat([_uneven_local(r) for r in range(WORLD)])
+    w = _uneven_weights(full.shape[0])
+    xf = full.clone().requires_grad_(True)
+    (xf * w).square().sum().backward()
+    offsets = [0, UNEVEN_SIZES[0], sum(UNEVEN_SIZES)]
+    for rank, res in enumerate(dist_results):
+        assert torch.equal(res["uneven_gathered"], full)
+        own = slice(offsets[rank], offsets[rank + 1])
+        # same loss on every rank: local gradient = W x dL/dx_local
+        torch.testing.assert_close(res["uneven_grad_same"], WORLD * xf.grad[own])
+        # rank s computes sum((s + 1) * G): gradient = sum over s of (s + 1)
+        expected = torch.full_like(res["uneven_grad_per_rank"], sum(range(1, WORLD + 1)))
+        torch.testing.assert_close(res["uneven_grad_per_rank"], expected)
+        ints = torch.cat([torch.arange(n) + 100 * r for r, n in enumerate(UNEVEN_SIZES)])
+        assert torch.equal(res["uneven_ints"], ints)
+        assert torch.equal(res["uneven_bools"], ints % 2 == 0)
+
+
+def test_sharded_evaluation_equals_one_process(dist_results):
+    x_eval, labels_eval = _inputs(99)
+    with torch.no_grad():
+        emb = _embed(_model(), x_eval[: B_GLOBAL - 1])
+    all_idx = torch.arange(EVAL_N)
+    for res in dist_results:
+        got_emb, got_labels = res["eval_model"]
+        torch.testing.assert_close(got_emb, emb, rtol=0, atol=1e-12)
+        assert torch.equal(got_labels, labels_eval[: B_GLOBAL - 1])
+        perm_emb, perm_labels = res["eval_perm"]
+        assert torch.equal(perm_emb, _eval_embeddings(all_idx))
+        assert torch.equal(perm_labels, all_idx % 3)
+
+
+def test_sync_bn_on_cpu_warns(dist_results):
+    assert all(res["sync_bn_warned"] for res in dist_results)
+
+
+@pytest.mark.parametrize("scenario", ["dies", "stalls"])
+def test_failing_rank_raises_instead_of_hanging(tmp_path, scenario):
+    results = launch(scenario, tmp_path, timeout_s=90)
+    assert results[1][0] == 3
+    assert results[0][0] == 0, results[0][1]
+    outcome = json.loads((tmp_path / "dies.json").read_text())
+    assert outcome["raised"], outcome
+    assert outcome["elapsed"] < 7, outcome  # the stalled peer sleeps 8 s
+
+
+# Single-process behaviour (no process group in the pytest process).
+
+
+def test_single_process_is_identity(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert D.init_distributed() == (0, 1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert D.init_distributed() == (0, 1, 0)
+    assert not D.is_distributed() and D.is_main_process()
+    assert (D.get_rank(), D.get_world_size()) == (0, 1)
+    x, labels = torch.randn(5, 3, requires_grad=True), torch.arange(5)
+    ge, gl = D.gather_batch(x, labels)
+    assert ge is x and gl is labels
+    assert D.all_gather_with_grad(x) is x and D.all_gather(labels) is labels
+    model = nn.Linear(3, 2)
+    assert D.wrap_model(model, sync_bn=True) is model and D.unwrap_model(model) is model
+    assert D.broadcast_object({"a": 1}) == {"a": 1}
+    D.barrier()
+    D.average_gradients(model.parameters())
+    D.destroy_distributed()
+
+
+def test_init_distributed_without_rendezvous_raises(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        D.init_distributed()
+
+
+def test_gather_batch_checks_lengths():
+    with pytest.raises(ValueError, match="differ"):
+        D.gather_batch(torch.randn(4, 2), torch.arange(3))
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 10, 23])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shard_indices_partition(n, world):
+    shards = [D.shard_indices(n, r, world) for r in range(world)]
+    assert [i for s in shards for i in s] == list(range(n))
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError):
+        D.shard_indices(n, world, world)
+
+
+def test_gather_eval_single_process_sorts_and_dedups():
+    idx = torch.tensor([3, 0, 2, 1, 3])
+    emb, labels = D.gather_eval(_eval_embeddings(idx), idx * 10, idx)
+    assert torch.equal(emb, _eval_embeddings(torch.arange(4)))
+    assert torch.equal(labels, torch.arange(4) * 10)
+    with pytest.raises(ValueError, match="same length"):
+        D.gather_eval(torch.zeros(2, 3), torch.zeros(2), [0])
+
+
+if __name__ == "__main__":
+    WORKERS[sys.argv[1]](Path(sys.argv[2]))
