@@ -146,6 +146,19 @@ def _uneven_local(rank: int) -> Tensor:
     return full[start : start + UNEVEN_SIZES[rank]]
 
 
+def _sampler_batches(num_replicas: int | None = None, rank: int | None = None) -> list:
+    """Two epochs of P x K batches (defaults: world size and rank of the process group)."""
+    from deepmetric.samplers import PKSampler
+
+    labels = torch.arange(60) % 7
+    sampler = PKSampler(labels, p=3, k=2, seed=4, num_replicas=num_replicas, rank=rank)
+    batches = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches.append([list(b) for b in sampler])
+    return batches
+
+
 def _eval_embeddings(index: Tensor) -> Tensor:
     """A deterministic 'embedding' of dataset items by index."""
     return torch.stack([index.double(), (index * index).double(), -index.double()], 1).float()
@@ -191,6 +204,9 @@ def _worker_all(out_dir: Path) -> None:
     perm = torch.randperm(EVAL_N, generator=torch.Generator().manual_seed(5))
     mine = perm[:4] if rank == 0 else torch.cat([perm[4:], perm[:1]])
     res["eval_perm"] = D.gather_eval(_eval_embeddings(mine), mine % 3, mine)
+
+    # PKSampler takes world size and rank from the process group.
+    res["sampler_batches"] = _sampler_batches()
 
     # sync_bn on CPU: a warning, the model still trains.
     with warnings.catch_warnings(record=True) as caught:
@@ -374,6 +390,24 @@ def test_sharded_evaluation_equals_one_process(dist_results):
         perm_emb, perm_labels = res["eval_perm"]
         assert torch.equal(perm_emb, _eval_embeddings(all_idx))
         assert torch.equal(perm_labels, all_idx % 3)
+
+
+def test_sampler_shards_by_rank(dist_results):
+    seen = [[], []]
+    for rank, res in enumerate(dist_results):
+        assert res["sampler_batches"] == _sampler_batches(WORLD, rank)
+        for epoch in range(2):
+            seen[epoch].append({i for b in res["sampler_batches"][epoch] for i in b})
+    n0, n1 = (len(res["sampler_batches"][0]) for res in dist_results)
+    assert n0 == n1 > 0  # equal counts: no rank waits for the others' extra batch
+    one_process = _sampler_batches(1, 0)
+    for epoch in range(2):
+        assert seen[epoch][0] != seen[epoch][1]  # different batches on each rank
+        single = one_process[epoch]
+        merged = [
+            b for pair in zip(*(r["sampler_batches"][epoch] for r in dist_results)) for b in pair
+        ]
+        assert merged == single[: len(merged)]  # rank r takes global batches r, r + W, ...
 
 
 def test_sync_bn_on_cpu_warns(dist_results):
