@@ -38,6 +38,7 @@ __all__ = [
     "average_gradients",
     "barrier",
     "broadcast_object",
+    "default_device",
     "destroy_distributed",
     "gather_batch",
     "gather_eval",
@@ -78,6 +79,13 @@ def get_world_size() -> int:
 def get_local_rank() -> int:
     """Rank within this node (``LOCAL_RANK`` set by torchrun; 0 when not launched by it)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is available (one GPU per process), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", get_local_rank())
+    return torch.device("cpu")
 
 
 def is_main_process() -> bool:
@@ -143,7 +151,11 @@ def destroy_distributed() -> None:
 
 def barrier() -> None:
     """Wait for every rank (no-op when not distributed)."""
-    if is_distributed():
+    if not is_distributed():
+        return
+    if dist.get_backend() == "nccl":  # name the device: no guessing from the rank
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
         dist.barrier()
 
 
