@@ -1,0 +1,260 @@
+"""User formats: list files, a folder per class, and OML-style CSV files."""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from collections.abc import Callable
+
+from .base import DatasetError, ImageDataset, MissingFileError, parse_int, read_lines
+
+__all__ = ["IMAGE_EXTENSIONS", "load_csv", "load_folder", "load_list"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def _resolve(base: str, path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(base, path)
+
+
+def _warn_query_without_gallery(ds: ImageDataset) -> None:
+    if ds.is_query is None or ds.is_gallery is None:
+        return
+    query = set(ds.labels[ds.is_query].tolist())
+    gallery = set(ds.labels[ds.is_gallery].tolist())
+    lonely = query - gallery
+    if lonely:
+        names = [ds.class_names[i] for i in sorted(lonely)[:5]]
+        warnings.warn(f"{ds.name}: {len(lonely)} query classes have no gallery image "
+                      f"(e.g. {names})", stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------- lists
+def _read_list(path: str) -> tuple[list[str], list[int]]:
+    """Read ``relative/path label`` lines: the label is the last whitespace-separated token
+    (the path may contain spaces); lines without whitespace may use ``path,label``."""
+    paths, labels = [], []
+    for n, text in read_lines(path):
+        if len(text.split()) >= 2:
+            rel, label = text.rsplit(maxsplit=1)
+        elif "," in text:
+            rel, label = text.rsplit(",", 1)
+        else:
+            raise DatasetError(f"{path}, line {n}: expected 'path label', got {text!r}")
+        rel = rel.strip()
+        if not rel:
+            raise DatasetError(f"{path}, line {n}: empty path in {text!r}")
+        labels.append(parse_int(label, path, n))
+        paths.append(rel)
+    if not paths:
+        raise DatasetError(f"{path}: no images listed")
+    return paths, labels
+
+
+def load_list(
+    root: str | os.PathLike | None,
+    split: str = "train",
+    transform: Callable | None = None,
+    *,
+    list_file: str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
+    on_bad_image: str = "raise",
+    verify_images: bool = False,
+    check_files: bool = True,
+) -> ImageDataset:
+    """A list file of ``relative/path label`` lines (the seed's format; labels are ints).
+
+    Args:
+        root: folder holding ``{split}.txt`` (e.g. train.txt, test.txt; query.txt and
+            gallery.txt for split "query"/"gallery"/"test"); image paths are relative to it.
+        split: "train", "test", "query", "gallery" (query and gallery read both files and share
+            one label map; "test" without test.txt = query + gallery with role masks).
+        list_file: an explicit list file (relative to root, or absolute); overrides ``split``'s.
+        image_root: folder the image paths are relative to (default: root).
+    """
+    if root is None and list_file is None:
+        raise ValueError("list: root or list_file is required")
+    base = os.fspath(root) if root is not None else os.path.dirname(os.fspath(list_file))
+    img_base = os.fspath(image_root) if image_root is not None else base
+    common = {"name": "list", "transform": transform, "on_bad_image": on_bad_image,
+              "verify_images": verify_images, "check_files": check_files}
+    if list_file is not None:
+        file = _resolve(base, os.fspath(list_file))
+        rel, labels = _read_list(file)
+        return ImageDataset([_resolve(img_base, p) for p in rel], labels, split=split, **common)
+
+    own = os.path.join(base, f"{split}.txt")
+    query_file, gallery_file = (os.path.join(base, f) for f in ("query.txt", "gallery.txt"))
+    if split in ("query", "gallery") or (split == "test" and not os.path.isfile(own)
+                                         and os.path.isfile(query_file)):
+        for f in (query_file, gallery_file):
+            if not os.path.isfile(f):
+                raise MissingFileError(f"list {split}: file not found: {f}")
+        q_rel, q_lab = _read_list(query_file)
+        g_rel, g_lab = _read_list(gallery_file)
+        ds = ImageDataset(
+            [_resolve(img_base, p) for p in q_rel + g_rel], q_lab + g_lab,
+            is_query=[True] * len(q_rel) + [False] * len(g_rel),
+            is_gallery=[False] * len(q_rel) + [True] * len(g_rel),
+            split=split, **common,
+        )
+        _warn_query_without_gallery(ds)
+        return ds if split == "test" else ds.role_view(split)
+    rel, labels = _read_list(own)
+    return ImageDataset([_resolve(img_base, p) for p in rel], labels, split=split, **common)
+
+
+# ----------------------------------------------------------------------------------- folders
+def load_folder(
+    root: str | os.PathLike | None,
+    split: str = "train",
+    transform: Callable | None = None,
+    *,
+    on_bad_image: str = "raise",
+    verify_images: bool = False,
+    check_files: bool = True,
+) -> ImageDataset:
+    """A folder per class: ``root/<split>/<class>/*.jpg`` when ``root/<split>`` exists, else
+    ``root/<class>/*.jpg`` (any split). Images are searched recursively inside each class
+    folder (extensions: :data:`IMAGE_EXTENSIONS`, any case); other files are ignored.
+
+    Class ids: the folder names as ints when they all are integers, else their ranks in sorted
+    order; ``class_names`` = the folder names. An empty class folder is an error.
+    """
+    if root is None:
+        raise ValueError("folder: root is required")
+    base = os.fspath(root)
+    if os.path.isdir(os.path.join(base, split)):
+        base = os.path.join(base, split)
+    if not os.path.isdir(base):
+        raise MissingFileError(f"folder: directory not found: {base}")
+    class_dirs = sorted(e.name for e in os.scandir(base)
+                        if e.is_dir() and not e.name.startswith("."))
+    if not class_dirs:
+        raise DatasetError(f"folder: no class folder in {base}")
+    numeric = all(d.isdigit() for d in class_dirs)
+    numeric = numeric and len({int(d) for d in class_dirs}) == len(class_dirs)  # "7" vs "07"
+    paths: list[str] = []
+    raw: list[int | str] = []
+    for d in class_dirs:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(os.path.join(base, d)):
+            dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
+            found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        if not found:
+            raise DatasetError(f"folder: empty class folder {os.path.join(base, d)} "
+                               f"(no {'/'.join(IMAGE_EXTENSIONS)} file)")
+        paths += found
+        raw += [int(d) if numeric else d] * len(found)
+    ds = ImageDataset(paths, raw, name="folder", split=split, transform=transform,
+                      on_bad_image=on_bad_image, verify_images=verify_images,
+                      check_files=check_files)
+    if numeric:
+        name_of = {int(d): d for d in class_dirs}
+        ds.class_names = [name_of[int(c)] for c in ds.class_ids]
+    return ds
+
+
+# --------------------------------------------------------------------------------------- CSV
+_TRUE = {"1", "true", "t", "yes", "y", "1.0"}
+_FALSE = {"0", "false", "f", "no", "n", "0.0", ""}
+
+
+def _parse_bool(value: str | None, file: str, line: int, column: str) -> bool:
+    v = (value or "").strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise DatasetError(f"{file}, line {line}: {column} {value!r} is not a boolean (0/1)")
+
+
+def load_csv(
+    root: str | os.PathLike | None,
+    split: str = "train",
+    transform: Callable | None = None,
+    *,
+    csv_file: str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
+    on_bad_image: str = "raise",
+    verify_images: bool = False,
+    check_files: bool = True,
+) -> ImageDataset:
+    """A CSV file in OML's format: columns ``label`` (int) and ``path``; optional ``split``
+    (``train`` / ``validation``), ``is_query``, ``is_gallery`` (0/1, empty on train rows).
+    Other columns (``category``, bbox ...) are ignored.
+
+    Splits: "train" = train rows; "test" (or "validation") = validation rows with
+    ``is_query`` / ``is_gallery`` masks (a row that is both means 1-vs-rest, self excluded at
+    evaluation; without the two columns every row is both); "query" / "gallery" = those rows,
+    with the label map of all validation rows. Without a ``split`` column every row belongs
+    to every split (use one file per split).
+
+    Args:
+        root: the CSV file, or its folder (then ``csv_file``, default ``df.csv``).
+        image_root: folder the paths are relative to (default: the CSV's folder).
+    """
+    if root is None:
+        raise ValueError("csv: root is required")
+    allowed = ("train", "test", "validation", "query", "gallery")
+    if split not in allowed:
+        raise ValueError(f"csv: unknown split {split!r}; use one of {list(allowed)}")
+    root = os.fspath(root)
+    file = root if os.path.isfile(root) else os.path.join(root, os.fspath(csv_file or "df.csv"))
+    if not os.path.isfile(file):
+        raise MissingFileError(f"csv: file not found: {file}")
+    img_base = os.fspath(image_root) if image_root is not None else os.path.dirname(file)
+
+    with open(file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = columns
+        missing = [c for c in ("label", "path") if c not in columns]
+        if missing:
+            raise DatasetError(f"{file}, line 1: missing columns {missing} (have {columns})")
+        has_split = "split" in columns
+        has_roles = "is_query" in columns or "is_gallery" in columns
+        want_eval = split != "train"
+        paths, labels, is_query, is_gallery = [], [], [], []
+        for row in reader:
+            n = reader.line_num
+            if None in row or any(row.get(c) is None for c in ("label", "path")):
+                raise DatasetError(f"{file}, line {n}: expected {len(columns)} fields")
+            if has_split:
+                row_split = (row["split"] or "").strip()
+                if row_split not in ("train", "validation"):
+                    raise DatasetError(f"{file}, line {n}: split {row_split!r} is not "
+                                       "train or validation")
+                if (row_split == "validation") != want_eval:
+                    continue
+            label = parse_int(row["label"], file, n)
+            path = row["path"].strip()
+            if not path:
+                raise DatasetError(f"{file}, line {n}: empty path")
+            if want_eval and has_roles:
+                q = _parse_bool(row.get("is_query"), file, n, "is_query")
+                g = _parse_bool(row.get("is_gallery"), file, n, "is_gallery")
+                if not (q or g):
+                    raise DatasetError(f"{file}, line {n}: validation row is neither query "
+                                       "nor gallery")
+            else:
+                q = g = True
+            paths.append(_resolve(img_base, path))
+            labels.append(label)
+            is_query.append(q)
+            is_gallery.append(g)
+    if not paths:
+        which = "validation" if want_eval and has_split else "data"
+        raise DatasetError(f"{file}: no {which} rows")
+    common = {"name": "csv", "transform": transform, "on_bad_image": on_bad_image,
+              "verify_images": verify_images, "check_files": check_files}
+    if not want_eval:
+        return ImageDataset(paths, labels, split="train", **common)
+    ds = ImageDataset(paths, labels, is_query=is_query, is_gallery=is_gallery,
+                      split="test" if split == "validation" else split, **common)
+    _warn_query_without_gallery(ds)
+    if split in ("query", "gallery"):
+        return ds.role_view(split)
+    return ds
