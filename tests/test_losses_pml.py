@@ -1,0 +1,271 @@
+"""deepmetric losses against pytorch-metric-learning 2.9.0 where the definitions coincide,
+and tests that show where they differ on purpose (REFERENCE.md §2).
+
+PML normalises embeddings inside its distances; both libraries get F.normalize(x) of the
+same leaf x, so gradients w.r.t. x are comparable. With references PML excludes no self
+pair, which is deepmetric's ``self_index=None``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepmetric.losses import build_loss
+from loss_reference import make_case
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+from pytorch_metric_learning import distances, miners, reducers  # noqa: E402
+
+CASES = [("rand6", None), ("pk16", None), ("rand40", None), ("pk16", "noself")]
+case_ids = [f"{k}-{r or 'inbatch'}" for k, r in CASES]
+
+
+def leaves(kind, refs, seed=0):
+    """Raw (unnormalised) leaves x, rx and their normalisations."""
+    emb, labels, ref, ref_labels, _ = make_case(kind, refs, seed=seed)
+    g = torch.Generator().manual_seed(seed + 99)
+    # random positive row scales: normalisation is part of the compared function
+    x = emb.detach() * (0.5 + torch.rand(len(emb), 1, generator=g, dtype=emb.dtype))
+    x.requires_grad_(True)
+    rx = None
+    if ref is not None:
+        rx = ref.detach() * (0.5 + torch.rand(len(ref), 1, generator=g, dtype=ref.dtype))
+        rx.requires_grad_(True)
+    return x, labels, rx, ref_labels
+
+
+def run_both(ours_fn, pml_fn, x, labels, rx, ref_labels, pml_kwargs=None, scale=None):
+    """Values and gradients w.r.t. the raw leaves of ours (times ``scale(ours_module)``) and
+    PML."""
+    emb = F.normalize(x, dim=1)
+    ref = None if rx is None else F.normalize(rx, dim=1)
+    ours = ours_fn(emb, labels, ref, ref_labels)
+    if scale is not None:
+        ours = ours * scale
+    kw = dict(pml_kwargs or {})
+    if rx is not None:
+        kw.update(ref_emb=ref, ref_labels=ref_labels)
+    theirs = pml_fn(emb, labels, **kw)
+    inputs = [x] + ([rx] if rx is not None else [])
+    g_ours = torch.autograd.grad(ours, inputs, allow_unused=True, retain_graph=True)
+    g_theirs = torch.autograd.grad(theirs, inputs, allow_unused=True)
+    return ours, theirs, g_ours, g_theirs, inputs
+
+
+def assert_same(ours, theirs, g_ours, g_theirs, inputs, rtol=1e-7):
+    assert torch.isfinite(ours)
+    assert abs(ours.item() - theirs.item()) <= rtol * max(1.0, abs(theirs.item())), (
+        ours.item(),
+        theirs.item(),
+    )
+    for a, b, x in zip(g_ours, g_theirs, inputs):
+        a = torch.zeros_like(x) if a is None else a
+        b = torch.zeros_like(x) if b is None else b
+        err = (a - b).abs().max().item()
+        assert err <= rtol * max(1.0, b.abs().max().item()), err
+
+
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=case_ids)
+@pytest.mark.parametrize("neg_margin", [0.5, 0.2])
+def test_contrastive_similarity_vs_pml_sum(case, neg_margin):
+    """Similarity form: per-pair terms 1 - S and [S - m]_+ are PML's ContrastiveLoss with
+    CosineSimilarity, pos_margin=1; PML summed = ours(seed) * B = ours(mean) * #pairs."""
+    x, labels, rx, rl = leaves(*case)
+    pml = pml_losses.ContrastiveLoss(
+        pos_margin=1.0,
+        neg_margin=neg_margin,
+        distance=distances.CosineSimilarity(),
+        reducer=reducers.SumReducer(),
+    )
+    seed_loss = build_loss("contrastive", neg_margin=neg_margin, reduction="seed")
+    b = len(labels)
+    assert_same(*run_both(seed_loss, pml, x, labels, rx, rl, scale=b))
+    mean_loss = build_loss("contrastive", neg_margin=neg_margin)
+    mean_loss(F.normalize(x, dim=1), labels, None if rx is None else F.normalize(rx, dim=1), rl)
+    n = int(mean_loss.num_active)
+    assert_same(*run_both(mean_loss, pml, x, labels, rx, rl, scale=n))
+
+
+def test_contrastive_distance_form_differs_from_pml_default():
+    """PML's ContrastiveLoss (non-squared hinges, each part averaged over its non-zero
+    terms) is not Hadsell's 1/2 D^2, 1/2 [m - D]_+^2 mean over pairs."""
+    x, labels, _, _ = leaves("pk16", None)
+    emb = F.normalize(x, dim=1)
+    ours = build_loss("contrastive", form="distance")(emb, labels)
+    theirs = pml_losses.ContrastiveLoss()(emb, labels)
+    assert abs(ours.item() - theirs.item()) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=case_ids)
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("margin", [0.05, 0.2])
+def test_triplet_all_vs_pml(case, squared, margin):
+    """mining="all", reduce_all="nonzero" = PML TripletMarginLoss (all triplets,
+    AvgNonZeroReducer); squared=True = LpDistance(power=2)."""
+    x, labels, rx, rl = leaves(*case)
+    dist = distances.LpDistance(power=2 if squared else 1)
+    pml = pml_losses.TripletMarginLoss(margin=margin, distance=dist)
+    ours = build_loss("triplet", mining="all", margin=margin, squared=squared)
+    assert_same(*run_both(ours, pml, x, labels, rx, rl))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_ids)
+def test_triplet_all_reduce_all_vs_pml_mean(case):
+    x, labels, rx, rl = leaves(*case)
+    pml = pml_losses.TripletMarginLoss(margin=0.2, reducer=reducers.MeanReducer())
+    ours = build_loss("triplet", mining="all", margin=0.2, reduce_all="all")
+    assert_same(*run_both(ours, pml, x, labels, rx, rl))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_ids)
+@pytest.mark.parametrize("squared", [False, True])
+def test_triplet_hard_vs_pml_batch_hard(case, squared):
+    """Batch-hard = PML BatchHardMiner + TripletMarginLoss averaged over mined anchors."""
+    x, labels, rx, rl = leaves(*case)
+    dist = distances.LpDistance(power=2 if squared else 1)
+    miner = miners.BatchHardMiner(distance=dist)
+    pml = pml_losses.TripletMarginLoss(margin=0.2, distance=dist, reducer=reducers.MeanReducer())
+
+    def pml_fn(emb, lab, ref_emb=None, ref_labels=None):
+        trip = miner(emb, lab, ref_emb, ref_labels)
+        return pml(emb, lab, trip, ref_emb, ref_labels)
+
+    ours = build_loss("triplet", mining="hard", margin=0.2, squared=squared)
+    assert_same(*run_both(ours, pml_fn, x, labels, rx, rl))
+
+
+def test_triplet_semihard_differs_from_pml_semihard_miner():
+    """PML's "semihard" miner keeps every triplet with 0 < d_an - d_ap <= margin; FaceNet
+    semi-hard takes one negative per positive pair (the closest farther one)."""
+    x, labels, _, _ = leaves("rand40", None)
+    emb = F.normalize(x, dim=1)
+    ours_fn = build_loss("triplet", margin=0.2)
+    ours = ours_fn(emb, labels)
+    n_pos_pairs = int(((labels[:, None] == labels[None]).sum() - len(labels)).item())
+    assert int(ours_fn.num_active) == n_pos_pairs
+    trip = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")(emb, labels)
+    theirs = pml_losses.TripletMarginLoss(margin=0.2)(emb, labels, trip)
+    assert len(trip[0]) != n_pos_pairs
+    assert abs(ours.item() - theirs.item()) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES[:3], ids=case_ids[:3])
+@pytest.mark.parametrize("margin", [1.0, 0.5])
+def test_lifted_original_vs_pml_in_batch(case, margin):
+    x, labels, rx, rl = leaves(*case)
+    pml = pml_losses.LiftedStructureLoss(neg_margin=margin, pos_margin=0)
+    ours = build_loss("lifted", margin=margin)
+    assert_same(*run_both(ours, pml, x, labels, rx, rl))
+
+
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=case_ids)
+@pytest.mark.parametrize("scale", [2.0, 16.0, 40.0])
+def test_nca_vs_pml(case, scale):
+    """Ours at scale s = PML NCALoss(softmax_scale = s / 2) (squared distance on the sphere)."""
+    x, labels, rx, rl = leaves(*case)
+    pml = pml_losses.NCALoss(softmax_scale=scale / 2)
+    ours = build_loss("nca", scale=scale)
+    assert_same(*run_both(ours, pml, x, labels, rx, rl), rtol=1e-6)
+
+
+def test_nca_pml_drops_underflowing_anchor():
+    """At a large scale in float32 an anchor whose positives are far away has a positive
+    probability that underflows to 0: PML silently drops it, we keep its (large) loss."""
+    e1 = torch.tensor([1.0, 0.0, 0.0])
+    e2 = torch.tensor([0.0, 1.0, 0.0])
+    emb = torch.stack([e1, -e1, e1 * 0.99 + e2 * 0.14, e2, e2 * 0.99 + e1 * 0.14])
+    emb = F.normalize(emb, dim=1)
+    labels = torch.tensor([0, 0, 1, 2, 2])  # anchor 0's positive is opposite: D^2 = 4
+    ours_fn = build_loss("nca", scale=100.0)
+    ours = ours_fn(emb, labels)
+    theirs = pml_losses.NCALoss(softmax_scale=50.0)(emb, labels)
+    assert int(ours_fn.num_active) == 4  # anchors 0, 1, 3, 4
+    assert torch.isfinite(ours) and ours.item() > 50.0
+    emb64 = emb.double()
+    want = build_loss("nca", scale=100.0)(emb64, labels)
+    assert abs(ours.item() - want.item()) <= 1e-4 * want.item()
+    assert theirs.item() < 0.5 * ours.item()  # anchors 0 and 1 underflow in PML
+
+
+# ---------------------------------------------------------------------------------------
+MS_HP = [
+    {"alpha": 2.0, "beta": 50.0, "base": 0.5, "epsilon": 0.1},
+    {"alpha": 3.0, "beta": 20.0, "base": 0.6, "epsilon": 0.3},
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_ids)
+@pytest.mark.parametrize("hp", MS_HP, ids=["default", "custom"])
+def test_multi_similarity_vs_pml(case, hp):
+    """PML MultiSimilarityLoss + MultiSimilarityMiner divides by B (unmined anchors count
+    as 0); ours averages over the active anchors: ours * num_active / B = PML."""
+    x, labels, rx, rl = leaves(*case)
+    loss = pml_losses.MultiSimilarityLoss(alpha=hp["alpha"], beta=hp["beta"], base=hp["base"])
+    miner = miners.MultiSimilarityMiner(epsilon=hp["epsilon"])
+
+    def pml_fn(emb, lab, ref_emb=None, ref_labels=None):
+        pairs = miner(emb, lab, ref_emb, ref_labels)
+        return loss(emb, lab, pairs, ref_emb, ref_labels)
+
+    ours_fn = build_loss("multi_similarity", **hp)
+    ours_fn(F.normalize(x, dim=1), labels, None if rx is None else F.normalize(rx, dim=1), rl)
+    factor = int(ours_fn.num_active) / len(labels)
+    assert_same(*run_both(ours_fn, pml_fn, x, labels, rx, rl, scale=factor), rtol=1e-6)
+
+
+def test_multi_similarity_without_mining_vs_pml_no_miner():
+    x, labels, _, _ = leaves("pk16", None)  # every anchor has positives and negatives
+    pml = pml_losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5)
+    ours = build_loss("multi_similarity", mining=False)
+    assert_same(*run_both(ours, pml, x, labels, None, None), rtol=1e-6)
+
+
+def test_multi_similarity_pml_divides_by_batch():
+    """With invalid anchors (a singleton class) PML's value is ours * B_valid / B < ours."""
+    x, labels, _, _ = leaves("pk16", None)
+    labels = labels.clone()
+    labels[0] = 99  # anchor 0: no positive
+    emb = F.normalize(x, dim=1).detach()
+    ours_fn = build_loss("multi_similarity")
+    ours = ours_fn(emb, labels)
+    pairs = miners.MultiSimilarityMiner(epsilon=0.1)(emb, labels)
+    theirs = pml_losses.MultiSimilarityLoss()(emb, labels, pairs)
+    assert int(ours_fn.num_active) < len(labels)
+    assert theirs.item() < ours.item()
+    assert theirs.item() == pytest.approx(ours.item() * int(ours_fn.num_active) / len(labels))
+
+
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", [*CASES, ("pk16", "self")], ids=[*case_ids, "pk16-self"])
+@pytest.mark.parametrize("per_class", [False, True])
+def test_margin_vs_pml_given_triplets(case, per_class):
+    """Given the same (a, p, n) triplets, ours = PML MarginLoss (DivisorReducer: divided by
+    the number of non-zero pair terms), nu = 0."""
+    x, labels, rx, rl = leaves(*case)
+    emb = F.normalize(x, dim=1)
+    ref = None if rx is None else F.normalize(rx, dim=1)
+    num_classes = 12 if per_class else None
+    ours_fn = build_loss("margin", margin=0.2, beta=1.2, num_classes=num_classes)
+    pml = pml_losses.MarginLoss(margin=0.2, beta=1.2, nu=0.0, num_classes=num_classes)
+    if per_class:
+        betas = torch.linspace(0.9, 1.4, 12)
+        with torch.no_grad():
+            next(ours_fn.parameters()).copy_(betas)
+        pml.beta = betas.clone()
+    si = None
+    if case[1] == "self":
+        _, _, _, _, si = make_case(*case)
+    ours = ours_fn(emb, labels, ref, rl, si)
+    trip = ours_fn.last_triplets
+    kw = {} if ref is None else {"ref_emb": ref, "ref_labels": rl}
+    theirs = pml(emb, labels, trip, **kw)
+    inputs = [x] + ([rx] if rx is not None else [])
+    g_ours = torch.autograd.grad(ours, inputs, retain_graph=True)
+    g_theirs = torch.autograd.grad(theirs, inputs, allow_unused=True)
+    assert_same(ours, theirs, g_ours, g_theirs, inputs, rtol=1e-6)
