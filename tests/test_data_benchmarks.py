@@ -326,7 +326,7 @@ def test_check_dataset_report(tmp_path: Path) -> None:
 
     bad = root / "images" / (root / "images.txt").read_text().split()[1]
     write_garbage(bad)
-    report = check_dataset("cub", root, splits=["train"])
+    report = check_dataset("cub", root, splits="train")
     assert f"bad image: {bad}" in report
 
     report = check_dataset("cub", tmp_path / "nowhere")

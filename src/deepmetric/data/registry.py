@@ -112,7 +112,7 @@ def check_dataset(
     Args:
         name: as for :func:`build_dataset`.
         root: the data set's root.
-        splits: the splits to check (default: train and test; npz: all).
+        splits: the splits to check, a name or a list (default: train and test; npz: all).
         **options: loader options (e.g. ``list_file``, ``csv_file``).
 
     Returns:
@@ -124,6 +124,8 @@ def check_dataset(
     problems = 0
     if key in IMAGE_FORMATS:
         options = {**options, "on_bad_image": "skip"}
+    if isinstance(splits, str):
+        splits = [splits]
     for split in splits or CHECK_SPLITS[key]:
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
