@@ -4,6 +4,8 @@
   Train: resize 256, RandomResizedCrop 227 scale (0.16, 1), h-flip. Test: resize 256, centre 227.
 - ``imagenet``: (3, 224, 224) RGB, ImageNet mean/std. Train: RandomResizedCrop 224 scale
   (0.16, 1), h-flip. Test: resize 256, centre 224.
+- ``inception``: as ``imagenet`` but (x - 0.5) / 0.5 (TF-ported weights: EfficientNet-Lite,
+  many ViTs).
 - ``small``: (channels, H, W), (x - 0.5) / 0.5, optional resize. Train: optional light random
   affine.
 
@@ -25,7 +27,7 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "build_transform"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BNINCEPTION_MEAN_BGR = (104.0, 117.0, 128.0)
-PRESETS = ("bninception", "imagenet", "small")
+PRESETS = ("bninception", "imagenet", "inception", "small")
 
 
 class ToFloatImage:
@@ -115,7 +117,8 @@ def build_transform(preset: str, train: bool, **options: Any) -> Callable:
     """Build the input pipeline of a preset.
 
     Args:
-        preset: "bninception", "imagenet" or "small".
+        preset: "bninception", "imagenet", "inception" (imagenet with mean = std = 0.5) or
+            "small".
         train: training augmentation (random crop/flip) or the deterministic test pipeline.
         **options: overrides.
             bninception / imagenet: ``size`` (or ``crop``: output side, 227 / 224), ``resize``
@@ -132,6 +135,10 @@ def build_transform(preset: str, train: bool, **options: Any) -> Callable:
     A user's own callable can be passed as ``transform=`` to any data set instead.
     """
     opts = dict(options)
+    if preset == "inception":
+        opts.setdefault("mean", (0.5, 0.5, 0.5))
+        opts.setdefault("std", (0.5, 0.5, 0.5))
+        preset = "imagenet"
     if "crop" in opts and "size" in opts and opts["crop"] != opts["size"]:
         raise ValueError("give either size or crop, not both")
     if preset in ("bninception", "imagenet"):

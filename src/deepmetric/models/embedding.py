@@ -117,6 +117,7 @@ def preset_for(backbone: str) -> str:
     """Name of the ``deepmetric.data.build_transform`` preset a backbone expects.
 
     "bninception" -> "bninception" (BGR, 0-255, mean [104, 117, 128]); "conv4" -> "small";
+    tf_efficientnet_lite* -> "inception" (RGB, (x - 0.5) / 0.5, as its TF weights expect);
     anything else -> "imagenet" (RGB, 0-1, ImageNet mean/std).
 
     Note: some timm weights were trained with other statistics (e.g. mean = std = 0.5 for
@@ -127,4 +128,6 @@ def preset_for(backbone: str) -> str:
         return "bninception"
     if name == "conv4":
         return "small"
+    if name.removeprefix("timm:").startswith("tf_efficientnet_lite"):
+        return "inception"
     return "imagenet"
