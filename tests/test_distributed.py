@@ -424,6 +424,90 @@ def test_failing_rank_raises_instead_of_hanging(tmp_path, scenario):
     assert outcome["elapsed"] < 7, outcome  # the stalled peer sleeps 8 s
 
 
+# End to end: ``torchrun --nproc-per-node 2 -m deepmetric train`` on CPU (gloo), and resume.
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_OVERRIDES = [
+    "--train.checkpoint_every=2",
+    "--train.log_every=1",
+    "--train.progress=false",
+    "--train.threads=1",
+    "--eval.every=0",
+    "--eval.at_start=false",
+    # the memory is fed the gathered global batch (80 = 5 x 8 x 2) and must survive resume
+    "--xbm.enabled=true",
+    "--xbm.size=200",
+    "--xbm.start_iteration=1",
+]
+
+
+def _torchrun_train(run_dir: Path, iterations: int, *extra: str) -> None:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={WORLD}", "-m", "deepmetric", "train",
+        "--config", str(ROOT / "configs" / "demo.yaml"),
+        f"--output.dir={run_dir}", f"--train.iterations={iterations}",
+        *TRAIN_OVERRIDES, *extra,
+    ]  # fmt: skip
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _weights(run_dir: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "last" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_torchrun_train_and_resume(tmp_path):
+    pytest.importorskip("deepmetric.cli")
+    pytest.importorskip("deepmetric.engine")
+    if not (ROOT / "configs" / "demo.yaml").exists():
+        pytest.skip("configs/demo.yaml missing")
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _torchrun_train(straight, 4)
+    _torchrun_train(resumed, 2)
+    _torchrun_train(resumed, 4, "--train.resume=auto")
+
+    for run_dir, eval_at in ((straight, [4]), (resumed, [2, 4])):
+        # rank 0 alone logs: one training record per iteration, one evaluation per run end
+        records = _records(run_dir)
+        train_records = [r["iteration"] for r in records if "loss" in r]
+        assert train_records == [1, 2, 3, 4]
+        evals = [r for r in records if r.get("split") == "test"]
+        assert [r["iteration"] for r in evals] == eval_at
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+
+    # resume continues the same 2-process run: same weights, same memory
+    w_straight, w_resumed = _weights(straight), _weights(resumed)
+    assert w_straight.keys() == w_resumed.keys()
+    for key, value in w_straight.items():
+        torch.testing.assert_close(w_resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    s_straight = torch.load(straight / "last" / "state.pt", weights_only=False)
+    s_resumed = torch.load(resumed / "last" / "state.pt", weights_only=False)
+    for key, value in s_straight["criterion"].items():
+        torch.testing.assert_close(s_resumed["criterion"][key], value, rtol=1e-5, atol=1e-6)
+
+    # the distributed evaluation equals a single-process evaluation of the same checkpoint
+    from deepmetric.engine import evaluate_checkpoint
+
+    single = evaluate_checkpoint(straight / "last", out=tmp_path / "eval.json", progress=False)
+    logged = next(r for r in _records(straight) if r.get("split") == "test")
+    for key in ("recall@1", "recall@2", "map@r"):
+        assert logged[key] == pytest.approx(single["metrics"][key], abs=1e-6), key
+
+
 # Single-process behaviour (no process group in the pytest process).
 
 
