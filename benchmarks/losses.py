@@ -1,0 +1,275 @@
+"""Forward + backward time and peak tensor memory of deepmetric losses vs PML 2.9.0.
+
+Usage:
+    .venv/bin/python benchmarks/losses.py                    # full table, B = 80, 256, 1024
+    .venv/bin/python benchmarks/losses.py --batch-sizes 80 --losses nca triplet-hard
+    .venv/bin/python benchmarks/losses.py --profile multi_similarity --batch-sizes 1024
+
+What is measured
+- Time: one forward + backward of the loss w.r.t. a (B, d) float32 leaf of L2-normalised
+  embeddings (P x K labels, K = 4), median over repeats; deepmetric and PML are interleaved
+  in one process (ours, PML, ours, PML, ...) after warm-up calls, torch.set_num_threads(2).
+  PML's time includes its miner where it needs one and its internal re-normalisation.
+- Peak memory: the largest number of bytes held at once by tensors allocated inside one
+  forward + backward (inputs excluded), from the allocation/free events recorded by
+  torch.profiler(profile_memory=True) on the CPU allocator. Python-object overhead (PML's
+  index lists, loops) is not counted; allocator caching is irrelevant on CPU.
+
+The embeddings are clustered (a shared component, a class centre and noise) so that the
+distances spread like those of a trained model (negatives at D ~ 1.1-1.4) and mining rules
+have something to select.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from deepmetric.losses import build_loss
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def pml_available() -> bool:
+    try:
+        import pytorch_metric_learning  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_batch(b: int, dim: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(b // k).repeat_interleave(k)
+    common = F.normalize(torch.randn(dim, generator=g), dim=0)
+    centres = F.normalize(torch.randn(b // k, dim, generator=g), dim=1)
+    noise = torch.randn(b, dim, generator=g) / dim**0.5
+    emb = F.normalize(0.5 * common + centres[labels] + 0.9 * noise, dim=1)
+    return emb, labels
+
+
+# ---------------------------------------------------------------------------------------
+# the compared pairs: name -> (ours factory, PML factory or None, note)
+# ---------------------------------------------------------------------------------------
+def _pml_with_miner(loss, miner) -> LossFn:
+    def fn(emb, labels):
+        return loss(emb, labels, miner(emb, labels))
+
+    return fn
+
+
+def pml_factories() -> dict[str, Callable[[], LossFn]]:
+    from pytorch_metric_learning import distances, losses, miners
+
+    return {
+        "contrastive": lambda: losses.ContrastiveLoss(
+            pos_margin=1.0, neg_margin=0.5, distance=distances.CosineSimilarity()
+        ),
+        "triplet-semihard": lambda: _pml_with_miner(
+            losses.TripletMarginLoss(margin=0.2),
+            miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard"),
+        ),
+        "triplet-hard": lambda: _pml_with_miner(
+            losses.TripletMarginLoss(margin=0.2),
+            miners.TripletMarginMiner(margin=0.2, type_of_triplets="hard"),
+        ),
+        "triplet-batchhard": lambda: _pml_with_miner(
+            losses.TripletMarginLoss(margin=0.2), miners.BatchHardMiner()
+        ),
+        "triplet-all": lambda: losses.TripletMarginLoss(margin=0.2),
+        "lifted": lambda: losses.LiftedStructureLoss(neg_margin=1.0, pos_margin=0.0),
+        "nca": lambda: losses.NCALoss(softmax_scale=8.0),
+        "multi_similarity": lambda: _pml_with_miner(
+            losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5),
+            miners.MultiSimilarityMiner(epsilon=0.1),
+        ),
+        "margin": lambda: _pml_with_miner(
+            losses.MarginLoss(margin=0.2, beta=1.2, nu=0.0),
+            miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4),
+        ),
+    }
+
+
+OURS: dict[str, tuple[str, dict]] = {
+    "contrastive": ("contrastive", {}),
+    "triplet-semihard": ("triplet", {"mining": "semihard"}),
+    "triplet-hard": ("triplet", {"mining": "hard"}),
+    "triplet-batchhard": ("triplet", {"mining": "hard"}),
+    "triplet-all": ("triplet", {"mining": "all"}),
+    "lifted": ("lifted", {}),
+    "lifted-modified": ("lifted", {"variant": "modified"}),
+    "binomial": ("binomial", {}),
+    "nca": ("nca", {"scale": 16.0}),
+    "multi_similarity": ("multi_similarity", {}),
+    "margin": ("margin", {}),
+}
+
+NOTES = {
+    "contrastive": "PML ContrastiveLoss(pos_margin=1, neg_margin=0.5, CosineSimilarity), "
+    "AvgNonZero reducer",
+    "triplet-semihard": "PML TripletMarginMiner('semihard') + TripletMarginLoss; PML's "
+    "'semihard' is a different triplet set",
+    "triplet-hard": "PML TripletMarginMiner('hard') + TripletMarginLoss; different definition",
+    "triplet-batchhard": "PML BatchHardMiner + TripletMarginLoss (same triplets as ours)",
+    "triplet-all": "PML TripletMarginLoss (all triplets, AvgNonZero): same definition",
+    "lifted": "PML LiftedStructureLoss(neg_margin=1, pos_margin=0): same value in-batch",
+    "nca": "PML NCALoss(softmax_scale=8) = ours at scale 16",
+    "multi_similarity": "PML MultiSimilarityMiner + MultiSimilarityLoss",
+    "margin": "PML DistanceWeightedMiner + MarginLoss",
+}
+
+# PML runs that cannot fit in this machine's memory (23 GB): lifted builds a
+# (#positive pairs x #negative pairs) float mask, 3.2e9 entries at B = 1024, K = 4.
+PML_SKIP = {("lifted", 1024): "not run: its pos x neg pair mask needs > 25 GB"}
+
+
+# ---------------------------------------------------------------------------------------
+def fwd_bwd(fn: LossFn, emb: torch.Tensor, labels: torch.Tensor) -> float:
+    x = emb.detach().clone().requires_grad_(True)
+    start = time.perf_counter()
+    loss = fn(x, labels)
+    loss.backward()
+    elapsed = time.perf_counter() - start
+    assert torch.isfinite(loss), "non-finite loss"
+    return elapsed
+
+
+def peak_bytes(fn: LossFn, emb: torch.Tensor, labels: torch.Tensor) -> int:
+    """Peak bytes of tensors allocated and alive at once during one forward + backward."""
+    x = emb.detach().clone().requires_grad_(True)
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = fn(x, labels)
+        loss.backward()
+        del loss
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    cur = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def repeats_for(b: int) -> int:
+    return {80: 21, 256: 11}.get(b, 5)
+
+
+def bench_one(name: str, b: int, dim: int, k: int, pml: dict | None) -> dict:
+    emb, labels = make_batch(b, dim, k)
+    loss_name, hp = OURS[name]
+    ours = build_loss(loss_name, **hp)
+    theirs = None
+    skip_note = PML_SKIP.get((name, b))
+    if pml is not None and name in pml and skip_note is None:
+        theirs = pml[name]()
+    torch.manual_seed(0)
+    for _ in range(2):  # warm-up
+        fwd_bwd(ours, emb, labels)
+        if theirs is not None:
+            fwd_bwd(theirs, emb, labels)
+    t_ours, t_pml = [], []
+    for _ in range(repeats_for(b)):
+        t_ours.append(fwd_bwd(ours, emb, labels))
+        if theirs is not None:
+            t_pml.append(fwd_bwd(theirs, emb, labels))
+    row = {
+        "loss": name,
+        "B": b,
+        "ours_ms": 1e3 * statistics.median(t_ours),
+        "ours_mb": peak_bytes(ours, emb, labels) / 2**20,
+        "pml_ms": None,
+        "pml_mb": None,
+        "note": skip_note or ("" if theirs is not None or name not in NOTES else "no PML"),
+    }
+    if theirs is not None:
+        row["pml_ms"] = 1e3 * statistics.median(t_pml)
+        row["pml_mb"] = peak_bytes(theirs, emb, labels) / 2**20
+    return row
+
+
+def load_average() -> str:
+    """1-minute load average: timings with 2 threads are only meaningful on an idle machine
+    (a descheduled OpenMP worker stalls every parallel region)."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "?"
+
+
+def fmt(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| loss | B | ours ms | PML ms | ours / PML time | ours peak MB | PML peak MB | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        ratio = None if r["pml_ms"] is None else r["ours_ms"] / r["pml_ms"]
+        lines.append(
+            f"| {r['loss']} | {r['B']} | {fmt(r['ours_ms'], 2)} | {fmt(r['pml_ms'], 2)} | "
+            f"{fmt(ratio, 3)} | {fmt(r['ours_mb'])} | {fmt(r['pml_mb'])} | {r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def profile_ours(name: str, b: int, dim: int, k: int) -> None:
+    emb, labels = make_batch(b, dim, k)
+    loss_name, hp = OURS[name]
+    fn = build_loss(loss_name, **hp)
+    for _ in range(2):
+        fwd_bwd(fn, emb, labels)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            fwd_bwd(fn, emb, labels)
+    print(f"## deepmetric {name}, B = {b}: top ops (3 calls)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[80, 256, 1024])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--k", type=int, default=4, help="samples per class")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--losses", nargs="+", default=list(OURS), choices=list(OURS))
+    parser.add_argument("--no-pml", action="store_true")
+    parser.add_argument("--profile", choices=list(OURS), help="profile ours only, then exit")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.profile:
+        for b in args.batch_sizes:
+            profile_ours(args.profile, b, args.dim, args.k)
+        return
+    pml = None if args.no_pml or not pml_available() else pml_factories()
+    load_before = load_average()
+    rows = []
+    for name in args.losses:
+        for b in args.batch_sizes:
+            row = bench_one(name, b, args.dim, args.k, pml)
+            rows.append(row)
+            print(markdown([row]).splitlines()[-1], flush=True)
+    print()
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, d = {args.dim}, K = {args.k}, "
+        f"float32 CPU, load average before/after: {load_before} / {load_average()}"
+    )
+    print()
+    print(markdown(rows))
+    print()
+    for name in args.losses:
+        if name in NOTES:
+            print(f"- {name}: {NOTES[name]}")
+
+
+if __name__ == "__main__":
+    main()
