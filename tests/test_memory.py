@@ -129,6 +129,15 @@ def test_memory_gradient_flows_to_anchors_only() -> None:
     assert x1.grad is None and x2.grad is not None
 
 
+def test_backward_after_next_enqueue_raises_instead_of_wrong_gradient() -> None:
+    gen = torch.Generator().manual_seed(13)
+    xbm = CrossBatchMemory(ToyPairLoss(), size=32, dim=DIM, batch_loss=False)
+    first = xbm(*make_batch(gen))
+    second = xbm(*make_batch(gen))
+    with pytest.raises(RuntimeError, match="inplace"):
+        (first + second).backward()
+
+
 def test_self_excluded_by_index_not_by_value() -> None:
     """An exact duplicate (S = 1) from an earlier batch is a positive; only the own slot is
     excluded."""

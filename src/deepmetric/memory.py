@@ -50,6 +50,10 @@ class CrossBatchMemory(nn.Module):
 
     Every call is one training step: it advances the iteration counter and (from
     ``start_iteration`` on) writes the batch into the memory. Do not call it for validation.
+    Call ``backward()`` on a step's loss before the next call: the next enqueue overwrites the
+    buffer in place, which the memory term's graph reads (PyTorch then raises instead of
+    returning a wrong gradient). Gradient accumulation over micro-batches works as usual
+    (forward, backward, forward, backward, ..., optimiser step).
     """
 
     def __init__(
