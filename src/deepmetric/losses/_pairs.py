@@ -27,7 +27,8 @@ class Pairs:
     labels: (B,) anchor labels; ref_labels: (M,) reference labels.
     in_batch: True when the references are the batch itself (M = B, same order).
     dim: d, the embedding dimension.
-    self_rows, self_cols: (S,) long, the excluded (anchor, own slot) entries.
+    self_rows, self_cols, self_valid: (S,) the anchors' own (row, slot) entries, excluded
+        where self_valid (a fixed-size description, so no GPU sync is needed to build it).
     """
 
     sim: Tensor
@@ -39,10 +40,16 @@ class Pairs:
     dim: int
     self_rows: Tensor
     self_cols: Tensor
+    self_valid: Tensor
 
     def without_self(self, x: Tensor, value: float) -> Tensor:
         """A copy of the (B, M) tensor x with the anchors' own slots set to ``value``."""
-        return x.index_put((self.self_rows, self.self_cols), torch.tensor(value, dtype=x.dtype))
+        index = (self.self_rows, self.self_cols)
+        return x.index_put(index, torch.where(self.self_valid, value, x[index]))
+
+    def num_pairs(self) -> Tensor:
+        """Number of (anchor, reference) pairs, i.e. B x M minus the anchors' own slots."""
+        return self.pos.numel() - self.self_valid.sum()
 
     def distance(self) -> Tensor:
         """(B, M) Euclidean distance of unit vectors, sqrt(2 - 2 S), clamped away from 0.
@@ -52,20 +59,22 @@ class Pairs:
         return (2.0 - 2.0 * self.sim).clamp(min=1e-12).sqrt()
 
 
-def check_inputs(
+def check_shapes(
     embeddings: Tensor,
     labels: Tensor,
     ref_emb: Tensor | None,
     ref_labels: Tensor | None,
     self_index: Tensor | None,
 ) -> None:
-    """Raise ValueError with a clear message for malformed loss inputs."""
+    """Raise ValueError with a clear message for malformed loss inputs (shapes, dtypes)."""
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be (B, d), got shape {tuple(embeddings.shape)}")
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(
             f"labels must be (B,) with B = {embeddings.shape[0]}, got shape {tuple(labels.shape)}"
         )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if (ref_emb is None) != (ref_labels is None):
         raise ValueError("ref_emb and ref_labels must be given together")
     if ref_emb is not None:
@@ -78,18 +87,26 @@ def check_inputs(
                 f"ref_labels must be (M,) with M = {ref_emb.shape[0]}, "
                 f"got shape {tuple(ref_labels.shape)}"
             )
-        if not torch.isfinite(ref_emb.sum()):
-            raise ValueError("ref_emb contains NaN or inf")
     elif self_index is not None:
         raise ValueError("self_index is only meaningful with ref_emb")
     if self_index is not None and (
         self_index.dim() != 1 or self_index.shape[0] != embeddings.shape[0]
     ):
         raise ValueError(f"self_index must be (B,), got shape {tuple(self_index.shape)}")
-    if labels.dtype.is_floating_point:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if not torch.isfinite(embeddings.detach().sum()):  # one cheap reduction; NaN/inf propagate
-        raise ValueError("embeddings contain NaN or inf (check the model output / learning rate)")
+
+
+def check_values(sim: Tensor, self_index: Tensor | None, embeddings: Tensor) -> None:
+    """One host sync per call: NaN/inf anywhere in the inputs shows up in the (B, M)
+    similarities; self_index must lie in [-1, M)."""
+    bad = ~torch.isfinite(sim.detach().sum())
+    if self_index is not None:
+        bad = bad | ((self_index < -1) | (self_index >= sim.shape[1])).any()
+    if not bad:
+        return
+    if self_index is not None and ((self_index < -1) | (self_index >= sim.shape[1])).any():
+        raise ValueError(f"self_index must lie in [-1, {sim.shape[1]}) (-1 = no own copy)")
+    which = "embeddings" if not torch.isfinite(embeddings).all() else "ref_emb"
+    raise ValueError(f"{which} contain NaN or inf (check the model output / learning rate)")
 
 
 def build_pairs(
@@ -105,7 +122,7 @@ def build_pairs(
     ref_emb, ref_labels: (M, d), (M,) reference set; None = the batch itself.
     self_index: (B,) long, the reference slot holding anchor i's own copy, -1 for none.
     """
-    check_inputs(embeddings, labels, ref_emb, ref_labels, self_index)
+    check_shapes(embeddings, labels, ref_emb, ref_labels, self_index)
     dtype = torch.promote_types(embeddings.dtype, torch.float32)  # float32, or float64 in tests
     in_batch = ref_emb is None
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
@@ -114,18 +131,21 @@ def build_pairs(
             ref_labels = labels
         else:
             sim = embeddings.to(dtype) @ ref_emb.to(dtype).T
+    check_values(sim, self_index, embeddings)
     same = labels[:, None] == ref_labels[None, :]
     pos = same.clone()
     rows = torch.arange(embeddings.shape[0], device=embeddings.device)
     if in_batch:
-        cols = rows
+        cols, valid = rows, torch.ones_like(rows, dtype=torch.bool)
     elif self_index is not None:
-        rows = rows[self_index >= 0]
-        cols = self_index[self_index >= 0]
+        cols, valid = self_index.clamp(min=0), self_index >= 0
     else:
         rows = cols = rows[:0]
-    pos[rows, cols] = False
-    return Pairs(sim, pos, ~same, labels, ref_labels, in_batch, embeddings.shape[1], rows, cols)
+        valid = torch.ones_like(rows, dtype=torch.bool)
+    pos[rows, cols] = pos[rows, cols] & ~valid
+    return Pairs(
+        sim, pos, ~same, labels, ref_labels, in_batch, embeddings.shape[1], rows, cols, valid
+    )
 
 
 class _Gram(torch.autograd.Function):

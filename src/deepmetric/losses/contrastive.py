@@ -56,7 +56,7 @@ class ContrastiveLoss(PairLoss):
             hinge = torch.where(same, dist - self.pos_margin, self.neg_margin - dist)
         hinge = pairs.without_self(hinge, 0.0).clamp(min=0)  # the anchors' own slots: no pair
         per_pair = hinge if self.form == "similarity" else 0.5 * hinge.square()
-        num_pairs = torch.tensor(pairs.pos.numel() - pairs.self_rows.numel())
+        num_pairs = pairs.num_pairs()
         total = per_pair.sum()
         if self.reduction == "seed":
             return total / pairs.sim.shape[0], num_pairs
