@@ -24,6 +24,7 @@ class Pairs:
     sim: (B, M) cosine similarities anchors x references, at least float32 (no autocast).
     pos: (B, M) bool, same label and not the anchor's own slot.
     neg: (B, M) bool, different label.
+    same: (B, M) bool, same label (= ~neg, the own slots included).
     labels: (B,) anchor labels; ref_labels: (M,) reference labels.
     in_batch: True when the references are the batch itself (M = B, same order).
     dim: d, the embedding dimension.
@@ -34,6 +35,7 @@ class Pairs:
     sim: Tensor
     pos: Tensor
     neg: Tensor
+    same: Tensor
     labels: Tensor
     ref_labels: Tensor
     in_batch: bool
@@ -144,7 +146,7 @@ def build_pairs(
         valid = torch.ones_like(rows, dtype=torch.bool)
     pos[rows, cols] = pos[rows, cols] & ~valid
     return Pairs(
-        sim, pos, ~same, labels, ref_labels, in_batch, embeddings.shape[1], rows, cols, valid
+        sim, pos, ~same, same, labels, ref_labels, in_batch, embeddings.shape[1], rows, cols, valid
     )
 
 
@@ -171,6 +173,28 @@ def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = -1, include_zero: bool 
     """
     lse = torch.logsumexp(x.masked_fill(~mask, -1e30), dim)
     return F.softplus(lse) if include_zero else lse
+
+
+class _WithGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sim: Tensor, value: Tensor, grad_sim: Tensor) -> Tensor:
+        ctx.save_for_backward(grad_sim)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (grad_sim,) = ctx.saved_tensors
+        return grad_sim * grad, None, None
+
+
+def with_gradient(sim: Tensor, value: Tensor, grad_sim: Tensor) -> Tensor:
+    """The scalar ``value`` made differentiable in ``sim`` (B, M) with d value / d sim =
+    ``grad_sim`` (B, M), both computed by the caller without autograd.
+
+    For losses that are a sum of simple terms of each similarity, writing the derivative down
+    costs a few full-matrix passes where autograd's graph costs several times more.
+    """
+    return _WithGradient.apply(sim, value, grad_sim)
 
 
 def zero_loss(embeddings: Tensor) -> Tensor:

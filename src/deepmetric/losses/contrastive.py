@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._pairs import PairLoss, Pairs
+from ._pairs import PairLoss, Pairs, with_gradient
 
 
 class ContrastiveLoss(PairLoss):
@@ -47,17 +47,26 @@ class ContrastiveLoss(PairLoss):
             self.neg_margin = 1.0 if neg_margin is None else float(neg_margin)
 
     def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
-        same = ~pairs.neg
-        if self.form == "similarity":
-            # Positive pairs: pos_margin - S; negative pairs: S - neg_margin; then the hinge.
-            hinge = torch.where(same, self.pos_margin - pairs.sim, pairs.sim - self.neg_margin)
-        else:
-            dist = pairs.distance()
-            hinge = torch.where(same, dist - self.pos_margin, self.neg_margin - dist)
-        hinge = pairs.without_self(hinge, 0.0).clamp(min=0)  # the anchors' own slots: no pair
-        per_pair = hinge if self.form == "similarity" else 0.5 * hinge.square()
         num_pairs = pairs.num_pairs()
-        total = per_pair.sum()
-        if self.reduction == "seed":
-            return total / pairs.sim.shape[0], num_pairs
-        return total / num_pairs.clamp(min=1), num_pairs
+        n = pairs.sim.shape[0] if self.reduction == "seed" else num_pairs.clamp(min=1)
+        scale = torch.as_tensor(n, dtype=pairs.sim.dtype, device=pairs.sim.device).reciprocal()
+        with torch.no_grad():  # value and its derivative written down: see with_gradient
+            sim, same = pairs.sim, pairs.same
+            if self.form == "similarity":
+                # positive pair: pos_margin - S; negative pair: S - neg_margin; then the hinge
+                hinge = torch.where(same, self.pos_margin - sim, sim - self.neg_margin)
+            else:
+                dist = pairs.distance()
+                hinge = torch.where(same, dist - self.pos_margin, self.neg_margin - dist)
+            hinge = pairs.without_self(hinge, 0.0).clamp_(min=0)  # own slots: no pair
+            if self.form == "similarity":
+                value = hinge.sum() * scale
+                # d/dS: -1 on active positive terms, +1 on active negative terms
+                grad = torch.where(same, -scale, scale).mul_(hinge > 0)
+            else:
+                value = 0.5 * hinge.square().sum() * scale
+                # d/dS = d/dD * dD/dS with dD/dS = -1 / D; 0 where D is clamped (duplicates),
+                # as autograd gives through Pairs.distance() in the other losses
+                grad = torch.where(same, hinge, -hinge).div_(dist).mul_(-scale)
+                grad.masked_fill_(dist <= 1e-6, 0.0)
+        return with_gradient(pairs.sim, value, grad), num_pairs
