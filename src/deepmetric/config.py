@@ -1,0 +1,609 @@
+"""Typed run configuration: nested dataclasses, YAML presets, dotted command-line overrides.
+
+A run is described by one :class:`Config` (sections ``data``, ``model``, ``loss``, ``xbm``,
+``sampler``, ``optim``, ``schedule``, ``train``, ``eval``, ``output`` and ``seed``). It is
+read from YAML with :func:`load_config`, then overridden from the command line::
+
+    --optim.lr=1e-4   --data.root PATH   --loss.margin=0.3   --data.options.size=28
+
+Every value (in the file or on the command line) is parsed with ``yaml.safe_load`` and
+checked against the field's type; unknown keys and wrong types raise :class:`ConfigError`
+naming the full dotted key, where it came from, and what was expected. The ``loss`` section
+is ``name`` plus free-form hyper-parameters, handed to ``deepmetric.losses.build_loss`` and
+checked against the loss's signature (``loss.<key>`` is named when one is not accepted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "OutputConfig",
+    "SamplerConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "XBMConfig",
+    "apply_overrides",
+    "check_loss",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "parse_overrides",
+    "validate_config",
+]
+
+
+class ConfigError(Exception):
+    """A user error in a configuration file or a command-line override (message names the key)."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are turned into tensors."""
+
+    name: str = "digits"  # deepmetric.data.build_dataset name
+    root: str | None = None  # data set folder / file (None where the set needs none)
+    options: dict[str, Any] = field(default_factory=dict)  # build_dataset options, every split
+    # Per-split options, merged over ``options`` (e.g. npz ``classes: [0, 764]`` for training
+    # and ``classes: [764, 964]`` for testing).
+    train_options: dict[str, Any] = field(default_factory=dict)
+    test_options: dict[str, Any] = field(default_factory=dict)
+    # eval.protocol val: None carves validation classes from the training split at random
+    # (class_disjoint_split); a mapping builds the validation set explicitly from the training
+    # split with these options instead (e.g. npz ``classes: [764, 964]``).
+    val_options: dict[str, Any] | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    transform: str | None = None  # bninception, imagenet, small; None: the backbone's preset
+    transform_options: dict[str, Any] = field(default_factory=dict)  # build_transform options
+    num_workers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """deepmetric.models.build_model arguments."""
+
+    backbone: str = "resnet50"
+    embedding_dim: int = 512
+    pooling: str = "avg"
+    pretrained: str | None = None  # local weights file (nothing is downloaded)
+    freeze_bn: bool = False
+    norm_layer: str | bool | None = None  # None, "batchnorm" or "layernorm" after the linear
+    l2_normalize: bool = True
+    options: dict[str, Any] = field(default_factory=dict)  # extra build_model keywords
+
+
+@dataclass
+class LossConfig:
+    """``name`` plus the loss's own hyper-parameters.
+
+    Flat in YAML (``loss: {name: contrastive, neg_margin: 0.5}``); ``params`` holds the rest.
+    """
+
+    name: str = "multi_similarity"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class XBMConfig:
+    """Cross-batch memory (deepmetric.memory.CrossBatchMemory)."""
+
+    enabled: bool = False
+    size: int = 8192  # number of embeddings kept
+    start_iteration: int = 0  # memory term switched on at this iteration
+    weight: float = 1.0  # L = L_batch + weight * L_memory
+    batch_loss: bool = True  # keep the in-batch term after the memory starts
+
+
+@dataclass
+class SamplerConfig:
+    """P x K batches: P classes, K images each (batch size = P * K)."""
+
+    p: int = 16
+    k: int = 4
+    small_classes: Literal["replace", "skip"] = "replace"
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer with three parameter groups: backbone, head, loss parameters.
+
+    ``lr`` / ``weight_decay`` apply to the embedding head and are the default for the backbone
+    (``backbone_lr`` / ``backbone_weight_decay``) and for the loss's own parameters such as the
+    margin loss's beta (``loss_lr``; ``loss_weight_decay`` defaults to 0). Real per-group
+    learning rates: the schedule multiplies each group's own base value.
+    """
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    backbone_lr: float | None = None
+    backbone_weight_decay: float | None = None
+    loss_lr: float | None = None
+    loss_weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw
+    eps: float = 1e-8  # adam/adamw
+    grad_clip: float = 0.0  # max global L2 norm of the gradients; 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate factor as a function of the iteration (stepped every iteration).
+
+    none: 1; step: gamma ** (it // step_size); multistep: gamma ** (number of milestones <= it);
+    cosine: min_factor + (1 - min_factor) (1 + cos(pi t)) / 2 over the run after warm-up.
+    A linear warm-up from ``warmup_start_factor`` to 1 over ``warmup_iterations`` multiplies
+    any of them.
+    """
+
+    name: Literal["none", "step", "multistep", "cosine"] = "none"
+    step_size: int = 0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    min_factor: float = 0.0
+    warmup_iterations: int = 0
+    warmup_start_factor: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    """The loop: iteration budget, precision, device, logging and checkpoint cadence."""
+
+    iterations: int = 1000
+    amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 only on CUDA (with a GradScaler)
+    device: str = "auto"  # auto = cuda when available, else cpu
+    threads: int | None = None  # torch.set_num_threads (None: leave PyTorch's default)
+    log_every: int = 10  # iterations between metrics.jsonl records
+    checkpoint_every: int = 500  # iterations between "last" checkpoints (0 = at the end only)
+    resume: str | None = None  # None, "auto" (the run dir's last checkpoint) or a path
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval evaluation during training.
+
+    ``protocol: test`` evaluates on the test split (the papers' protocol; any "best" checkpoint
+    is then selected on test and labelled so). ``protocol: val`` carves a class-disjoint
+    validation split (``val_fraction`` of the training classes, or ``data.val_options``),
+    selects "best" on it and, with ``final_test``, reports that checkpoint on the test split.
+    """
+
+    protocol: Literal["test", "val"] = "test"
+    val_fraction: float = 0.2
+    every: int = 0  # iterations between evaluations (0 = at the end only)
+    at_start: bool = False  # also evaluate the untrained network (iteration 0)
+    recall_at: list[int] | None = None  # None: deepmetric.evaluation.RECALL_AT[data.name]
+    metrics: list[str] = field(default_factory=lambda: ["recall", "map_at_r", "r_precision"])
+    select_metric: str = "recall@1"
+    batch_size: int = 256
+    flip: bool = False  # average the embeddings of the image and its mirror
+    final_test: bool = True  # protocol val: evaluate the best checkpoint on the test split
+
+
+@dataclass
+class OutputConfig:
+    """Run folder (config.yaml, metrics.jsonl, plots, checkpoints)."""
+
+    dir: str | None = None  # None: runs/<config file stem>-<YYYYmmdd-HHMMSS>
+    tensorboard: bool = False  # only if the tensorboard package is installed
+    plots: bool = True  # loss.png and recall.png, rewritten at each evaluation
+
+
+@dataclass
+class Config:
+    """A whole training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    xbm: XBMConfig = field(default_factory=XBMConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = 0
+    # Where each key was set (dotted key -> "FILE" or "command line"); not part of the YAML.
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+
+_NOT_KEYS = {"sources"}
+
+
+# --------------------------------------------------------------------------- typing
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if tp is Any:
+        return "any value"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to type ``tp`` or raise _Mismatch (nested keys: _KeyMismatch)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is Literal:
+        if value in args:
+            return value
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)  # 1e3 written in YAML
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a folder called 2024
+        raise _Mismatch
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return [_coerce(v, args[0]) if args else v for v in value]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return dict(value)
+    raise TypeError(f"unsupported config field type {tp!r}")  # a bug in this module
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name not in _NOT_KEYS]
+
+
+def _unknown_key(key: str, valid: list[str], source: str) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f" (did you mean '{parent}{close[0]}'?)" if close else ""
+    return ConfigError(
+        f"{source}: unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}"
+    )
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _set_field(obj: Any, name: str, value: Any, key: str, source: str) -> None:
+    tp = _hints(type(obj))[name]
+    try:
+        setattr(obj, name, _coerce(value, tp))
+    except _Mismatch:
+        raise ConfigError(
+            f"{source}: {key}: expected {_type_name(tp)}, got {_show(value)}"
+        ) from None
+
+
+def _fill(obj: Any, raw: Any, prefix: str, source: str, sources: dict[str, str]) -> None:
+    """Set the fields of dataclass ``obj`` from mapping ``raw`` (recursing into sections)."""
+    if not isinstance(raw, dict):
+        where = prefix or "top level"
+        raise ConfigError(f"{source}: {where}: expected a mapping, got {_show(raw)}")
+    if isinstance(obj, LossConfig):
+        for k, v in raw.items():
+            key = f"{prefix}.{k}"
+            if k == "name":
+                _set_field(obj, "name", v, key, source)
+            elif k == "params" and isinstance(v, dict):  # also accept an explicit params mapping
+                obj.params.update(v)
+                for kk in v:
+                    sources[f"{key}.{kk}"] = source
+            else:
+                obj.params[str(k)] = v
+            sources[key] = source
+        return
+    valid = _fields(type(obj))
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in valid:
+            raise _unknown_key(key, valid, source)
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            _fill(current, v if v is not None else {}, key, source, sources)
+        else:
+            _set_field(obj, k, v, key, source)
+            sources[key] = source
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """A :class:`Config` from a nested mapping (as read from YAML); missing keys keep defaults."""
+    cfg = Config()
+    _fill(cfg, raw or {}, "", source, cfg.sources)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Nested plain mapping of ``cfg`` (the loss section flat: name plus hyper-parameters)."""
+    out: dict[str, Any] = {}
+    for name in _fields(Config):
+        value = getattr(cfg, name)
+        if isinstance(value, LossConfig):
+            out[name] = {"name": value.name, **value.params}
+        elif dataclasses.is_dataclass(value):
+            out[name] = dataclasses.asdict(value)
+        else:
+            out[name] = value
+    return out
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved configuration as YAML text (what a run folder's config.yaml holds)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """``["--optim.lr=1e-4", "--data.root", "P"]`` -> ``[("optim.lr", 1e-4), ("data.root", "P")]``.
+
+    Values are parsed with ``yaml.safe_load`` (``null``, ``true``, ``[1, 2]`` work); a value
+    that does not parse as YAML is kept as the raw string.
+    """
+    out: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(
+                f"command line: unexpected argument {arg!r}; overrides look like "
+                "--section.key=value or --section.key value"
+            )
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            key = arg[2:]
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"command line: --{key} needs a value (--{key}=VALUE)")
+            text = args[i + 1]
+            i += 2
+        if not re.fullmatch(r"[A-Za-z_][\w-]*(\.[\w-]+)*", key):
+            raise ConfigError(f"command line: malformed key {key!r} in {arg!r}")
+        out.append((key, _parse_value(text)))
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(
+    cfg: Config, overrides: list[tuple[str, Any]], source: str = "command line"
+) -> Config:
+    """Set dotted keys on ``cfg`` in place (types checked; dict fields take sub-keys)."""
+    for key, value in overrides:
+        where = f"{source} (--{key})"
+        parts = key.split(".")
+        obj: Any = cfg
+        for depth, part in enumerate(parts):
+            sub_key = ".".join(parts[: depth + 1])
+            last = depth == len(parts) - 1
+            if isinstance(obj, LossConfig) and part != "name":
+                rest = ".".join(parts[depth:])
+                if part == "params" and not last:
+                    rest = ".".join(parts[depth + 1 :])
+                obj.params[rest] = value
+                cfg.sources[f"loss.{rest}"] = source
+                break
+            valid = _fields(type(obj))
+            if part not in valid:
+                raise _unknown_key(sub_key, valid, where)
+            current = getattr(obj, part)
+            if last:
+                if dataclasses.is_dataclass(current):
+                    if not isinstance(value, dict):
+                        raise ConfigError(f"{where}: {sub_key} is a section; set {sub_key}.KEY")
+                    _fill(current, value, sub_key, where, cfg.sources)
+                else:
+                    _set_field(obj, part, value, sub_key, where)
+                    cfg.sources[sub_key] = source
+                break
+            if dataclasses.is_dataclass(current):
+                obj = current
+            elif isinstance(current, dict):
+                d = current
+                for p in parts[depth + 1 : -1]:
+                    d = d.setdefault(p, {})
+                    if not isinstance(d, dict):
+                        raise ConfigError(f"{where}: {key}: {p} is not a mapping")
+                d[parts[-1]] = value
+                cfg.sources[key] = source
+                break
+            else:
+                raise ConfigError(f"{where}: {sub_key} is {_type_name(_hints(type(obj))[part])}, "
+                                  f"it has no sub-key {parts[depth + 1]!r}")
+    return cfg
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | list[tuple[str, Any]] | None = None,
+    *,
+    validate: bool = True,
+) -> Config:
+    """Read ``path`` (YAML), apply command-line ``overrides`` and check the result.
+
+    Raises ConfigError for a missing file, invalid YAML, unknown keys, wrong types, and
+    invalid combinations (see :func:`validate_config`), each naming the key and its source.
+    """
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}".replace("\n", " ")) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    cfg = config_from_dict(raw, source)
+    if overrides:
+        pairs = overrides if isinstance(overrides[0], tuple) else parse_overrides(overrides)  # type: ignore[arg-type]
+        apply_overrides(cfg, pairs)  # type: ignore[arg-type]
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def _where(cfg: Config, key: str) -> str:
+    return cfg.sources.get(key, "defaults")
+
+
+def validate_config(cfg: Config) -> None:
+    """Checks that need several fields or another module (the loss's hyper-parameters)."""
+
+    def err(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{_where(cfg, key)}: {key}: {msg}")
+
+    if cfg.sampler.k < 2:
+        raise err("sampler.k", f"expected at least 2 images per class, got {cfg.sampler.k}")
+    if cfg.sampler.p < 1:
+        raise err("sampler.p", f"expected at least 1 class per batch, got {cfg.sampler.p}")
+    if cfg.train.iterations < 0:
+        raise err("train.iterations", f"expected >= 0, got {cfg.train.iterations}")
+    for key in ("train.log_every", "train.checkpoint_every", "eval.every"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise err(key, "expected >= 0")
+    if cfg.data.num_workers < 0:
+        raise err("data.num_workers", "expected >= 0")
+    if cfg.optim.lr < 0:
+        raise err("optim.lr", "expected >= 0")
+    if len(cfg.optim.betas) != 2:
+        raise err("optim.betas", f"expected two numbers, got {cfg.optim.betas}")
+    if cfg.xbm.enabled and cfg.xbm.size < cfg.sampler.p * cfg.sampler.k:
+        raise err("xbm.size", f"must hold at least one batch ({cfg.sampler.p * cfg.sampler.k}), "
+                  f"got {cfg.xbm.size}")
+    if cfg.eval.protocol == "val" and not 0.0 < cfg.eval.val_fraction < 1.0:
+        raise err("eval.val_fraction",
+                  f"expected a fraction in (0, 1), got {cfg.eval.val_fraction}")
+    if cfg.schedule.name == "step" and cfg.schedule.step_size <= 0:
+        raise err("schedule.step_size", "expected > 0 with schedule.name: step")
+    if cfg.schedule.name == "multistep" and not cfg.schedule.milestones:
+        raise err("schedule.milestones", "expected a non-empty list with schedule.name: multistep")
+    if cfg.eval.recall_at is not None and any(k < 1 for k in cfg.eval.recall_at):
+        raise err("eval.recall_at", f"expected positive integers, got {cfg.eval.recall_at}")
+    if cfg.train.resume not in (None, "auto") and not Path(cfg.train.resume).exists():
+        raise err("train.resume", f"expected null, 'auto' or an existing checkpoint, "
+                  f"got {cfg.train.resume!r} (not found)")
+    check_loss(cfg)
+
+
+def check_loss(cfg: Config) -> None:
+    """Check ``loss.name`` and every ``loss.<key>`` against the loss's constructor.
+
+    Unknown names and hyper-parameters (``build_loss`` raises TypeError) become a
+    ConfigError naming ``loss.<key>``; a value the loss rejects (ValueError) too.
+    """
+    try:
+        from deepmetric.losses import LOSSES, build_loss
+    except ImportError:  # losses not installed yet: nothing to check against
+        return
+    name = cfg.loss.name
+    if name not in LOSSES:
+        raise ConfigError(f"{_where(cfg, 'loss.name')}: loss.name: unknown loss {name!r}; "
+                          f"expected one of {', '.join(sorted(LOSSES))}")
+    try:
+        sig = inspect.signature(LOSSES[name])
+        accepted = [p.name for p in sig.parameters.values()
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    except (TypeError, ValueError):
+        accepted, open_ended = [], True
+    if not open_ended:
+        for key in cfg.loss.params:
+            if key not in accepted:
+                raise ConfigError(
+                    f"{_where(cfg, 'loss.' + key)}: loss.{key}: not a hyper-parameter of loss "
+                    f"{name!r}; expected one of: {', '.join(accepted)}"
+                )
+    try:
+        build_loss(name, **cfg.loss.params)
+    except TypeError as e:
+        m = re.search(r"argument '(\w+)'", str(e))
+        key = f"loss.{m.group(1)}" if m else "loss"
+        raise ConfigError(f"{_where(cfg, key)}: {key}: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{_where(cfg, 'loss.name')}: loss ({name}): {e}") from None

@@ -1,0 +1,194 @@
+"""Using a trained run: evaluate a checkpoint, embed a folder or list of images."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from deepmetric.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    parse_overrides,
+    validate_config,
+)
+from deepmetric.engine.checkpoint import checkpoint_iteration, find_checkpoint, load_checkpoint
+from deepmetric.engine.trainer import (
+    _eval_loader,
+    _fmt,
+    _transforms,
+    build_data,
+    build_model_from_config,
+    evaluate_model,
+)
+
+__all__ = ["IMAGE_EXTENSIONS", "embed_images", "evaluate_checkpoint", "list_images", "load_model"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def load_model(
+    checkpoint: str | os.PathLike, overrides: list[str] | None = None
+) -> tuple[Config, nn.Module, Path]:
+    """(config, model in eval mode on CPU, checkpoint folder) of a run folder or checkpoint.
+
+    A run folder gives its ``best`` checkpoint, else ``last``. The checkpoint's config.yaml
+    is read and ``overrides`` (``["--data.root", PATH]``...) are applied to it.
+    """
+    ckpt = find_checkpoint(checkpoint, ("best", "last"))
+    weights, _, text = load_checkpoint(ckpt, state=False)
+    if not text:
+        raise ConfigError(f"{ckpt}: no config.yaml in the checkpoint or its run folder")
+    cfg = config_from_dict(yaml.safe_load(text) or {}, f"{ckpt}/config.yaml")
+    cfg.train.resume = None
+    if overrides:
+        apply_overrides(cfg, parse_overrides(overrides))
+    validate_config(cfg)
+    model = build_model_from_config(cfg, pretrained=False)
+    model.load_state_dict(weights)
+    model.eval()
+    return cfg, model, ckpt
+
+
+def _device(cfg: Config) -> torch.device:
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.train.device)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    overrides: list[str] | None = None,
+    *,
+    split: str = "test",
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Retrieval metrics of a checkpoint on the test split (or the class-disjoint ``val``
+    split the run was configured with); writes them as JSON to ``out`` (default:
+    ``RUN/eval-<split>-iter<N>.json``). Returns {"checkpoint", "iteration", "split",
+    "metrics", "json"}."""
+    cfg, model, ckpt = load_model(checkpoint, overrides)
+    device = _device(cfg)
+    model.to(device)
+    if split == "test":
+        _, sets = build_data(cfg, test_only=True)
+    elif split == "val":
+        cfg.eval.protocol = "val"
+        _, sets = build_data(cfg)
+    else:
+        raise ConfigError(f"--split: expected test or val, got {split!r}")
+    es = sets[split]
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
+    if amp is torch.float16 and device.type != "cuda":
+        amp = None
+    metrics = evaluate_model(model, es, _eval_loader(cfg, es.dataset, False), cfg, device, amp,
+                             progress=progress)
+    iteration = checkpoint_iteration(ckpt)
+    result = {"checkpoint": str(ckpt), "iteration": iteration, "split": split,
+              "data": cfg.data.name, "images": len(es.dataset), "metrics": metrics}
+    path = Path(out) if out else ckpt.parent.parent / f"eval-{split}-iter{iteration}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    result["json"] = str(path)
+    result["summary"] = _fmt(metrics)
+    return result
+
+
+def list_images(source: str | os.PathLike) -> list[Path]:
+    """Image paths from a folder (recursive, sorted, by extension) or a list file (one path
+    per line, optionally followed by a label; relative paths are taken from the list file's
+    folder when they do not exist from the working directory)."""
+    src = Path(source)
+    if src.is_dir():
+        paths = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                       and p.is_file())
+        if not paths:
+            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {src}")
+        return paths
+    if not src.is_file():
+        raise FileNotFoundError(f"--images: no such folder or list file: {src}")
+    paths = []
+    for n, line in enumerate(src.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        candidates = [line] + ([line.rsplit(None, 1)[0]] if " " in line or "\t" in line else [])
+        for text in candidates:
+            p = Path(text)
+            for full in (p, src.parent / p):
+                if full.is_file():
+                    paths.append(full)
+                    break
+            else:
+                continue
+            break
+        else:
+            raise FileNotFoundError(f"{src}, line {n}: image not found: {line}")
+    if not paths:
+        raise FileNotFoundError(f"{src}: lists no image")
+    return paths
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: list[Path], transform: Any) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from deepmetric.data import open_image
+
+        return self.transform(open_image(self.paths[i])), -1
+
+
+def embed_images(
+    checkpoint: str | os.PathLike,
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    overrides: list[str] | None = None,
+    *,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> tuple[Path, Path, tuple[int, int]]:
+    """Embed every image of a folder or list file with the test transform (plus the
+    load-time resize ``data.options.size`` of array data sets, when the run used one).
+
+    Writes ``out`` (N x d float32 .npy, rows in the listed order) and ``out`` with suffix
+    ``.txt`` (the N paths, one a line). Returns (npy path, txt path, (N, d)).
+    """
+    from deepmetric.evaluation import extract_embeddings
+
+    cfg, model, _ = load_model(checkpoint, overrides)
+    device = _device(cfg)
+    model.to(device)
+    paths = list_images(images)
+    size = cfg.data.options.get("size")
+    tf_options = cfg.data.transform_options
+    if size and "size" not in tf_options and "crop" not in tf_options:
+        # the training data were resized once at load time (array data sets): do the same here
+        cfg.data.transform_options = {**cfg.data.transform_options, "size": size}
+    _, test_tf = _transforms(cfg)
+    loader = DataLoader(_ImageFiles(paths, test_tf), batch_size=batch_size or cfg.eval.batch_size,
+                        shuffle=False, num_workers=cfg.data.num_workers)
+    emb, _ = extract_embeddings(model, loader, device=device, flip=cfg.eval.flip,
+                                progress=progress)
+    out = Path(out)
+    if out.suffix != ".npy":
+        out = out.with_name(out.name + ".npy")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    array = emb.detach().cpu().float().numpy()
+    np.save(out, array)
+    txt = out.with_suffix(".txt")
+    txt.write_text("".join(f"{p}\n" for p in paths))
+    return out, txt, tuple(array.shape)

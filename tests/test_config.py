@@ -1,0 +1,128 @@
+"""Typed config: YAML presets, dotted overrides, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deepmetric.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_overrides,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_loads_and_round_trips(preset: Path) -> None:
+    cfg = load_config(preset)
+    assert isinstance(cfg, Config)
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_presets_exist() -> None:
+    names = {p.name for p in PRESETS}
+    assert {"demo.yaml", "omniglot.yaml", "seed_bninception_cub.yaml", "ms_bninception_cub.yaml",
+            "xbm_cub.yaml", "xbm_cars196.yaml", "xbm_sop.yaml", "xbm_inshop.yaml"} <= names
+
+
+def test_overrides_both_forms_and_yaml_values(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(tmp_path, "optim: {lr: 1.0e-3}\n"),
+        ["--optim.lr=1e-4", "--data.root", "/data/cub", "--eval.recall_at=[1, 2]",
+         "--loss.neg_margin", "0.3", "--loss.name=contrastive", "--data.options.size=28",
+         "--train.amp", "bf16", "--model.pretrained", "null"],
+    )
+    assert cfg.optim.lr == 1e-4  # "1e-4" is a string for YAML 1.1: still a float here
+    assert cfg.data.root == "/data/cub"
+    assert cfg.eval.recall_at == [1, 2]
+    assert cfg.loss.name == "contrastive" and cfg.loss.params == {"neg_margin": 0.3}
+    assert cfg.data.options == {"size": 28}
+    assert cfg.train.amp == "bf16" and cfg.model.pretrained is None
+    assert cfg.sources["optim.lr"] == "command line"
+
+
+def test_unknown_key_in_file_names_file_and_dotted_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert str(path) in msg and "optim.lrr" in msg and "optim.lr" in msg  # did you mean
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'optimizer'.*did you mean 'optim'"):
+        load_config(write(tmp_path, "optimizer: {lr: 0.1}\n"))
+
+
+def test_wrong_type_names_key_and_expected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "train:\n  iterations: many\n"))
+    assert "train.iterations" in str(e.value) and "expected an integer" in str(e.value)
+    assert "'many'" in str(e.value)
+    with pytest.raises(ConfigError, match=r"train.amp: expected one of 'none', 'bf16', 'fp16'"):
+        load_config(None, ["--train.amp=fp8"])
+    with pytest.raises(ConfigError, match=r"command line \(--xbm.enabled\): xbm.enabled: expected "
+                                          r"true or false"):
+        load_config(None, ["--xbm.enabled=yes please"])
+
+
+def test_unknown_override_key() -> None:
+    with pytest.raises(ConfigError, match=r"--sampler.q.*unknown key 'sampler.q'"):
+        load_config(None, ["--sampler.q=3"])
+
+
+def test_bad_loss_hyper_parameter_names_loss_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "loss: {name: contrastive, margn: 0.5}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "loss.margn" in str(e.value) and str(path) in str(e.value)
+    assert "neg_margin" in str(e.value)  # lists the accepted ones
+    with pytest.raises(ConfigError, match=r"loss.alfa"):
+        load_config(None, ["--loss.name=multi_similarity", "--loss.alfa=2"])
+    with pytest.raises(ConfigError, match=r"loss.name: unknown loss 'arcface'"):
+        load_config(None, ["--loss.name=arcface"])
+    with pytest.raises(ConfigError, match=r"loss \(contrastive\)"):  # value the loss rejects
+        load_config(None, ["--loss.name=contrastive", "--loss.form=cosine"])
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ConfigError, match=r"sampler\.k"):
+        load_config(None, ["--sampler.k=1"])
+    with pytest.raises(ConfigError, match=r"xbm\.size"):
+        load_config(None, ["--xbm.enabled=true", "--xbm.size=10"])
+    with pytest.raises(ConfigError, match=r"schedule\.milestones"):
+        load_config(None, ["--schedule.name=multistep"])
+    with pytest.raises(ConfigError, match=r"eval\.val_fraction"):
+        load_config(None, ["--eval.protocol=val", "--eval.val_fraction=1.5"])
+
+
+def test_malformed_overrides() -> None:
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_overrides(["--optim.lr"])
+    with pytest.raises(ConfigError, match="unexpected argument"):
+        parse_overrides(["optim.lr=3"])
+    with pytest.raises(ConfigError, match="is a section"):
+        load_config(None, ["--optim=3"])
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(write(tmp_path, "optim: {lr: [\n"))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(write(tmp_path, "optim: 3\n"))

@@ -1,0 +1,262 @@
+"""Training engine: schedules, parameter groups, atomic checkpoints, exact resume (a real
+SIGKILL in the middle of a run, with cross-batch memory, 0 and 2 DataLoader workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deepmetric.config import ConfigError, OptimConfig, ScheduleConfig, load_config
+from deepmetric.engine import build_optimizer, load_checkpoint, lr_factor, save_checkpoint, train
+from deepmetric.engine.checkpoint import find_checkpoint
+from deepmetric.losses import build_loss
+from deepmetric.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+
+# A small, fast version of the demo: 16 x 16 digits, 16-d, batch 10 = 5 x 2, random affine
+# augmentation on (so that per-sample augmentation seeds matter), one thread.
+TINY = [
+    "--data.options={size: 16}", "--model.embedding_dim=16", "--sampler.p=5", "--sampler.k=2",
+    "--train.progress=false", "--train.threads=1", "--train.log_every=5",
+    "--eval.at_start=false", "--eval.every=0", "--eval.batch_size=512",
+    "--schedule.name=step", "--schedule.step_size=25", "--schedule.warmup_iterations=5",
+]
+XBM = ["--xbm.enabled=true", "--xbm.size=50", "--xbm.start_iteration=10"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def run_in_process(out: Path, *extra: str) -> dict:
+    cfg = load_config(DEMO, [*TINY, f"--output.dir={out}", *extra])
+    return train(cfg, config_name=str(DEMO))
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "last" / "model.safetensors"))
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    sa = load_checkpoint(a / "last", state=True)[1]
+    sb = load_checkpoint(b / "last", state=True)[1]
+    for key in ("iteration", "epoch", "batch"):
+        assert sa[key] == sb[key], key
+    for k, v in sa["criterion"].items():  # memory contents, pointer, fill level, loss params
+        assert torch.equal(v, sb["criterion"][k]), k
+    for i, st in sa["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, sb["optimizer"]["state"][i][k]), (i, k)
+
+
+# ------------------------------------------------------------------ schedules and optimizer
+
+
+def test_lr_factor_schedules() -> None:
+    step = ScheduleConfig(name="step", step_size=10, gamma=0.5)
+    assert [lr_factor(i, step, 100) for i in (0, 9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]
+    multi = ScheduleConfig(name="multistep", milestones=[1200, 2400], gamma=0.1)
+    assert lr_factor(1199, multi, 3000) == 1.0
+    assert lr_factor(1200, multi, 3000) == pytest.approx(0.1)
+    assert lr_factor(2999, multi, 3000) == pytest.approx(0.01)
+    cos = ScheduleConfig(name="cosine", min_factor=0.1, warmup_iterations=10,
+                         warmup_start_factor=0.0)
+    assert lr_factor(0, cos, 110) == 0.0
+    assert lr_factor(5, cos, 110) == pytest.approx(0.5)
+    assert lr_factor(10, cos, 110) == pytest.approx(1.0)
+    assert lr_factor(109, cos, 110) == pytest.approx(0.1)
+    assert lr_factor(7, ScheduleConfig(name="none"), 10) == 1.0
+
+
+def test_parameter_groups_have_real_learning_rates() -> None:
+    model = build_model("conv4", embedding_dim=8, in_chans=1)
+    loss = build_loss("margin")
+    cfg = OptimConfig(name="sgd", lr=0.1, weight_decay=1e-4, backbone_lr=0.01,
+                      backbone_weight_decay=0.0, loss_lr=0.5)
+    opt = build_optimizer(cfg, model, loss)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"backbone", "head", "loss"}
+    assert (groups["backbone"]["lr"], groups["backbone"]["weight_decay"]) == (0.01, 0.0)
+    assert (groups["head"]["lr"], groups["head"]["weight_decay"]) == (0.1, 1e-4)
+    assert groups["loss"]["lr"] == 0.5 and groups["loss"]["weight_decay"] == 0.0
+    assert groups["loss"]["params"][0] is loss.beta
+    n_model = sum(1 for p in model.parameters() if p.requires_grad)
+    assert len(groups["backbone"]["params"]) + len(groups["head"]["params"]) == n_model
+    # the learnable beta of the margin loss is actually trained
+    before = loss.beta.detach().clone()
+    emb = torch.nn.functional.normalize(model(torch.randn(12, 1, 16, 16)), dim=1)
+    loss(emb, torch.arange(12) % 3).backward()
+    opt.step()
+    assert not torch.equal(before, loss.beta.detach())
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoint_roundtrip_and_crash_while_writing(tmp_path: Path, monkeypatch) -> None:
+    run = tmp_path / "run"
+    w1 = {"a": torch.arange(4.0)}
+    save_checkpoint(run, 1, w1, {"iteration": 1, "x": [1, 2.5, "s", None]}, "seed: 0\n")
+    weights1, state1, text = load_checkpoint(run, ("last",))
+    assert torch.equal(weights1["a"], w1["a"]) and state1["x"] == [1, 2.5, "s", None]
+    assert text == "seed: 0\n"
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated crash while writing state.pt)")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(run, 2, {"a": torch.zeros(4)}, {"iteration": 2}, "seed: 0\n")
+    monkeypatch.undo()
+    # the previous checkpoint is intact and still the one "last" points to
+    weights_after, state_after, _ = load_checkpoint(run, ("last",))
+    assert torch.equal(weights_after["a"], w1["a"]) and state_after["iteration"] == 1
+    assert find_checkpoint(run, ("last",)).name == "iter-0000001"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter-0000001"]
+    # a process killed while writing leaves a temporary folder, invisible to readers ...
+    (run / "checkpoints" / ".tmp-iter-0000002-99999").mkdir()
+    assert find_checkpoint(run, ("last",)).name == "iter-0000001"
+    save_checkpoint(run, 3, {"a": torch.ones(4)}, {"iteration": 3}, "seed: 0\n",
+                    links=("last", "best"))
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["iter-0000003"]  # ... and is cleaned up by the next save (old one pruned)
+    assert find_checkpoint(run, ("best",)).name == "iter-0000003"
+
+
+def test_torch_load_weights_only_state(tmp_path: Path) -> None:
+    """state.pt holds only what torch.load(weights_only=True) accepts (no pickled objects)."""
+    out = tmp_path / "run"
+    run_in_process(out, "--train.iterations=6", "--loss.name=margin", *XBM)
+    state = torch.load(out / "last" / "state.pt", weights_only=True)
+    assert state["iteration"] == 6 and "rng" in state and "generators" in state
+    assert any(k.endswith(":generator") for k in state["generators"])  # margin loss sampler
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def test_train_writes_run_folder_and_improves(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = run_in_process(out, "--train.iterations=40", "--eval.at_start=true",
+                             "--eval.every=20", "--train.checkpoint_every=20")
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "recall.png", "summary.json"):
+        assert (out / name).is_file(), name
+    assert (out / "last").is_symlink() and (out / "best_test_selected").is_symlink()
+    assert not (out / "best").exists()  # test protocol: no unlabelled "best"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r.get("split") == "test"]
+    assert [r["iteration"] for r in evals] == [0, 20, 40]
+    assert {"recall@1", "recall@8", "map@r"} <= set(evals[0])
+    train_records = [r for r in records if "loss" in r]
+    assert [r["iteration"] for r in train_records] == list(range(5, 41, 5))
+    assert all(r["images_per_s"] > 0 and r["num_active"] >= 0 for r in train_records)
+    assert summary["start"]["recall@1"] == evals[0]["recall@1"]
+    assert summary["final"]["recall@1"] == evals[-1]["recall@1"]
+    # the resolved config re-loads to the same run
+    again = load_config(out / "config.yaml")
+    assert again.model.embedding_dim == 16 and again.sampler.p == 5
+    # refusing to overwrite an existing run
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_in_process(out, "--train.iterations=40")
+
+
+def test_val_protocol_selects_best_on_validation(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = run_in_process(out, "--train.iterations=20", "--eval.every=10",
+                             "--eval.protocol=val", "--eval.val_fraction=0.4", "--sampler.p=3")
+    assert (out / "best").is_symlink() and not (out / "best_test_selected").exists()
+    assert summary["best"]["split"] == "val"
+    assert summary["test_of_best"]["num_queries"] == 896  # digits 5-9, the best checkpoint
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r.get("split") == "val"] == [10, 20]
+    val = next(r for r in records if r.get("split") == "val")
+    assert val["num_queries"] < 901 * 0.5  # 2 of the 5 training classes
+
+
+def test_resume_continues_exactly_in_process(tmp_path: Path) -> None:
+    """Stop at 20 and resume to 40 == 40 straight (margin loss: learnable beta and its
+    sampling generator; XBM; step schedule)."""
+    args = ["--loss.name=margin", *XBM, "--train.checkpoint_every=10"]
+    run_in_process(tmp_path / "straight", "--train.iterations=40", *args)
+    run_in_process(tmp_path / "resumed", "--train.iterations=20", *args)
+    summary = run_in_process(tmp_path / "resumed", "--train.iterations=40",
+                             "--train.resume=auto", *args)
+    assert summary["iteration"] == 40
+    assert_same_state(tmp_path / "straight", tmp_path / "resumed")
+    records = (tmp_path / "resumed" / "metrics.jsonl").read_text()
+    assert '"event": "resume"' in records and "train.iterations" in records  # config diff
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "deepmetric", "train", "--config", str(DEMO), *TINY, *args]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path, workers: int) -> None:
+    total, kill_after = 100, 30
+    args = [f"--train.iterations={total}", "--train.checkpoint_every=10",
+            f"--data.num_workers={workers}", *XBM]
+    run_in_process(tmp_path / "straight", *args)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*args, f"--output.dir={killed}"), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            last = killed / "last"
+            if last.is_symlink() and int(os.readlink(last).rsplit("-", 1)[1]) >= kill_after:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"training ended before the kill: {proc.stderr.read().decode()}")
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its DataLoader workers
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    stopped_at = int(os.readlink(killed / "last").rsplit("-", 1)[1])
+    assert kill_after <= stopped_at < total
+
+    done = subprocess.run(_cli(*args, f"--output.dir={killed}", "--train.resume=auto"),
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout and f"at iteration {stopped_at}" in done.stdout
+    assert_same_state(tmp_path / "straight", killed)
+    # metrics.jsonl of the resumed run has no duplicated iterations
+    its = [json.loads(line)["iteration"] for line in (killed / "metrics.jsonl").read_text()
+           .splitlines() if '"loss"' in line]
+    assert its == sorted(set(its)) and its[-1] == total
+
+
+def test_bf16_autocast_on_cpu_and_fp16_refused(tmp_path: Path) -> None:
+    summary = run_in_process(tmp_path / "bf16", "--train.iterations=3", "--train.amp=bf16")
+    assert summary["iteration"] == 3 and summary["final"]["recall@1"] > 0
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+            run_in_process(tmp_path / "fp16", "--train.iterations=3", "--train.amp=fp16")
