@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ._pairs import PairLoss, Pairs, masked_logsumexp
+from ._pairs import PairLoss, Pairs, with_gradient
 
 PRESETS = {
     # (alpha, beta, base, epsilon)
@@ -53,17 +54,23 @@ class MultiSimilarityLoss(PairLoss):
         self.mining = mining
 
     def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
-        sim, pos, neg = pairs.sim, pairs.pos, pairs.neg
-        has_both = pos.any(1) & neg.any(1)
-        if self.mining:
-            sim_d = sim.detach()
-            min_pos = torch.where(pos, sim_d, float("inf")).amin(1, keepdim=True)
-            max_neg = torch.where(neg, sim_d, float("-inf")).amax(1, keepdim=True)
-            pos = pos & (sim_d - self.epsilon < max_neg)
-            neg = neg & (sim_d + self.epsilon > min_pos)
-        valid = has_both & (pos.any(1) | neg.any(1))
-        pos_term = masked_logsumexp(-self.alpha * (sim - self.base), pos, include_zero=True)
-        neg_term = masked_logsumexp(self.beta * (sim - self.base), neg, include_zero=True)
-        per_anchor = pos_term / self.alpha + neg_term / self.beta
-        count = valid.sum()
-        return torch.where(valid, per_anchor, 0.0).sum() / count.clamp(min=1), count
+        with torch.no_grad():  # value and its derivative written down: see with_gradient
+            sim, pos, neg = pairs.sim, pairs.pos, pairs.neg
+            has_both = pos.any(1) & neg.any(1)
+            if self.mining:
+                min_pos = torch.where(pos, sim, float("inf")).amin(1, keepdim=True)
+                max_neg = torch.where(neg, sim, float("-inf")).amax(1, keepdim=True)
+                pos = pos & (sim - self.epsilon < max_neg)
+                neg = neg & (sim + self.epsilon > min_pos)
+            valid = has_both & (pos.any(1) | neg.any(1))
+            count = valid.sum()
+            weight = valid[:, None] / count.clamp(min=1).to(sim.dtype)  # (B, 1)
+            # log(1 + sum e^x) per anchor over the mined positives and negatives
+            x_pos = (sim - self.base).mul_(-self.alpha).masked_fill_(~pos, -1e30)
+            x_neg = (sim - self.base).mul_(self.beta).masked_fill_(~neg, -1e30)
+            log1p_pos = F.softplus(torch.logsumexp(x_pos, 1, keepdim=True))
+            log1p_neg = F.softplus(torch.logsumexp(x_neg, 1, keepdim=True))
+            value = ((log1p_pos / self.alpha + log1p_neg / self.beta) * weight).sum()
+            # d L_i / d S_ij = -e^{x_ij} / (1 + sum_P' e^x) on P', e^{x_ij} / (1 + sum_N' e^x) on N'
+            grad = x_neg.sub_(log1p_neg).exp_().sub_(x_pos.sub_(log1p_pos).exp_()).mul_(weight)
+        return with_gradient(pairs.sim, value, grad), count

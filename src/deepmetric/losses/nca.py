@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._pairs import PairLoss, Pairs, masked_logsumexp
+from ._pairs import PairLoss, Pairs, with_gradient
 
 
 class NCALoss(PairLoss):
@@ -28,10 +28,16 @@ class NCALoss(PairLoss):
         self.scale = float(scale)
 
     def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
-        logits = self.scale * pairs.sim
-        log_pos = masked_logsumexp(logits, pairs.pos)
-        log_all = torch.logsumexp(pairs.without_self(logits, -1e30), 1)
         valid = pairs.pos.any(1)
-        per_anchor = torch.where(valid, log_all - log_pos, 0.0)
         count = valid.sum()
-        return per_anchor.sum() / count.clamp(min=1), count
+        with torch.no_grad():  # value and its derivative written down: see with_gradient
+            logits_all = pairs.without_self(self.scale * pairs.sim, -1e30)  # k != i
+            logits_pos = logits_all.masked_fill(pairs.neg, -1e30)  # positives only
+            log_all = torch.logsumexp(logits_all, 1, keepdim=True)
+            log_pos = torch.logsumexp(logits_pos, 1, keepdim=True)
+            weight = valid[:, None] / count.clamp(min=1).to(pairs.sim.dtype)  # (B, 1)
+            value = ((log_all - log_pos) * weight).sum()
+            # d L_i / d S_ij = s * (softmax over k != i  -  softmax over the positives)
+            grad = logits_all.sub_(log_all).exp_().sub_(logits_pos.sub_(log_pos).exp_())
+            grad.mul_(self.scale * weight)
+        return with_gradient(pairs.sim, value, grad), count
