@@ -44,10 +44,12 @@ class Pairs:
     self_cols: Tensor
     self_valid: Tensor
 
-    def without_self(self, x: Tensor, value: float) -> Tensor:
-        """A copy of the (B, M) tensor x with the anchors' own slots set to ``value``."""
+    def without_self(self, x: Tensor, value: float, inplace: bool = False) -> Tensor:
+        """The (B, M) tensor x (a copy unless ``inplace``) with the anchors' own slots set to
+        ``value``."""
         index = (self.self_rows, self.self_cols)
-        return x.index_put(index, torch.where(self.self_valid, value, x[index]))
+        values = torch.where(self.self_valid, value, x[index])
+        return x.index_put_(index, values) if inplace else x.index_put(index, values)
 
     def num_pairs(self) -> Tensor:
         """Number of (anchor, reference) pairs, i.e. B x M minus the anchors' own slots."""

@@ -58,7 +58,7 @@ class ContrastiveLoss(PairLoss):
             else:
                 dist = pairs.distance()
                 hinge = torch.where(same, dist - self.pos_margin, self.neg_margin - dist)
-            hinge = pairs.without_self(hinge, 0.0).clamp_(min=0)  # own slots: no pair
+            hinge = pairs.without_self(hinge, 0.0, inplace=True).clamp_(min=0)  # own slots: no pair
             if self.form == "similarity":
                 value = hinge.sum() * scale
                 # d/dS: -1 on active positive terms, +1 on active negative terms

@@ -31,13 +31,16 @@ class NCALoss(PairLoss):
         valid = pairs.pos.any(1)
         count = valid.sum()
         with torch.no_grad():  # value and its derivative written down: see with_gradient
-            logits_all = pairs.without_self(self.scale * pairs.sim, -1e30)  # k != i
+            logits_all = pairs.without_self(self.scale * pairs.sim, -1e30, inplace=True)  # k != i
             logits_pos = logits_all.masked_fill(pairs.neg, -1e30)  # positives only
-            log_all = torch.logsumexp(logits_all, 1, keepdim=True)
-            log_pos = torch.logsumexp(logits_pos, 1, keepdim=True)
+            best_pos = logits_pos.argmax(1, keepdim=True)
+            log_p_all = torch.log_softmax(logits_all, 1)  # log p_ik over k != i
+            log_p_pos = torch.log_softmax(logits_pos, 1)  # log p_ik within the positives
             weight = valid[:, None] / count.clamp(min=1).to(pairs.sim.dtype)  # (B, 1)
-            value = ((log_all - log_pos) * weight).sum()
+            # L_i = LSE_all - LSE_pos = log_p_pos[i, j] - log_p_all[i, j] for any positive j;
+            # the best positive keeps both terms far from underflow
+            per_anchor = log_p_pos.gather(1, best_pos) - log_p_all.gather(1, best_pos)
+            value = (per_anchor * weight).sum()
             # d L_i / d S_ij = s * (softmax over k != i  -  softmax over the positives)
-            grad = logits_all.sub_(log_all).exp_().sub_(logits_pos.sub_(log_pos).exp_())
-            grad.mul_(self.scale * weight)
+            grad = log_p_all.exp_().sub_(log_p_pos.exp_()).mul_(self.scale * weight)
         return with_gradient(pairs.sim, value, grad), count
