@@ -112,8 +112,9 @@ def _run(argv: Sequence[str]) -> int:
         print(f"{result['split']} split of {result['data']} ({result['images']:,} images), "
               f"checkpoint {result['checkpoint']} (iteration {result['iteration']}):")
         for key, value in result["metrics"].items():
-            print(f"  {key:<12} {value:.4f}" if key != "eval_time_s" else
-                  f"  {key:<12} {value:.1f}")
+            shown = f"{value:,}" if isinstance(value, int) else (
+                f"{value:.1f}" if key.endswith("_s") else f"{value:.4f}")
+            print(f"  {key:<30} {shown}")
         print(f"metrics written to {result['json']}")
         return 0
 

@@ -330,7 +330,8 @@ def evaluate_model(
         metrics = evaluate(emb[q], labels[q], emb[g], labels[g], **kwargs)
     else:
         metrics = evaluate(emb, labels, **kwargs)
-    out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}
+    out = {k: (v if isinstance(v, int) else float(v)) for k, v in metrics.items()
+           if isinstance(v, (int, float, np.floating))}
     out["eval_time_s"] = round(time.perf_counter() - start, 3)
     return out
 
