@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 import deepmetric.evaluation.metrics as metrics_module
+import deepmetric.evaluation.search as search_module
 from deepmetric.evaluation import (
     RECALL_AT,
     ann_agreement,
@@ -20,7 +21,7 @@ from deepmetric.evaluation import (
     kmeans_assign,
     knn,
 )
-from deepmetric.evaluation.knn import LIST_BYTES, SCORE_BYTES, knn_torch, plan_chunks
+from deepmetric.evaluation.search import LIST_BYTES, SCORE_BYTES, knn_torch, plan_chunks
 
 KS = (1, 2, 3, 5, 10, 50)
 
@@ -130,9 +131,16 @@ def evaluate_budgets(ql, gl=None, ks=KS, rows=4) -> tuple[int, int, int]:
     return 2**30, int(query_chunked), int(gallery_chunked)
 
 
+@pytest.fixture(params=[8192, 37], ids=["blocks8192", "blocks37"])
+def block_columns(request, monkeypatch):
+    """Run with the default CPU column blocks and with narrow ones (many blocks per chunk)."""
+    monkeypatch.setattr(search_module, "CPU_BLOCK_COLUMNS", request.param)
+    return request.param
+
+
 @pytest.fixture
 def paths(monkeypatch):
-    """Record which evaluate() path ran: "counting" (full-gallery blocks) or "lists"."""
+    """Record which evaluate() path ran: "counting" (full-gallery chunks) or "lists"."""
     seen: list[str] = []
     counting, lists = metrics_module._retrieval_counting, metrics_module._retrieval_lists
 
@@ -161,7 +169,7 @@ def assert_metrics_equal(ours: dict, ref: dict, ks=KS) -> None:
 
 @pytest.mark.parametrize("exclude_self", [False, True])
 @pytest.mark.parametrize("k", [1, 7, 40])
-def test_knn_torch_matches_bruteforce_with_ties(exclude_self, k):
+def test_knn_torch_matches_bruteforce_with_ties(exclude_self, k, block_columns):
     q = with_duplicates(quantised(120, 6, seed=1), seed=2)
     g = q if exclude_self else with_duplicates(quantised(150, 6, seed=3), seed=4)
     ref_v, ref_i = ref_knn(q, g, k, exclude_self)
@@ -170,6 +178,10 @@ def test_knn_torch_matches_bruteforce_with_ties(exclude_self, k):
         assert v.dtype == torch.float32 and i.dtype == torch.int64
         np.testing.assert_array_equal(i.numpy(), ref_i)
         np.testing.assert_array_equal(v.numpy(), ref_v.astype(np.float32))
+        if exclude_self:  # gallery=None means the query set
+            v, i = knn(q, None, k, exclude_self=True, memory_budget_bytes=budget)
+            np.testing.assert_array_equal(i.numpy(), ref_i)
+            np.testing.assert_array_equal(v.numpy(), ref_v.astype(np.float32))
 
 
 def test_plan_chunks_splits_gallery_when_budget_is_small():
@@ -245,7 +257,7 @@ def test_approximate_backends_agree_on_clustered_data(backend):
 # metrics
 
 
-def test_evaluate_matches_reference_with_ties_and_singletons(paths):
+def test_evaluate_matches_reference_with_ties_and_singletons(paths, block_columns):
     rng = np.random.default_rng(13)
     x = with_duplicates(quantised(300, 6, seed=14, levels=2), seed=15)
     labels = rng.integers(0, 60, 300)
@@ -270,7 +282,7 @@ def test_evaluate_matches_reference_with_ties_and_singletons(paths):
     assert paths == ["counting", "counting", "lists"] + ["lists"] * 3
 
 
-def test_evaluate_counting_path_hard_data(paths):
+def test_evaluate_counting_path_hard_data(paths, block_columns):
     # pairs in high noise: the first positive is usually beyond the top-R list (R = 1),
     # so ranks come from counting; heavy ties from quantisation
     x = quantised(400, 4, seed=16, levels=1)
@@ -287,7 +299,7 @@ def test_evaluate_counting_path_hard_data(paths):
     assert paths == ["counting", "counting", "lists"]
 
 
-def test_evaluate_disjoint_query_gallery_inshop_style(paths):
+def test_evaluate_disjoint_query_gallery_inshop_style(paths, block_columns):
     rng = np.random.default_rng(17)
     q = with_duplicates(quantised(150, 6, seed=18, levels=2), seed=19)
     g = quantised(220, 6, seed=20, levels=2)

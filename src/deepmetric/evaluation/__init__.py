@@ -8,8 +8,8 @@ Ranking rule in every backend: score descending, then gallery index ascending.
 from __future__ import annotations
 
 from .extract import extract_embeddings
-from .knn import BACKENDS, FaissSearcher, ann_agreement, knn
 from .metrics import METRICS, evaluate, kmeans_assign, nmi
+from .search import BACKENDS, FaissSearcher, ann_agreement, knn
 
 #: The K of Recall@K reported for each benchmark (papers + seed; REFERENCE §7.1).
 RECALL_AT: dict[str, tuple[int, ...]] = {

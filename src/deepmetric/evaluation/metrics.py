@@ -14,12 +14,13 @@ item not counted); queries with R_i = 0 are left out of the retrieval metrics an
   embeddings, then scikit-learn's ``normalized_mutual_info_score`` with
   ``average_method="arithmetic"``.
 
-Algorithm (torch backend, gallery in one block). For each query chunk of c rows: one c x G
-score block (matmul into a reused buffer), self masked by index, exact top-L with L = largest R
+Algorithm (torch backend, gallery in one chunk). For each query chunk of c rows: the c x G
+scores (matmuls into a reused buffer, by column blocks of ``CPU_BLOCK_COLUMNS`` on the CPU,
+where they run faster), self masked by index, exact top-L with L = largest R
 (gives MAP@R, R-precision, and the first-positive rank when it is < L); for the remaining rows
 the first-positive rank is counted:
 ``#{j: s_j > s*} + #{j < j*: s_j = s*}`` where s*, j* is the best positive (highest score,
-lowest index), read from the same block. When even ``MIN_QUERY_ROWS`` rows against the whole
+lowest index), read from the same scores. When even ``MIN_QUERY_ROWS`` rows against the whole
 gallery exceed the budget, gallery blocks are merged into running top lists of length
 max(L, largest K) instead, and that list gives every metric; the faiss backends use the same
 list form.
@@ -35,17 +36,16 @@ import torch
 from torch import Tensor
 
 from ._checks import as_embeddings, as_labels, check_same_space
-from .knn import (
+from .search import (
     APPROXIMATE_BACKENDS,
     LIST_BYTES,
     FaissSearcher,
+    block_topk,
+    column_blocks,
     exact_float32,
     knn_torch,
-    mask_self,
     plan_chunks,
     resolve_backend,
-    scores_into,
-    topk_exact,
 )
 
 METRICS = ("recall", "precision_at_1", "map_at_r", "r_precision", "nmi")
@@ -96,25 +96,27 @@ def list_metrics(
 
 
 def count_first_rank(
-    scores: Tensor, rows: Tensor, query_ids: Tensor, positives: Positives
+    scores: list[Tensor], rows: Tensor, query_ids: Tensor, positives: Positives
 ) -> Tensor:
-    """Rank of the first positive for ``rows`` of a full-gallery score block, by counting.
+    """Rank of the first positive for ``rows`` of a query chunk's scores, by counting.
 
-    scores: (c, G) with self already -inf; rows: (r,) row numbers in the block; query_ids: (r,)
-    the matching global query indices. rank = #{j: s_j > s*} + #{j < j*: s_j = s*}, where s*, j*
-    is the best positive (highest score, then lowest index). No positive scores above s*, and
-    positives equal to s* have indices >= j*, so both terms count negatives only.
-    Rows are copied a quarter of the block at a time.
+    scores: the chunk's column blocks, (c, g_b) each, covering the whole gallery in order, self
+    already -inf; rows: (r,) row numbers in the chunk; query_ids: (r,) the matching global
+    query indices. rank = #{j: s_j > s*} + #{j < j*: s_j = s*}, where s*, j* is the best
+    positive (highest score, then lowest index). No positive scores above s*, and positives
+    equal to s* have indices >= j*, so both terms count negatives only.
+    Rows are copied (as full rows) a quarter of the chunk at a time.
     """
-    num_gallery = scores.shape[1]
-    ranks = torch.empty(rows.numel(), dtype=torch.int64, device=scores.device)
-    step = max(1, scores.shape[0] // 4)
+    num_gallery = sum(block.shape[1] for block in scores)
+    device = scores[0].device
+    ranks = torch.empty(rows.numel(), dtype=torch.int64, device=device)
+    step = max(1, scores[0].shape[0] // 4)
     for s0 in range(0, rows.numel(), step):
         block_rows = rows[s0 : s0 + step]
         ids = query_ids[s0 : s0 + step]
-        sub = scores[block_rows]  # (r, G) copy
+        sub = torch.cat([block[block_rows] for block in scores], dim=1)  # (r, G) copy
         count, start = positives.count[ids], positives.start[ids]
-        offsets = torch.arange(int(count.max()), device=scores.device)
+        offsets = torch.arange(int(count.max()), device=device)
         valid = offsets[None, :] < count[:, None]
         pos_index = positives.order[(start[:, None] + offsets[None, :]).clamp(max=num_gallery - 1)]
         pos_scores = sub.gather(1, pos_index).masked_fill(~valid, float("-inf"))
@@ -145,13 +147,15 @@ def _retrieval_counting(
     ap = torch.empty(num_query, dtype=torch.float64)
     rp = torch.empty(num_query, dtype=torch.float64)
     buffer = torch.empty(min(query_chunk, num_query) * num_gallery, device=query.device)
+    blocks = column_blocks(num_gallery, num_gallery, query.device)
     with exact_float32(query.device):
         for q0 in range(0, num_query, query_chunk):
             q1 = min(num_query, q0 + query_chunk)
             relevant = positives.num_relevant[q0:q1]
-            scores = scores_into(query[q0:q1], gallery, buffer)
-            mask_self(scores, None if self_index is None else self_index[q0:q1], 0)
-            _, top = topk_exact(scores, list_size)
+            chunk_self = None if self_index is None else self_index[q0:q1]
+            _, top, scores = block_topk(
+                query[q0:q1], gallery, blocks, list_size, chunk_self, buffer, keep_scores=True
+            )
             chunk_first, chunk_ap, chunk_rp = list_metrics(
                 top, gallery_labels, query_labels[q0:q1], relevant
             )

@@ -38,6 +38,9 @@ SCORE_BYTES = 8
 LIST_BYTES = 48
 # Below this many query rows per chunk the gallery is chunked too.
 MIN_QUERY_ROWS = 16
+# On the CPU the matmul runs ~30% faster into blocks of this many gallery columns than into
+# full-width rows of a large gallery (measured at d = 512, G = 60,502, 2 threads).
+CPU_BLOCK_COLUMNS = 8192
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,13 +88,21 @@ def exact_float32(device: torch.device) -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
-def scores_into(query: Tensor, gallery: Tensor, buffer: Tensor) -> Tensor:
-    """``query (c, d) @ gallery (g, d).T`` written into the front of a flat reusable ``buffer``.
+def column_blocks(num_gallery: int, gallery_chunk: int, device: torch.device) -> list[range]:
+    """Gallery column ranges scored at once: ``gallery_chunk`` wide, at most
+    ``CPU_BLOCK_COLUMNS`` on the CPU."""
+    width = gallery_chunk if device.type == "cuda" else min(gallery_chunk, CPU_BLOCK_COLUMNS)
+    return [range(g0, min(num_gallery, g0 + width)) for g0 in range(0, num_gallery, width)]
 
-    Reusing one buffer avoids page-faulting a fresh c x g allocation for every chunk.
+
+def scores_into(query: Tensor, gallery: Tensor, buffer: Tensor, offset: int = 0) -> Tensor:
+    """``query (c, d) @ gallery (g, d).T`` written into a flat reusable ``buffer`` at ``offset``.
+
+    Returns the (c, g) view. Reusing one buffer avoids page-faulting a fresh c x g allocation
+    for every chunk.
     """
     c, g = query.shape[0], gallery.shape[0]
-    out = buffer[: c * g].view(c, g)
+    out = buffer[offset : offset + c * g].view(c, g)
     torch.mm(query, gallery.T, out=out)
     return out
 
@@ -173,29 +184,53 @@ def knn_torch(
     num_query, num_gallery = query.shape[0], gallery.shape[0]
     out_values = torch.empty(num_query, k, dtype=torch.float32, device=query.device)
     out_indices = torch.empty(num_query, k, dtype=torch.int64, device=query.device)
+    blocks = column_blocks(num_gallery, gallery_chunk, query.device)
     buffer = torch.empty(
-        min(query_chunk, num_query) * min(gallery_chunk, num_gallery),
-        dtype=torch.float32,
-        device=query.device,
+        min(query_chunk, num_query) * len(blocks[0]), dtype=torch.float32, device=query.device
     )
     with exact_float32(query.device):
         for q0 in range(0, num_query, query_chunk):
             q1 = min(num_query, q0 + query_chunk)
             chunk_self = None if self_index is None else self_index[q0:q1]
-            best_v = best_i = None
-            for g0 in range(0, num_gallery, gallery_chunk):
-                g1 = min(num_gallery, g0 + gallery_chunk)
-                scores = scores_into(query[q0:q1], gallery[g0:g1], buffer)
-                mask_self(scores, chunk_self, g0)
-                v, i = topk_exact(scores, min(k, g1 - g0))
-                i += g0
-                if best_v is None:
-                    best_v, best_i = v, i
-                else:
-                    best_v, best_i = merge_topk(best_v, best_i, v, i, k)
-            out_values[q0:q1] = best_v
-            out_indices[q0:q1] = best_i
+            values, indices = block_topk(query[q0:q1], gallery, blocks, k, chunk_self, buffer)
+            out_values[q0:q1] = values
+            out_indices[q0:q1] = indices
     return out_values, out_indices
+
+
+def block_topk(
+    query: Tensor,
+    gallery: Tensor,
+    blocks: list[range],
+    k: int,
+    self_index: Tensor | None,
+    buffer: Tensor,
+    keep_scores: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, list[Tensor]]:
+    """Exact top-k of one query chunk (c, d), scoring the gallery a column block at a time.
+
+    Each block's scores are reduced to its top list and merged into a running list. With
+    ``keep_scores`` the blocks are laid out one after another in ``buffer`` (which must hold
+    c x G floats) and returned too, as a list of (c, len(block)) views; otherwise every block
+    reuses the front of ``buffer``.
+    """
+    best_v = best_i = None
+    kept, offset = [], 0
+    for block in blocks:
+        scores = scores_into(query, gallery[block.start : block.stop], buffer, offset)
+        mask_self(scores, self_index, block.start)
+        v, i = topk_exact(scores, min(k, len(block)))
+        i += block.start
+        if best_v is None:
+            best_v, best_i = v, i
+        else:
+            best_v, best_i = merge_topk(best_v, best_i, v, i, k)
+        if keep_scores:
+            kept.append(scores)
+            offset += scores.numel()
+    if keep_scores:
+        return best_v, best_i, kept
+    return best_v, best_i
 
 
 # --------------------------------------------------------------------------------------------

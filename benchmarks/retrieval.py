@@ -1,0 +1,284 @@
+"""Retrieval evaluation benchmark: deepmetric vs PML AccuracyCalculator vs plain faiss.
+
+    python benchmarks/retrieval.py sop      # 60,502 x 512, SOP-like classes, exact metrics
+    python benchmarks/retrieval.py scale    # 1,000,000 x 128, faiss-ivf vs exact on 10k queries
+    python benchmarks/retrieval.py all
+
+Synthetic data (seeded): class centres are random unit vectors, items are centre + Gaussian
+noise, L2-normalised, so the metrics are far from 0 and 1. The parent process writes the data
+to .npy files; each measurement runs in its own subprocess that loads them, so the peak RSS
+of one method (``resource.getrusage(RUSAGE_SELF).ru_maxrss``; psutil is not installed) is not
+polluted by another. "extra" = peak RSS after the call minus peak RSS after loading the data
+(interpreter, torch, faiss and the embeddings). torch and faiss use 2 threads.
+The matmul floor is N^2 * d * 2 FLOPs at the best GFLOP/s of big float32 torch matmuls
+(output buffer reused) measured in the same run. The machine may be shared: SOP methods run
+``--repeats`` times interleaved and the best time is reported with all times and the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+THREADS = 2
+SOP_CLASSES, SOP_ITEMS, SOP_DIM, SOP_NOISE = 11_316, 60_502, 512, 2.25
+SCALE_ITEMS, SCALE_DIM, SCALE_CLASS_SIZE, SCALE_NOISE = 1_000_000, 128, 10, 0.8
+SCALE_SAMPLES = 10_000
+
+
+# ------------------------------------------------------------------------------------------
+# data
+
+
+def sop_class_sizes(rng: np.random.Generator) -> np.ndarray:
+    """11,316 class sizes in 2..12 summing to 60,502 (mean 5.35, skewed to small classes)."""
+    sizes = 2 + np.minimum(rng.poisson(3.35, SOP_CLASSES), 10)
+    while sizes.sum() != SOP_ITEMS:
+        i = rng.integers(SOP_CLASSES)
+        if sizes.sum() < SOP_ITEMS and sizes[i] < 12:
+            sizes[i] += 1
+        elif sizes.sum() > SOP_ITEMS and sizes[i] > 2:
+            sizes[i] -= 1
+    sizes[np.argmax(sizes)] = 12  # the largest SOP class has 12 images
+    sizes[np.argmin(sizes)] += SOP_ITEMS - sizes.sum()
+    return sizes
+
+
+def clustered(labels: np.ndarray, num_classes: int, dim: int, noise: float, seed: int):
+    """float32 unit embeddings: centre[label] + noise * N(0, I/dim), built in row blocks."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((num_classes, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = np.empty((labels.size, dim), np.float32)
+    for start in range(0, labels.size, 100_000):
+        rows = slice(start, start + 100_000)
+        block = centres[labels[rows]]
+        block += rng.standard_normal(block.shape, dtype=np.float32) * (noise / np.sqrt(dim))
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        x[rows] = block
+    return x
+
+
+def make_sop(folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(SOP_CLASSES), sop_class_sizes(rng))
+    rng.shuffle(labels)
+    x = clustered(labels, SOP_CLASSES, SOP_DIM, SOP_NOISE, seed=1)
+    np.save(folder / "sop_x.npy", x)
+    np.save(folder / "sop_y.npy", labels.astype(np.int64))
+
+
+def make_scale(folder: Path) -> None:
+    num_classes = SCALE_ITEMS // SCALE_CLASS_SIZE
+    labels = np.random.default_rng(2).permutation(np.arange(SCALE_ITEMS) % num_classes)
+    x = clustered(labels, num_classes, SCALE_DIM, SCALE_NOISE, seed=3)
+    np.save(folder / "scale_x.npy", x)
+    np.save(folder / "scale_y.npy", labels.astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------------
+# workers (one per subprocess)
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def worker(task: str, folder: Path) -> dict:
+    import faiss
+    import torch
+
+    torch.set_num_threads(THREADS)
+    faiss.omp_set_num_threads(THREADS)
+    out: dict = {"task": task}
+    if task == "floor":
+        best = 0.0
+        shapes = ((4096, 4096, 4096), (4096, SOP_DIM, 16384), (2048, SOP_DIM, 8192))
+        for m, k, n in shapes:
+            a, b = torch.randn(m, k), torch.randn(k, n)
+            c = torch.empty(m, n)
+            torch.mm(a, b, out=c)
+            start = time.perf_counter()
+            for _ in range(3):
+                torch.mm(a, b, out=c)
+            seconds = (time.perf_counter() - start) / 3
+            gflops = 2 * m * k * n / seconds / 1e9
+            out[f"gflops_{m}x{k}x{n}"] = gflops
+            best = max(best, gflops)
+        out["gflops"] = best
+        return out
+
+    prefix = "sop" if task.startswith("sop") else "scale"
+    x = np.load(folder / f"{prefix}_x.npy")
+    y = np.load(folder / f"{prefix}_y.npy")
+    out["rss_loaded_mib"] = peak_mib()
+    out["embeddings_mib"] = x.nbytes / 2**20
+    start = time.perf_counter()
+    if task == "sop_ours":
+        from deepmetric.evaluation import RECALL_AT, evaluate
+
+        result = evaluate(
+            torch.from_numpy(x), torch.from_numpy(y), recall_at=RECALL_AT["sop"],
+            metrics=("recall", "map_at_r", "r_precision"),
+        )  # fmt: skip
+        out["metrics"] = result
+    elif task == "sop_pml":
+        from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+        calculator = AccuracyCalculator(
+            include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+            k="max_bin_count",
+        )
+        result = calculator.get_accuracy(torch.from_numpy(x), torch.from_numpy(y))
+        out["metrics"] = {
+            "recall@1": result["precision_at_1"],
+            "map@r": result["mean_average_precision_at_r"],
+            "r_precision": result["r_precision"],
+        }
+    elif task == "sop_faiss":
+        # what a plain exact search costs: IndexFlatIP, k = largest class (self + 11 others)
+        index = faiss.IndexFlatIP(x.shape[1])
+        index.add(x)
+        _, neighbours = index.search(x, 13)
+        first = np.where(neighbours[:, 0] == np.arange(len(x)), neighbours[:, 1], neighbours[:, 0])
+        out["metrics"] = {"recall@1 (self dropped, no tie rule)": float((y[first] == y).mean())}
+    elif task == "scale_ivf":
+        from deepmetric.evaluation import ann_agreement
+
+        report = ann_agreement(
+            torch.from_numpy(x), None, k=10, backend="faiss-ivf", num_samples=SCALE_SAMPLES,
+            seed=0,
+        )  # fmt: skip
+        sample = report["sample_index"].numpy()
+        labels = torch.from_numpy(y)
+        out["metrics"] = {
+            key: report[key]
+            for key in ("recall@1", "top_k_agreement", "k", "build_s", "search_s", "exact_s")
+        }
+        for name in ("approx", "exact"):
+            first = report[f"{name}_indices"][:, 0]
+            hit = (labels[first] == labels[sample]).double().mean().item()
+            out["metrics"][f"label_recall@1_{name}"] = hit
+    else:
+        raise ValueError(task)
+    out["seconds"] = time.perf_counter() - start
+    out["rss_peak_mib"] = peak_mib()
+    out["extra_mib"] = out["rss_peak_mib"] - out["rss_loaded_mib"]
+    return out
+
+
+def run_worker(task: str, folder: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, __file__, "_worker", task, str(folder)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{task} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(result), flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------
+# reports
+
+
+def best_of(runs: list[dict]) -> dict:
+    """The fastest run, with the largest peak RSS and the list of all times."""
+    best = dict(min(runs, key=lambda r: r["seconds"]))
+    best["rss_peak_mib"] = max(r["rss_peak_mib"] for r in runs)
+    best["extra_mib"] = max(r["extra_mib"] for r in runs)
+    best["all_seconds"] = [round(r["seconds"], 1) for r in runs]
+    return best
+
+
+def report_sop(folder: Path, repeats: int) -> None:
+    make_sop(folder)
+    load_before = os.getloadavg()
+    runs: dict[str, list[dict]] = {"floor": [], "sop_ours": [], "sop_pml": [], "sop_faiss": []}
+    for _ in range(repeats):  # interleaved, so that load from other jobs hits all alike
+        for task in runs:
+            runs[task].append(run_worker(task, folder))
+    load_after = os.getloadavg()
+    gflops = max(r["gflops"] for r in runs["floor"])
+    flops = SOP_ITEMS**2 * SOP_DIM * 2
+    floor_s = flops / (gflops * 1e9)
+    ours, pml, plain = (best_of(runs[t]) for t in ("sop_ours", "sop_pml", "sop_faiss"))
+    print(f"\nSOP scale: {SOP_ITEMS:,} x {SOP_DIM}, {SOP_CLASSES:,} classes (2-12 images)")
+    print(f"matmul floor: {flops / 1e12:.2f} TFLOP at {gflops:.0f} GFLOP/s = {floor_s:.1f} s")
+    print(f"best of {repeats} interleaved runs; 1-min load average before/after: "
+          f"{load_before[0]:.1f} / {load_after[0]:.1f} (2 cores)")  # fmt: skip
+    print("\n| method | time (s), best | all runs (s) | x floor | peak RSS (MiB) | "
+          "extra beyond loaded data (MiB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for name, r in (
+        ("deepmetric evaluate (torch, exact, R@1/10/100/1000, MAP@R, R-prec)", ours),
+        ('PML AccuracyCalculator(k="max_bin_count") (P@1, MAP@R, R-prec)', pml),
+        ("faiss IndexFlatIP search, k=13 (no metrics)", plain),
+    ):
+        ratio = r["seconds"] / floor_s
+        print(f"| {name} | {r['seconds']:.1f} | {r['all_seconds']} | {ratio:.2f} | "
+              f"{r['rss_peak_mib']:.0f} | {r['extra_mib']:.0f} |")  # fmt: skip
+    print(f"\nours / PML time: {ours['seconds'] / pml['seconds']:.2f}")
+    print("\n| metric | deepmetric | PML |")
+    print("|---|---|---|")
+    for key, value in ours["metrics"].items():
+        theirs = pml["metrics"].get(key)
+        shown = "-" if theirs is None else f"{theirs:.6f}"
+        mine = f"{value:.6f}" if isinstance(value, float) else str(value)
+        print(f"| {key} | {mine} | {shown} |")
+
+
+def report_scale(folder: Path) -> None:
+    make_scale(folder)
+    r = run_worker("scale_ivf", folder)
+    m = r["metrics"]
+    print(
+        f"\nscale: {SCALE_ITEMS:,} x {SCALE_DIM}, faiss-ivf (nlist=1000, nprobe=16) vs exact "
+        f"torch search on {SCALE_SAMPLES:,} sampled queries (self excluded), k={m['k']}"
+    )
+    print("\n| quantity | value |")
+    print("|---|---|")
+    rows = [
+        ("Recall@1 agreement (approx first = exact NN)", f"{m['recall@1']:.4f}"),
+        ("top-10 agreement", f"{m['top_k_agreement']:.4f}"),
+        ("label Recall@1, approx / exact",
+         f"{m['label_recall@1_approx']:.4f} / {m['label_recall@1_exact']:.4f}"),
+        ("index build (train + add), s", f"{m['build_s']:.1f}"),
+        ("approx search of the sample, s", f"{m['search_s']:.2f}"),
+        ("exact search of the sample, s", f"{m['exact_s']:.1f}"),
+        ("total, s", f"{r['seconds']:.1f}"),
+        ("peak RSS / extra beyond loaded data, MiB",
+         f"{r['rss_peak_mib']:.0f} / {r['extra_mib']:.0f}"),
+    ]  # fmt: skip
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        print(json.dumps(worker(sys.argv[2], Path(sys.argv[3]))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", choices=("sop", "scale", "all"))
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved SOP runs (best-of)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.which in ("sop", "all"):
+            report_sop(Path(tmp), args.repeats)
+        if args.which in ("scale", "all"):
+            report_scale(Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
