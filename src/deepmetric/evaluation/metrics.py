@@ -45,6 +45,7 @@ from .search import (
     exact_float32,
     knn_torch,
     plan_chunks,
+    plan_knn,
     resolve_backend,
 )
 
@@ -385,7 +386,9 @@ def _retrieval(
                 query_chunk,
             )
             return first, ap, rp, relevant.cpu()
-        query_chunk, gallery_chunk = plan_chunks(num_query, num_gallery, long_list, budget)
+        query_chunk, gallery_chunk = plan_knn(
+            num_query, num_gallery, long_list, budget, query.device
+        )
 
         def search(q0: int, q1: int) -> Tensor:
             chunk_self = None if self_index is None else self_index[q0:q1]

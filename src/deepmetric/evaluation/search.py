@@ -74,6 +74,19 @@ def plan_chunks(
     return int(rows), int(min(cols, num_gallery))
 
 
+def plan_knn(
+    num_query: int, num_gallery: int, k: int, budget: int, device: torch.device
+) -> tuple[int, int]:
+    """Chunk sizes for :func:`knn_torch`, which holds one column block of scores at a time.
+
+    Plans as if the gallery were one block wide (``CPU_BLOCK_COLUMNS`` on the CPU), so the query
+    chunk can be large; returns ``(query_rows, gallery_cols)``.
+    """
+    width = num_gallery if device.type == "cuda" else min(num_gallery, CPU_BLOCK_COLUMNS)
+    rows, cols = plan_chunks(num_query, width, k, budget)
+    return rows, (num_gallery if cols == width else cols)
+
+
 @contextlib.contextmanager
 def exact_float32(device: torch.device) -> Iterator[None]:
     """On CUDA, disable TF32 for the duration (exact float32 scores); restore the setting after."""
@@ -367,8 +380,8 @@ def knn(
             (``IndexFlatIP``, exact, CPU), "faiss-ivf" or "faiss-hnsw" (approximate, CPU; see
             :class:`FaissSearcher` for ``index_options``).
         memory_budget_bytes: bound on the working memory beyond inputs and outputs
-            (default 1 GiB); sets the query chunk size, and the gallery block size when one
-            chunk of ``MIN_QUERY_ROWS`` rows against the whole gallery would not fit.
+            (default 1 GiB); sets the query chunk size (:func:`plan_knn`), and a narrower
+            gallery block when ``MIN_QUERY_ROWS`` rows against one block would not fit.
         index_options: options of the approximate faiss indexes.
 
     Returns:
@@ -392,7 +405,9 @@ def knn(
     if index_options and backend not in APPROXIMATE_BACKENDS:
         raise ValueError(f"index_options only apply to {APPROXIMATE_BACKENDS}")
     if backend == "torch":
-        query_chunk, gallery_chunk = plan_chunks(num_query, num_gallery, k, memory_budget_bytes)
+        query_chunk, gallery_chunk = plan_knn(
+            num_query, num_gallery, k, memory_budget_bytes, q.device
+        )
         return knn_torch(q, g, k, self_index, query_chunk, gallery_chunk)
     searcher = FaissSearcher(g, backend, index_options)
     query_chunk = max(1, memory_budget_bytes // (2 * LIST_BYTES * (k + 2)))
@@ -453,7 +468,7 @@ def ann_agreement(
     search_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    query_chunk, gallery_chunk = plan_chunks(count, g.shape[0], k, memory_budget_bytes)
+    query_chunk, gallery_chunk = plan_knn(count, g.shape[0], k, memory_budget_bytes, q.device)
     _, exact_i = knn_torch(sample_q, g, k, self_index, query_chunk, gallery_chunk)
     exact_s = time.perf_counter() - start
     exact_i = exact_i.cpu()
