@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -260,3 +261,25 @@ def test_bf16_autocast_on_cpu_and_fp16_refused(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
             run_in_process(tmp_path / "fp16", "--train.iterations=3", "--train.amp=fp16")
+
+
+def test_bad_train_device_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.device"):
+        run_in_process(tmp_path / "bad", "--train.iterations=1", "--train.device=gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            run_in_process(tmp_path / "cuda", "--train.iterations=1", "--train.device=cuda")
+
+
+def test_embedded_image_files_are_inverted_like_the_training_arrays(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from deepmetric.engine.inference import _ImageFiles
+
+    pixels = np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    plain = _ImageFiles([tmp_path / "a.png"], np.asarray)[0][0]
+    inverted, label = _ImageFiles([tmp_path / "a.png"], np.asarray, invert=True)[0]
+    np.testing.assert_array_equal(plain, pixels)
+    np.testing.assert_array_equal(inverted, 255 - pixels)
+    assert label == -1

@@ -140,16 +140,24 @@ def list_images(source: str | os.PathLike) -> list[Path]:
 
 
 class _ImageFiles(Dataset):
-    def __init__(self, paths: list[Path], transform: Any) -> None:
-        self.paths, self.transform = paths, transform
+    """Image files -> (transformed image, -1); ``invert`` = 255 - pixel first (runs trained
+    on an array data set loaded with ``invert: true``, e.g. Omniglot)."""
+
+    def __init__(self, paths: list[Path], transform: Any, invert: bool = False) -> None:
+        self.paths, self.transform, self.invert = paths, transform, invert
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import ImageOps
+
         from deepmetric.data import open_image
 
-        return self.transform(open_image(self.paths[i])), -1
+        image = open_image(self.paths[i])
+        if self.invert:
+            image = ImageOps.invert(image)
+        return self.transform(image), -1
 
 
 def embed_images(
@@ -162,7 +170,7 @@ def embed_images(
     progress: bool = True,
 ) -> tuple[Path, Path, tuple[int, int]]:
     """Embed every image of a folder or list file with the test transform (plus the
-    load-time resize ``data.options.size`` of array data sets, when the run used one).
+    load-time options ``size`` and ``invert`` of array data sets, when the run used them).
 
     Writes ``out`` (N x d float32 .npy, rows in the listed order) and ``out`` with suffix
     ``.txt`` (the N paths, one a line). Returns (npy path, txt path, (N, d)).
@@ -179,8 +187,10 @@ def embed_images(
         # the training data were resized once at load time (array data sets): do the same here
         cfg.data.transform_options = {**cfg.data.transform_options, "size": size}
     _, test_tf = _transforms(cfg)
-    loader = DataLoader(_ImageFiles(paths, test_tf), batch_size=batch_size or cfg.eval.batch_size,
-                        shuffle=False, num_workers=cfg.data.num_workers)
+    invert = bool(cfg.data.options.get("invert", False))
+    loader = DataLoader(_ImageFiles(paths, test_tf, invert),
+                        batch_size=batch_size or cfg.eval.batch_size, shuffle=False,
+                        num_workers=cfg.data.num_workers)
     emb, _ = extract_embeddings(model, loader, device=device, flip=cfg.eval.flip,
                                 progress=progress)
     out = Path(out)

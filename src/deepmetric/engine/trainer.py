@@ -424,8 +424,14 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
     if cfg.train.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(cfg.train.device)
+        try:
+            device = torch.device(cfg.train.device)
+        except RuntimeError as e:
+            raise ConfigError(f"train.device: {e}") from None
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device: {cfg.train.device!r} but CUDA is not available "
+                              "(use auto or cpu)")
         torch.cuda.set_device(device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
