@@ -60,7 +60,13 @@ class Pairs:
 
         The clamp (1e-12 under the root) keeps the gradient finite for duplicates.
         """
-        return (2.0 - 2.0 * self.sim).clamp(min=1e-12).sqrt()
+        return unit_distance(self.sim)
+
+
+def unit_distance(sim: Tensor) -> Tensor:
+    """Euclidean distance of unit vectors from their cosine, sqrt(2 - 2 S), clamped at 1e-12
+    under the root (finite gradient for duplicates)."""
+    return (2.0 - 2.0 * sim).clamp(min=1e-12).sqrt()
 
 
 def check_shapes(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._pairs import PairLoss, Pairs
+from ._pairs import PairLoss, Pairs, unit_distance
 
 
 class MarginLoss(PairLoss):
@@ -62,19 +62,21 @@ class MarginLoss(PairLoss):
     def sample_weights(self, dist: Tensor, neg: Tensor, dim: int) -> Tensor:
         """(B, M) unnormalised sampling weights of the negatives from distances (B, M) of
         ``dim``-dimensional unit vectors."""
-        d = dist.detach().double().clamp(min=self.cutoff)
-        log_w = (2.0 - dim) * d.log() - (dim - 3) / 2.0 * (1.0 - d.square() / 4).clamp(
-            min=1e-8
-        ).log()
-        allowed = neg & (dist.detach() < self.nonzero_loss_cutoff)
-        log_w = torch.where(allowed, log_w, float("-inf"))
-        row_max = log_w.amax(1, keepdim=True)
-        weights = torch.where(allowed, (log_w - row_max).exp(), 0.0)
-        empty = ~allowed.any(1, keepdim=True)
-        return torch.where(empty, neg.double(), weights)
+        with torch.no_grad():  # in log space, shifted by the row maximum: float32 suffices
+            d = dist.detach().clamp(min=self.cutoff)
+            log_w = (2.0 - dim) * d.log() - (dim - 3) / 2.0 * (1.0 - d.square() / 4).clamp_(
+                min=1e-8
+            ).log_()
+            allowed = neg & (dist.detach() < self.nonzero_loss_cutoff)
+            log_w.masked_fill_(~allowed, float("-inf"))
+            row_max = log_w.amax(1, keepdim=True)
+            weights = log_w.sub_(row_max).exp_().masked_fill_(~allowed, 0.0)  # NaN rows: empty
+            empty = ~allowed.any(1, keepdim=True)
+            return torch.where(empty, neg.to(weights.dtype), weights)
 
     def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
-        dist = pairs.distance()
+        # sampled without gradient; distances and their gradient only for the chosen pairs
+        dist = unit_distance(pairs.sim.detach())
         pos, neg = pairs.pos, pairs.neg
         has_neg = neg.any(1)
         pos = pos & has_neg[:, None]  # an anchor without negatives forms no triplet
@@ -102,8 +104,10 @@ class MarginLoss(PairLoss):
                     f"{self.num_classes} per-class betas"
                 )
             beta = self.beta[anchor_labels]
-        pos_loss = (self.margin + dist[anchor, positive] - beta).clamp(min=0)
-        neg_loss = (self.margin - dist[anchor, negative] + beta).clamp(min=0)
+        d_ap = unit_distance(pairs.sim[anchor, positive])
+        d_an = unit_distance(pairs.sim[anchor, negative])
+        pos_loss = (self.margin + d_ap - beta).clamp(min=0)
+        neg_loss = (self.margin - d_an + beta).clamp(min=0)
         count = (pos_loss > 0).sum() + (neg_loss > 0).sum()
         total = pos_loss.sum() + neg_loss.sum() + self.nu * 2.0 * beta.sum()
         return total / count.clamp(min=1), count

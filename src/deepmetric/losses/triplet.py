@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._pairs import PairLoss, Pairs
+from ._pairs import PairLoss, Pairs, unit_distance
 
 MININGS = ("semihard", "hard", "all")
 
@@ -59,23 +59,27 @@ class TripletLoss(PairLoss):
     def _hinge(self, x: Tensor) -> Tensor:
         return F.softplus(x) if self.soft else (x + self.margin).clamp(min=0)
 
+    def _distance(self, sim: Tensor) -> Tensor:
+        return (2.0 - 2.0 * sim).clamp(min=0) if self.squared else unit_distance(sim)
+
     def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
-        if self.squared:
-            dist = (2.0 - 2.0 * pairs.sim).clamp(min=0)
-        else:
-            dist = pairs.distance()
         pos, neg = pairs.pos, pairs.neg
         num_neg = neg.sum(1, keepdim=True)  # (B, 1)
         if self.mining == "hard":
-            hardest_pos = torch.where(pos, dist, float("-inf")).amax(1)
-            hardest_neg = torch.where(neg, dist, float("inf")).amin(1)
+            # mined without gradient (the farthest positive is the least similar); distances
+            # and their gradient only for the 2 B chosen entries
+            with torch.no_grad():
+                sim = pairs.sim.detach()
+                hardest_pos = torch.where(pos, sim, float("inf")).argmin(1, keepdim=True)
+                hardest_neg = torch.where(neg, sim, float("-inf")).argmax(1, keepdim=True)
             valid = pos.any(1) & (num_neg[:, 0] > 0)
-            per_anchor = self._hinge(
-                torch.where(valid, hardest_pos, 0.0) - torch.where(valid, hardest_neg, 0.0)
-            )
+            d_ap = self._distance(pairs.sim.gather(1, hardest_pos))[:, 0]
+            d_an = self._distance(pairs.sim.gather(1, hardest_neg))[:, 0]
+            per_anchor = self._hinge(torch.where(valid, d_ap, 0.0) - torch.where(valid, d_an, 0.0))
             count = valid.sum()
             return torch.where(valid, per_anchor, 0.0).sum() / count.clamp(min=1), count
 
+        dist = self._distance(pairs.sim)
         # Each anchor's negative distances in ascending order (non-negatives pushed to the end).
         neg_dist = torch.where(neg, dist.detach(), float("inf"))
         sorted_neg, order = neg_dist.sort(1)
