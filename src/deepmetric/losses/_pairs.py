@@ -169,7 +169,9 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
-        return (grad + grad.T) @ x
+        # G^T copied contiguously, then G added: on the CPU 2x faster than G + G.T, whose
+        # strided read of the transpose costs as much as the matmul at B = 1024
+        return grad.T.contiguous().add_(grad) @ x
 
 
 def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = -1, include_zero: bool = False) -> Tensor:

@@ -33,14 +33,16 @@ class NCALoss(PairLoss):
         with torch.no_grad():  # value and its derivative written down: see with_gradient
             logits_all = pairs.without_self(self.scale * pairs.sim, -1e30, inplace=True)  # k != i
             logits_pos = logits_all.masked_fill(pairs.neg, -1e30)  # positives only
+            p_all = torch.softmax(logits_all, 1)  # p_ik over k != i
+            p_pos = torch.softmax(logits_pos, 1)  # p_ik within the positives
+            # L_i = LSE_all - LSE_pos, each LSE read off its softmax at the row's largest
+            # logit (x_j - log p_j there; p_j >= 1/M, so it never underflows)
+            best_all = logits_all.argmax(1, keepdim=True)
             best_pos = logits_pos.argmax(1, keepdim=True)
-            log_p_all = torch.log_softmax(logits_all, 1)  # log p_ik over k != i
-            log_p_pos = torch.log_softmax(logits_pos, 1)  # log p_ik within the positives
+            lse_all = logits_all.gather(1, best_all) - p_all.gather(1, best_all).log()
+            lse_pos = logits_pos.gather(1, best_pos) - p_pos.gather(1, best_pos).log()
             weight = valid[:, None] / count.clamp(min=1).to(pairs.sim.dtype)  # (B, 1)
-            # L_i = LSE_all - LSE_pos = log_p_pos[i, j] - log_p_all[i, j] for any positive j;
-            # the best positive keeps both terms far from underflow
-            per_anchor = log_p_pos.gather(1, best_pos) - log_p_all.gather(1, best_pos)
-            value = (per_anchor * weight).sum()
+            value = ((lse_all - lse_pos) * weight).sum()
             # d L_i / d S_ij = s * (softmax over k != i  -  softmax over the positives)
-            grad = log_p_all.exp_().sub_(log_p_pos.exp_()).mul_(self.scale * weight)
+            grad = p_all.sub_(p_pos).mul_(self.scale * weight)
         return with_gradient(pairs.sim, value, grad), count
