@@ -62,7 +62,7 @@ class ContrastiveLoss(PairLoss):
             if self.form == "similarity":
                 value = hinge.sum() * scale
                 # d/dS: -1 on active positive terms, +1 on active negative terms
-                grad = torch.where(same, -scale, scale).mul_(hinge > 0)
+                grad = torch.where(same, -scale, scale).masked_fill_(hinge == 0, 0.0)
             else:
                 value = 0.5 * hinge.square().sum() * scale
                 # d/dS = d/dD * dD/dS with dD/dS = -1 / D; 0 where D is clamped (duplicates),

@@ -64,21 +64,23 @@ class TripletLoss(PairLoss):
 
     def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
         pos, neg = pairs.pos, pairs.neg
-        num_neg = neg.sum(1, keepdim=True)  # (B, 1)
         if self.mining == "hard":
-            # mined without gradient (the farthest positive is the least similar); distances
-            # and their gradient only for the 2 B chosen entries
+            # mined without gradient: the farthest positive is the least similar, the closest
+            # negative the most similar; distances (and gradient) for those 2 B entries only
             with torch.no_grad():
                 sim = pairs.sim.detach()
-                hardest_pos = torch.where(pos, sim, float("inf")).argmin(1, keepdim=True)
-                hardest_neg = torch.where(neg, sim, float("-inf")).argmax(1, keepdim=True)
-            valid = pos.any(1) & (num_neg[:, 0] > 0)
-            d_ap = self._distance(pairs.sim.gather(1, hardest_pos))[:, 0]
-            d_an = self._distance(pairs.sim.gather(1, hardest_neg))[:, 0]
-            per_anchor = self._hinge(torch.where(valid, d_ap, 0.0) - torch.where(valid, d_an, 0.0))
+                off_pos = pairs.without_self(sim.masked_fill(neg, float("inf")), float("inf"),
+                                             inplace=True)
+                least_pos, hardest_pos = off_pos.min(1, keepdim=True)
+                most_neg, hardest_neg = sim.masked_fill(pairs.same, float("-inf")).max(
+                    1, keepdim=True)
+                valid = ((least_pos < float("inf")) & (most_neg > float("-inf")))[:, 0]
+            dist = self._distance(pairs.sim.gather(1, torch.cat([hardest_pos, hardest_neg], 1)))
+            per_anchor = torch.where(valid, self._hinge(dist[:, 0] - dist[:, 1]), 0.0)
             count = valid.sum()
-            return torch.where(valid, per_anchor, 0.0).sum() / count.clamp(min=1), count
+            return per_anchor.sum() / count.clamp(min=1), count
 
+        num_neg = neg.sum(1, keepdim=True)  # (B, 1)
         dist = self._distance(pairs.sim)
         # Each anchor's negative distances in ascending order (non-negatives pushed to the end).
         neg_dist = torch.where(neg, dist.detach(), float("inf"))
