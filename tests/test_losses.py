@@ -562,3 +562,34 @@ def test_margin_sampler_uses_references():
         assert (ref_labels[n] != labels[a]).all()
         assert (ref_labels[p] == labels[a]).all()
         assert (p != self_index[a]).all()
+
+
+@pytest.mark.parametrize("name, hp", [("contrastive", {}), ("triplet", {"mining": "hard"})])
+def test_sparse_gradient_path_equals_dense(name, hp, monkeypatch):
+    """Against a large reference set most hinge terms are 0: the CPU backward multiplies the
+    gradient matrix as sparse; it must give the dense product's gradient."""
+    from deepmetric.losses import _pairs
+
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(16, 32, generator=g, dtype=torch.float64), dim=1)
+    refs = F.normalize(torch.randn(4000, 32, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.arange(16) % 4
+    ref_labels = torch.randint(0, 400, (4000,), generator=g)
+    calls = []
+    sparse_mm = torch.sparse.mm
+    monkeypatch.setattr(torch.sparse, "mm", lambda a, b: calls.append(1) or sparse_mm(a, b))
+
+    def grads(density: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(_pairs, "SPARSE_GRAD_DENSITY", density)
+        x, r = emb.clone().requires_grad_(), refs.clone().requires_grad_()
+        loss = build_loss(name, **hp)(x, labels, r, ref_labels)
+        loss.backward()
+        return loss.detach(), x.grad, r.grad
+
+    dense = grads(0.0)
+    assert not calls
+    sparse = grads(0.01)
+    assert calls  # the sparse product was used
+    for a, b in zip(dense, sparse):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert dense[1].abs().sum() > 0

@@ -140,7 +140,7 @@ def build_pairs(
             sim = _Gram.apply(embeddings.to(dtype))
             ref_labels = labels
         else:
-            sim = embeddings.to(dtype) @ ref_emb.to(dtype).T
+            sim = _CrossSim.apply(embeddings.to(dtype), ref_emb.to(dtype))
     check_values(sim, self_index, embeddings)
     same = labels[:, None] == ref_labels[None, :]
     pos = same.clone()
@@ -171,7 +171,38 @@ class _Gram(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         # G^T copied contiguously, then G added: on the CPU 2x faster than G + G.T, whose
         # strided read of the transpose costs as much as the matmul at B = 1024
-        return grad.T.contiguous().add_(grad) @ x
+        return _grad_matmul(grad.T.contiguous().add_(grad), x)
+
+
+# Below this fraction of non-zero entries, a CPU gradient matrix is multiplied as sparse.
+SPARSE_GRAD_DENSITY = 0.01
+
+
+def _grad_matmul(grad: Tensor, x: Tensor) -> Tensor:
+    """grad (B, M) @ x (M, d). On the CPU, hinge losses against a large reference set
+    (contrastive, triplet and margin with a cross-batch memory) leave most entries of grad at
+    exactly 0: below ``SPARSE_GRAD_DENSITY`` the product is taken over the non-zeros only
+    (one counting pass; GPUs keep the dense matmul, which needs no host sync)."""
+    if grad.device.type == "cpu" and grad.dim() == 2:
+        if int(torch.count_nonzero(grad)) < SPARSE_GRAD_DENSITY * grad.numel():
+            return torch.sparse.mm(grad.to_sparse(), x)
+    return grad @ x
+
+
+class _CrossSim(torch.autograd.Function):
+    """anchors (B, d) @ refs.T (M, d) -> (B, M), backward through :func:`_grad_matmul`."""
+
+    @staticmethod
+    def forward(ctx, anchors: Tensor, refs: Tensor) -> Tensor:
+        ctx.save_for_backward(anchors, refs)
+        return anchors @ refs.T
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        anchors, refs = ctx.saved_tensors
+        grad_anchors = _grad_matmul(grad, refs) if ctx.needs_input_grad[0] else None
+        grad_refs = _grad_matmul(grad.T, anchors) if ctx.needs_input_grad[1] else None
+        return grad_anchors, grad_refs
 
 
 def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = -1, include_zero: bool = False) -> Tensor:
