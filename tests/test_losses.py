@@ -579,6 +579,8 @@ def test_sparse_gradient_path_equals_dense(name, hp, monkeypatch):
     sparse_mm = torch.sparse.mm
     monkeypatch.setattr(torch.sparse, "mm", lambda a, b: calls.append(1) or sparse_mm(a, b))
 
+    monkeypatch.setattr(_pairs, "SPARSE_GRAD_MIN_SIZE", 0)
+
     def grads(density: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         monkeypatch.setattr(_pairs, "SPARSE_GRAD_DENSITY", density)
         x, r = emb.clone().requires_grad_(), refs.clone().requires_grad_()

@@ -174,8 +174,10 @@ class _Gram(torch.autograd.Function):
         return _grad_matmul(grad.T.contiguous().add_(grad), x)
 
 
-# Below this fraction of non-zero entries, a CPU gradient matrix is multiplied as sparse.
+# Below this fraction of non-zero entries, a CPU gradient matrix of at least
+# SPARSE_GRAD_MIN_SIZE entries is multiplied as sparse (smaller ones are cheap dense).
 SPARSE_GRAD_DENSITY = 0.01
+SPARSE_GRAD_MIN_SIZE = 2**18
 
 
 def _grad_matmul(grad: Tensor, x: Tensor) -> Tensor:
@@ -183,7 +185,7 @@ def _grad_matmul(grad: Tensor, x: Tensor) -> Tensor:
     (contrastive, triplet and margin with a cross-batch memory) leave most entries of grad at
     exactly 0: below ``SPARSE_GRAD_DENSITY`` the product is taken over the non-zeros only
     (one counting pass; GPUs keep the dense matmul, which needs no host sync)."""
-    if grad.device.type == "cpu" and grad.dim() == 2:
+    if grad.device.type == "cpu" and grad.dim() == 2 and grad.numel() >= SPARSE_GRAD_MIN_SIZE:
         if int(torch.count_nonzero(grad)) < SPARSE_GRAD_DENSITY * grad.numel():
             return torch.sparse.mm(grad.to_sparse(), x)
     return grad @ x
