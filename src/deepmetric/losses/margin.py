@@ -63,11 +63,11 @@ class MarginLoss(PairLoss):
         """(B, M) unnormalised sampling weights of the negatives from distances (B, M) of
         ``dim``-dimensional unit vectors."""
         with torch.no_grad():  # in log space, shifted by the row maximum: float32 suffices
-            d = dist.detach().clamp(min=self.cutoff)
+            d = dist.clamp(min=self.cutoff)
             log_w = (2.0 - dim) * d.log() - (dim - 3) / 2.0 * (1.0 - d.square() / 4).clamp_(
                 min=1e-8
             ).log_()
-            allowed = neg & (dist.detach() < self.nonzero_loss_cutoff)
+            allowed = neg & (dist < self.nonzero_loss_cutoff)
             log_w.masked_fill_(~allowed, float("-inf"))
             row_max = log_w.amax(1, keepdim=True)
             weights = log_w.sub_(row_max).exp_().masked_fill_(~allowed, 0.0)  # NaN rows: empty
