@@ -133,16 +133,27 @@ def evaluate_budgets(ql, gl=None, ks=KS, rows=4) -> tuple[int, int, int]:
 
 @pytest.fixture(params=[8192, 37], ids=["blocks8192", "blocks37"])
 def block_columns(request, monkeypatch):
-    """Run with the default CPU column blocks and with narrow ones (many blocks per chunk)."""
+    """Run with the default block sizes and with narrow ones: many CPU column blocks per
+    chunk, and self-search blocks of 37 rows (diagonal and off-diagonal blocks, a ragged
+    last block)."""
     monkeypatch.setattr(search_module, "CPU_BLOCK_COLUMNS", request.param)
+    if request.param == 37:
+        monkeypatch.setattr(search_module, "SELF_BLOCK", 37)
+        monkeypatch.setattr(search_module, "MIN_SELF_BLOCK", 1)
     return request.param
 
 
 @pytest.fixture
 def paths(monkeypatch):
-    """Record which evaluate() path ran: "counting" (full-gallery chunks) or "lists"."""
+    """Record which evaluate() path ran: "self" (symmetric self-search), "counting"
+    (full-gallery chunks) or "lists"."""
     seen: list[str] = []
     counting, lists = metrics_module._retrieval_counting, metrics_module._retrieval_lists
+    self_search = metrics_module._retrieval_self
+
+    def spy_self(*args, **kwargs):
+        seen.append("self")
+        return self_search(*args, **kwargs)
 
     def spy_counting(*args, **kwargs):
         seen.append("counting")
@@ -154,6 +165,7 @@ def paths(monkeypatch):
 
     monkeypatch.setattr(metrics_module, "_retrieval_counting", spy_counting)
     monkeypatch.setattr(metrics_module, "_retrieval_lists", spy_lists)
+    monkeypatch.setattr(metrics_module, "_retrieval_self", spy_self)
     return seen
 
 
@@ -178,10 +190,76 @@ def test_knn_torch_matches_bruteforce_with_ties(exclude_self, k, block_columns):
         assert v.dtype == torch.float32 and i.dtype == torch.int64
         np.testing.assert_array_equal(i.numpy(), ref_i)
         np.testing.assert_array_equal(v.numpy(), ref_v.astype(np.float32))
-        if exclude_self:  # gallery=None means the query set
+        if exclude_self:  # gallery=None: the query set, searched symmetrically
             v, i = knn(q, None, k, exclude_self=True, memory_budget_bytes=budget)
             np.testing.assert_array_equal(i.numpy(), ref_i)
             np.testing.assert_array_equal(v.numpy(), ref_v.astype(np.float32))
+    if not exclude_self:  # the query set with each item's own copy kept
+        ref_v, ref_i = ref_knn(q, q, k, False)
+        v, i = knn(q, None, k)
+        np.testing.assert_array_equal(i.numpy(), ref_i)
+        np.testing.assert_array_equal(v.numpy(), ref_v.astype(np.float32))
+
+
+def test_self_search_large_blocks_with_ties_matches_bruteforce():
+    # blocks of 700 rows: off-diagonal blocks reduced along columns by the two-level top-k
+    x = with_duplicates(quantised(1500, 4, seed=31, levels=2), seed=32)
+    for k in (3, 11):
+        v, i = search_module.knn_self(torch.from_numpy(x), k, True, 700)
+        ref_v, ref_i = ref_knn(x, x, k, True)
+        np.testing.assert_array_equal(i.numpy(), ref_i)
+        np.testing.assert_array_equal(v.numpy(), ref_v.astype(np.float32))
+    y = clustered(1500, 40, 8, seed=33)[0]
+    _, i = search_module.knn_self(torch.from_numpy(y), 6, True, 700)
+    np.testing.assert_array_equal(i.numpy(), ref_knn(y, y, 6, True)[1])
+
+
+def test_self_search_computes_each_block_once_and_plans_within_budget(monkeypatch):
+    calls = []
+    real_scores_into = search_module.scores_into
+
+    def spy(query, gallery, buffer, offset=0):
+        calls.append((query.shape[0], gallery.shape[0]))
+        return real_scores_into(query, gallery, buffer, offset)
+
+    monkeypatch.setattr(search_module, "scores_into", spy)
+    x = quantised(100, 5, seed=30)
+    _, i = search_module.knn_self(torch.from_numpy(x), 4, True, 30)
+    np.testing.assert_array_equal(i.numpy(), ref_knn(x, x, 4, True)[1])
+    # blocks of 30, 30, 30, 10 rows: only the 10 pairs a <= b, 6,400 scores of 10,000
+    assert len(calls) == 10 and sum(r * c for r, c in calls) == 6400
+    assert search_module.plan_self_block(60_502, 11, 2**30) == 4096
+    block = search_module.plan_self_block(200_000, 100, 2**28)
+    assert 256 <= block < 4096
+    assert 12 * 200_000 * 100 + block * (8 * block + 96 * 101) <= 2**28
+    assert search_module.plan_self_block(10**7, 100, 2**30) == 0  # lists alone exceed it
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("k", [1, 5, 12])
+@pytest.mark.parametrize("levels", [None, 3000, 40], ids=["distinct", "some-ties", "many-ties"])
+def test_topk_exact_two_level_matches_stable_sort(dim, k, levels):
+    # 1,037 positions per line: 64 interleaved groups of 16 (the two-level path) + a tail of 13
+    g = torch.Generator().manual_seed(k)
+    shape = (1037, 300) if dim == 0 else (300, 1037)
+    if levels is None:
+        scores = torch.randn(shape, generator=g)
+    else:
+        scores = torch.randint(0, levels, shape, generator=g).float()
+    scores[7] = float("-inf")  # a masked line / masked entries in every line
+    lines = scores if dim == 1 else scores.T
+    ref_v, ref_i = torch.sort(lines, dim=1, descending=True, stable=True)
+    v, i = search_module.topk_exact(scores, k, dim)
+    assert torch.equal(i, ref_i[:, :k]) and torch.equal(v, ref_v[:, :k])
+    cand_v, cand_i = search_module.topk_candidates(scores, k + 1, dim)
+    assert cand_v.shape == (lines.shape[0], k + 1)
+    assert torch.equal(lines.gather(1, cand_i), cand_v)  # positions match values
+    if levels is None:  # distinct values: the candidates are exactly the top k + 1
+        finite = torch.isfinite(ref_v[:, k])  # (not the all -inf line of dim=1)
+        assert finite.sum() >= lines.shape[0] - 1
+        assert torch.equal(
+            cand_i[finite].sort(1).values, ref_i[finite, : k + 1].sort(1).values
+        )
 
 
 def test_plan_chunks_splits_gallery_when_budget_is_small():
@@ -279,7 +357,8 @@ def test_evaluate_matches_reference_with_ties_and_singletons(paths, block_column
             ):
                 assert r1.item() == pytest.approx(ref["per_class"][c]["recall@1"], abs=1e-12)
                 assert ap.item() == pytest.approx(ref["per_class"][c]["map@r"], abs=1e-12)
-    assert paths == ["counting", "counting", "lists"] + ["lists"] * 3
+    second = "self" if block_columns == 37 else "counting"  # 37-row self blocks fit more
+    assert paths == ["self", second, "lists"] + ["lists"] * 3
 
 
 def test_evaluate_counting_path_hard_data(paths, block_columns):
@@ -296,7 +375,8 @@ def test_evaluate_counting_path_hard_data(paths, block_columns):
         for k in (1, 2, 10, 100, 1000):
             assert ours[f"recall@{k}"] == pytest.approx(ref[f"recall@{k}"], abs=1e-12)
         assert ours["map@r"] == pytest.approx(ref["map@r"], abs=1e-12)
-    assert paths == ["counting", "counting", "lists"]
+    second = "self" if block_columns == 37 else "counting"
+    assert paths == ["self", second, "lists"]
 
 
 def test_evaluate_disjoint_query_gallery_inshop_style(paths, block_columns):

@@ -14,16 +14,19 @@ item not counted); queries with R_i = 0 are left out of the retrieval metrics an
   embeddings, then scikit-learn's ``normalized_mutual_info_score`` with
   ``average_method="arithmetic"``.
 
-Algorithm (torch backend, gallery in one chunk). For each query chunk of c rows: the c x G
-scores (matmuls into a reused buffer, by column blocks of ``CPU_BLOCK_COLUMNS`` on the CPU,
-where they run faster), self masked by index, exact top-L with L = largest R
-(gives MAP@R, R-precision, and the first-positive rank when it is < L); for the remaining rows
-the first-positive rank is counted:
-``#{j: s_j > s*} + #{j < j*: s_j = s*}`` where s*, j* is the best positive (highest score,
-lowest index), read from the same scores. When even ``MIN_QUERY_ROWS`` rows against the whole
-gallery exceed the budget, gallery blocks are merged into running top lists of length
-max(L, largest K) instead, and that list gives every metric; the faiss backends use the same
-list form.
+Algorithm (torch backend). When the gallery is the query set (and its N x L lists fit the
+budget), :func:`~deepmetric.evaluation.search.knn_self` computes each score of the symmetric
+N x N matrix once (half the matmul work) and keeps exact top-L lists, L = largest R: they give
+MAP@R, R-precision, and the first-positive rank when it is < L. For the queries whose first
+positive lies beyond the list, and only when some K > L asks for it, the rank is counted on
+their recomputed full rows: ``#{j: s_j > s*} + #{j < j*: s_j = s*}`` where s*, j* is the best
+positive (highest score, lowest index), read from the same scores.
+With a separate gallery, each query chunk of c rows gets its c x G scores (matmuls into a
+reused buffer, by column blocks of ``CPU_BLOCK_COLUMNS`` on the CPU, where they run faster),
+self masked by index, the same top-L lists, and the same counting on the rows that need it.
+When even ``MIN_QUERY_ROWS`` rows against the whole gallery exceed the budget, gallery blocks
+are merged into running top lists of length max(L, largest K) instead, and that list gives
+every metric; the faiss backends use the same list form.
 """
 
 from __future__ import annotations
@@ -43,10 +46,14 @@ from .search import (
     block_topk,
     column_blocks,
     exact_float32,
+    knn_self,
     knn_torch,
+    mask_self,
     plan_chunks,
     plan_knn,
+    plan_self_block,
     resolve_backend,
+    scores_into,
 )
 
 METRICS = ("recall", "precision_at_1", "map_at_r", "r_precision", "nmi")
@@ -97,39 +104,57 @@ def list_metrics(
 
 
 def count_first_rank(
-    scores: list[Tensor], rows: Tensor, query_ids: Tensor, positives: Positives
+    scores: list[Tensor],
+    blocks: list[range],
+    rows: Tensor | None,
+    query_ids: Tensor,
+    positives: Positives,
 ) -> Tensor:
     """Rank of the first positive for ``rows`` of a query chunk's scores, by counting.
 
-    scores: the chunk's column blocks, (c, g_b) each, covering the whole gallery in order, self
-    already -inf; rows: (r,) row numbers in the chunk; query_ids: (r,) the matching global
-    query indices. rank = #{j: s_j > s*} + #{j < j*: s_j = s*}, where s*, j* is the best
-    positive (highest score, then lowest index). No positive scores above s*, and positives
-    equal to s* have indices >= j*, so both terms count negatives only.
-    Rows are copied (as full rows) a quarter of the chunk at a time.
+    scores: the chunk's column blocks, (c, len(block)) each, ``blocks`` their gallery columns,
+    covering the whole gallery in order, self already -inf; rows: (r,) row numbers in the
+    chunk, or None for all c rows; query_ids: (r,) the matching global query indices.
+    rank = #{j: s_j > s*} + #{j < j*: s_j = s*}, where s*, j* is the best positive (highest
+    score, then lowest index), read from the same scores. No positive scores above s*, and
+    positives equal to s* have indices >= j*, so both terms count negatives only.
     """
-    num_gallery = sum(block.shape[1] for block in scores)
     device = scores[0].device
-    ranks = torch.empty(rows.numel(), dtype=torch.int64, device=device)
-    step = max(1, scores[0].shape[0] // 4)
-    for s0 in range(0, rows.numel(), step):
-        block_rows = rows[s0 : s0 + step]
-        ids = query_ids[s0 : s0 + step]
-        sub = torch.cat([block[block_rows] for block in scores], dim=1)  # (r, G) copy
-        count, start = positives.count[ids], positives.start[ids]
-        offsets = torch.arange(int(count.max()), device=device)
-        valid = offsets[None, :] < count[:, None]
-        pos_index = positives.order[(start[:, None] + offsets[None, :]).clamp(max=num_gallery - 1)]
-        pos_scores = sub.gather(1, pos_index).masked_fill(~valid, float("-inf"))
-        best_score = pos_scores.max(dim=1).values
-        is_best = (pos_scores == best_score[:, None]) & valid
-        best_index = pos_index.gather(1, is_best.to(torch.uint8).argmax(dim=1, keepdim=True))[:, 0]
-        rank = (sub > best_score[:, None]).sum(dim=1)
-        tied_negatives = (sub == best_score[:, None]).sum(dim=1) - is_best.sum(dim=1)
-        for t in (tied_negatives > 0).nonzero().flatten().tolist():
-            rank[t] += (sub[t, : best_index[t]] == best_score[t]).sum()
-        ranks[s0 : s0 + step] = rank
-    return ranks
+    count, start = positives.count[query_ids], positives.start[query_ids]
+    offsets = torch.arange(int(count.max()), device=device)
+    valid = offsets[None, :] < count[:, None]
+    pos_index = positives.order[(start[:, None] + offsets[None, :]).clamp(max=blocks[-1].stop - 1)]
+    row_ids = torch.arange(query_ids.numel(), device=device) if rows is None else rows
+    pos_scores = torch.full(pos_index.shape, float("-inf"), device=device)
+    for block, cols in zip(scores, blocks):
+        inside = valid & (pos_index >= cols.start) & (pos_index < cols.stop)
+        local = (pos_index - cols.start).clamp_(0, len(cols) - 1)
+        pos_scores = torch.where(inside, block[row_ids[:, None], local], pos_scores)
+    best_score = pos_scores.max(dim=1, keepdim=True).values
+    is_best = (pos_scores == best_score) & valid
+    best_index = pos_index.gather(1, is_best.to(torch.uint8).argmax(dim=1, keepdim=True))[:, 0]
+    # sign(s_j - s*) is 1 above, 0 equal, -1 below: with sums A = sum sign and
+    # B = sum |sign|, #above = (A + B) / 2 and #equal = width - B. Float passes, exact for
+    # widths < 2^24, and on the CPU several times faster than summing bool masks.
+    rank = torch.zeros(query_ids.numel(), dtype=torch.int64, device=device)
+    equal = torch.zeros_like(rank)
+    scratch = torch.empty(row_ids.numel() * len(blocks[0]), device=device)
+    for block in scores:
+        block_rows = block if rows is None else block[rows]
+        sign = torch.sub(block_rows, best_score, out=scratch[: block_rows.numel()].view(
+            block_rows.shape)).sign_()
+        total = sign.sum(dim=1)
+        nonzero = sign.abs_().sum(dim=1)
+        rank += ((total + nonzero) / 2).to(torch.int64)
+        equal += block_rows.shape[1] - nonzero.to(torch.int64)
+    tied_negatives = equal - is_best.sum(dim=1)  # rare: duplicates, quantised embeddings
+    for t in (tied_negatives > 0).nonzero().flatten().tolist():
+        row, j_best, s_best = int(row_ids[t]), int(best_index[t]), best_score[t, 0]
+        for block, cols in zip(scores, blocks):
+            if cols.start < j_best:
+                before = block[row, : min(len(cols), j_best - cols.start)]
+                rank[t] += (before == s_best).sum()
+    return rank
 
 
 def _retrieval_counting(
@@ -161,12 +186,61 @@ def _retrieval_counting(
                 top, gallery_labels, query_labels[q0:q1], relevant
             )
             rows = ((chunk_first < 0) & (relevant > 0)).nonzero().flatten()
-            if rows.numel() > 0:
-                chunk_first[rows] = count_first_rank(scores, rows, rows + q0, positives)
+            step = max(1, query_chunk // 4)  # row copies: a quarter of the chunk at a time
+            for s0 in range(0, rows.numel(), step):
+                part = rows[s0 : s0 + step]
+                chunk_first[part] = count_first_rank(scores, blocks, part, part + q0, positives)
             first[q0:q1] = chunk_first.cpu()
             ap[q0:q1] = chunk_ap.cpu()
             rp[q0:q1] = chunk_rp.cpu()
     return first, ap, rp
+
+
+def _retrieval_self(
+    x: Tensor,
+    labels: Tensor,
+    positives: Positives,
+    list_size: int,
+    block: int,
+    count_beyond_list: bool,
+    budget: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-query (first rank, AP@R, R-precision) when the gallery is the query set itself.
+
+    Top lists of ``list_size`` from :func:`knn_self` (each score computed once); queries whose
+    first positive is not in their list get it by counting (``count_first_rank``) over their
+    full rows, recomputed a chunk at a time, when ``count_beyond_list`` (some K > list_size);
+    otherwise their rank is set to N (a miss for every K <= list_size).
+    """
+    num = x.shape[0]
+    _, top = knn_self(x, list_size, True, block)
+    first = torch.empty(num, dtype=torch.int64, device=x.device)
+    ap = torch.empty(num, dtype=torch.float64, device=x.device)
+    rp = torch.empty(num, dtype=torch.float64, device=x.device)
+    step = max(1, budget // (LIST_BYTES * (list_size + 1)))  # list_metrics' temporaries
+    for q0 in range(0, num, step):
+        rows = slice(q0, q0 + step)
+        first[rows], ap[rows], rp[rows] = list_metrics(
+            top[rows], labels, labels[rows], positives.num_relevant[rows]
+        )
+    missing = ((first < 0) & (positives.num_relevant > 0)).nonzero().flatten()
+    first[first < 0] = num
+    if count_beyond_list and missing.numel() > 0:
+        extra = 4 * int(positives.count.max())
+        query_chunk, _ = plan_chunks(missing.numel(), num, 0, budget, extra_row_bytes=extra)
+        blocks = column_blocks(num, num, x.device)
+        buffer = torch.empty(min(query_chunk, missing.numel()) * num, device=x.device)
+        with exact_float32(x.device):
+            for r0 in range(0, missing.numel(), query_chunk):
+                chunk = missing[r0 : r0 + query_chunk]
+                queries, scores, offset = x[chunk], [], 0
+                for cols in blocks:
+                    block_scores = scores_into(queries, x[cols.start : cols.stop], buffer, offset)
+                    mask_self(block_scores, chunk, cols.start)
+                    scores.append(block_scores)
+                    offset += block_scores.numel()
+                first[chunk] = count_first_rank(scores, blocks, None, chunk, positives)
+    return first.cpu(), ap.cpu(), rp.cpu()
 
 
 def _retrieval_lists(
@@ -374,6 +448,12 @@ def _retrieval(
         query_chunk, gallery_chunk = plan_chunks(
             num_query, num_gallery, list_size, budget, extra_row_bytes=extra
         )
+        block = plan_self_block(num_query, list_size, budget) if exclude_self else 0
+        if block and gallery_chunk == num_gallery:
+            first, ap, rp = _retrieval_self(
+                query, query_labels, positives, list_size, block, longest_k > list_size, budget
+            )
+            return first, ap, rp, relevant.cpu()
         if gallery_chunk == num_gallery:
             first, ap, rp = _retrieval_counting(
                 query,

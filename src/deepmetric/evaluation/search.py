@@ -2,7 +2,9 @@
 
 Ranking rule, in every backend: score descending, then gallery index ascending. The torch
 backend computes scores ``query_chunk @ gallery_block.T`` (float32) a chunk at a time and keeps
-running top-k lists; it never holds the full Q x G matrix. The faiss backends search an index
+running top-k lists; it never holds the full Q x G matrix. Searching a set against itself, it
+multiplies only the blocks on and above the diagonal of the symmetric score matrix and reduces
+each along both axes (:func:`knn_self`). The faiss backends search an index
 (``IndexFlatIP`` exact, ``IndexIVFFlat`` / ``IndexHNSWFlat`` approximate) and re-sort the returned
 lists with the same tie rule; for the exact index, rows whose k-th and (k+1)-th scores are equal
 are searched again with a longer list, so ties at the cut are resolved by index too.
@@ -41,6 +43,12 @@ MIN_QUERY_ROWS = 16
 # On the CPU the matmul runs ~30% faster into blocks of this many gallery columns than into
 # full-width rows of a large gallery (measured at d = 512, G = 60,502, 2 threads).
 CPU_BLOCK_COLUMNS = 8192
+# Self-search (gallery = query set): square blocks of at most this many rows, and at least
+# MIN_SELF_BLOCK rows (below that the query x gallery search is used instead).
+SELF_BLOCK = 4096
+MIN_SELF_BLOCK = 256
+# Bytes per entry of a top list kept for every item: float32 value + int64 index.
+KEPT_LIST_BYTES = 12
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,6 +93,20 @@ def plan_knn(
     width = num_gallery if device.type == "cuda" else min(num_gallery, CPU_BLOCK_COLUMNS)
     rows, cols = plan_chunks(num_query, width, k, budget)
     return rows, (num_gallery if cols == width else cols)
+
+
+def plan_self_block(num_items: int, k: int, budget: int) -> int:
+    """Block size for :func:`knn_self` within ``budget``, or 0 when it does not fit.
+
+    Costs: the N x k lists of every item (``KEPT_LIST_BYTES`` per entry) plus, per block of
+    b rows, b x b scores (``SCORE_BYTES`` per score, gather temporaries included) and the
+    merge of b rows' lists (``2 * LIST_BYTES * (k + 1)`` per row).
+    """
+    rest = budget - KEPT_LIST_BYTES * num_items * k
+    block = min(num_items, SELF_BLOCK)
+    while block > 0 and block * (SCORE_BYTES * block + 2 * LIST_BYTES * (k + 1)) > rest:
+        block = block * 3 // 4
+    return block if block >= min(num_items, MIN_SELF_BLOCK) else 0
 
 
 @contextlib.contextmanager
@@ -145,25 +167,66 @@ def order_ties(values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     return values, indices.gather(1, perm)
 
 
-def topk_exact(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Exact top-k of each row of ``scores`` (c, g) under the tie rule; returns (c, k) each.
+# Two-level top-k: a line of n scores is cut into n // GROUP_SLOTS interleaved groups
+# (positions t, t + w, t + 2w, ... for w groups); see topk_candidates.
+GROUP_SLOTS = 16
 
-    ``torch.topk`` leaves the order and the choice among equal values unspecified, so it is
-    asked for k + 1 entries: when the k-th and (k+1)-th values differ the set of the first k is
-    exact and only needs re-ordering; rows where they are equal (a tie across the cut) are
-    stably sorted in full, a quarter of the chunk at a time.
+
+def topk_candidates(scores: Tensor, m: int, dim: int = 1) -> tuple[Tensor, Tensor]:
+    """m entries of each line of ``scores`` (rows for dim=1, columns for dim=0) holding its top
+    m, unordered: values (lines, m) and positions in the line (lines, m) int64.
+
+    Each line is cut into interleaved groups of ``GROUP_SLOTS`` entries (position p is in group
+    p mod w, w = n // GROUP_SLOTS; the last n mod GROUP_SLOTS positions are always candidates).
+    The top m entries lie in the m groups with the largest maxima, unless the m-th and
+    (m+1)-th values of the line are equal, which the caller's tie check detects either way (it
+    then sees equal m-1-th and m-th candidate values). Group maxima are one fast pass
+    (an elementwise max over GROUP_SLOTS slabs), so torch.topk, which is slow on the CPU,
+    only sees about m * GROUP_SLOTS + n / GROUP_SLOTS entries per line instead of n.
+    For dim=0 no transposed copy of the block is made.
     """
-    c, g = scores.shape
-    if k >= g:
-        values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
+    lines = scores if dim == 1 else scores.T
+    num_lines, length = lines.shape
+    width = length // GROUP_SLOTS
+    if width < 4 * m or scores.stride(1) != 1 or scores.stride(0) != scores.shape[1]:
+        return torch.topk(lines, m, dim=1, sorted=False)
+    grouped = GROUP_SLOTS * width
+    if dim == 1:
+        slabs = scores.as_strided((num_lines, GROUP_SLOTS, width), (length, width, 1))
+        maxima = slabs.amax(1)
+    else:
+        maxima = scores[:grouped].view(GROUP_SLOTS, width, num_lines).amax(0).T.contiguous()
+    groups = torch.topk(maxima, m, dim=1, sorted=False).indices  # (lines, m)
+    slots = width * torch.arange(GROUP_SLOTS, device=scores.device)
+    positions = (groups[:, :, None] + slots).flatten(1)  # (lines, m * GROUP_SLOTS)
+    if grouped < length:
+        tail = torch.arange(grouped, length, device=scores.device).expand(num_lines, -1)
+        positions = torch.cat([positions, tail], 1)
+    values, pick = torch.topk(lines.gather(1, positions), m, dim=1, sorted=False)
+    return values, positions.gather(1, pick)
+
+
+def topk_exact(scores: Tensor, k: int, dim: int = 1) -> tuple[Tensor, Tensor]:
+    """Exact top-k of each row (dim=1) or each column (dim=0) of ``scores`` under the tie
+    rule; returns (lines, k) values and positions.
+
+    ``torch.topk`` leaves the order and the choice among equal values unspecified, so k + 1
+    candidates are taken (:func:`topk_candidates`): when the k-th and (k+1)-th values differ
+    the set of the first k is exact and only needs re-ordering; lines where they are equal (a
+    tie across the cut) are stably sorted in full, a quarter of the lines at a time.
+    """
+    lines = scores if dim == 1 else scores.T
+    num_lines, length = lines.shape
+    if k >= length:
+        values, indices = torch.sort(lines, dim=1, descending=True, stable=True)
         return values[:, :k], indices[:, :k]
-    values, indices = torch.topk(scores, k + 1, dim=1)
+    values, indices = topk_candidates(scores, k + 1, dim)
     values, indices = order_ties(values, indices)
     tied = (values[:, k - 1] == values[:, k]).nonzero().flatten()
-    step = max(1, c // 4)
+    step = max(1, num_lines // 4)
     for start in range(0, tied.numel(), step):
         rows = tied[start : start + step]
-        v, i = torch.sort(scores[rows], dim=1, descending=True, stable=True)
+        v, i = torch.sort(lines[rows], dim=1, descending=True, stable=True)
         values[rows] = v[:, : k + 1]
         indices[rows] = i[:, : k + 1]
     return values[:, :k].contiguous(), indices[:, :k].contiguous()
@@ -209,6 +272,45 @@ def knn_torch(
             out_values[q0:q1] = values
             out_indices[q0:q1] = indices
     return out_values, out_indices
+
+
+def knn_self(x: Tensor, k: int, exclude_self: bool, block: int) -> tuple[Tensor, Tensor]:
+    """Exact top-k of every item of ``x`` (N, d) among the items of ``x`` (itself removed by
+    index with ``exclude_self``), computing each score once.
+
+    S = X X^T is symmetric, so the rows are cut into blocks of ``block`` and only the blocks
+    X_a X_b^T with a <= b are multiplied: each is reduced to top lists along its rows (for
+    the items of a) and along its columns (for the items of b; no transposed copy). That is
+    half the matmul work of a query x gallery search. Returns values (N, k) float32 and
+    indices (N, k) int64, each row ordered by the tie rule.
+    """
+    num = x.shape[0]
+    values = torch.full((num, k), float("-inf"), device=x.device)
+    indices = torch.full((num, k), -1, dtype=torch.int64, device=x.device)  # placeholders
+    buffer = torch.empty(block * block, device=x.device)
+    starts = range(0, num, block)
+    with exact_float32(x.device):
+        for a0 in starts:
+            a = slice(a0, min(num, a0 + block))
+            for b0 in range(a0, num, block):
+                b = slice(b0, min(num, b0 + block))
+                scores = scores_into(x[a], x[b], buffer)
+                if a0 == b0 and exclude_self:
+                    scores.fill_diagonal_(float("-inf"))
+                _merge_block(values, indices, a, scores, 1, b0, k)
+                if b0 != a0:
+                    _merge_block(values, indices, b, scores, 0, a0, k)
+    return values, indices
+
+
+def _merge_block(
+    values: Tensor, indices: Tensor, items: slice, scores: Tensor, dim: int, offset: int, k: int
+) -> None:
+    """Merge the top-k along ``dim`` of the block ``scores`` into the lists of ``items``
+    (in place): dim=1, the block's rows are those items and its columns the items from
+    ``offset``; dim=0, the other way round."""
+    v, i = topk_exact(scores, min(k, scores.shape[dim]), dim)
+    values[items], indices[items] = merge_topk(values[items], indices[items], v, i + offset, k)
 
 
 def block_topk(
@@ -372,7 +474,9 @@ def knn(
 
     Args:
         query: (Q, d) embeddings (L2-normalised for cosine similarity).
-        gallery: (G, d) embeddings, or None for the query set itself.
+        gallery: (G, d) embeddings, or None for the query set itself: then the torch backend
+            computes each score of the symmetric Q x Q matrix once (:func:`knn_self`) when
+            the Q x k lists fit the budget (pass the same tensor twice to avoid this).
         k: number of neighbours, 1 <= k <= G (G - 1 with ``exclude_self``).
         exclude_self: query i and gallery i are the same item (requires Q == G); its own
             gallery index gets score -inf, by index, so it is never returned.
@@ -405,6 +509,9 @@ def knn(
     if index_options and backend not in APPROXIMATE_BACKENDS:
         raise ValueError(f"index_options only apply to {APPROXIMATE_BACKENDS}")
     if backend == "torch":
+        block = plan_self_block(num_query, k, memory_budget_bytes) if gallery is None else 0
+        if block:
+            return knn_self(q, k, exclude_self, block)
         query_chunk, gallery_chunk = plan_knn(
             num_query, num_gallery, k, memory_budget_bytes, q.device
         )
