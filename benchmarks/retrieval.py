@@ -33,6 +33,7 @@ THREADS = 2
 SOP_CLASSES, SOP_ITEMS, SOP_DIM, SOP_NOISE = 11_316, 60_502, 512, 2.25
 SCALE_ITEMS, SCALE_DIM, SCALE_CLASS_SIZE, SCALE_NOISE = 1_000_000, 128, 10, 0.8
 SCALE_SAMPLES = 10_000
+SCALE_WIDER_NPROBE = (64, 256)  # besides the default 16
 
 
 # ------------------------------------------------------------------------------------------
@@ -168,6 +169,22 @@ def worker(task: str, folder: Path) -> dict:
             first = report[f"{name}_indices"][:, 0]
             hit = (labels[first] == labels[sample]).double().mean().item()
             out["metrics"][f"label_recall@1_{name}"] = hit
+        # the same index probed more widely: agreement against the same exact lists
+        from deepmetric.evaluation.search import FaissSearcher
+
+        exact = report["exact_indices"]
+        for nprobe in SCALE_WIDER_NPROBE:
+            searcher = FaissSearcher(torch.from_numpy(x), "faiss-ivf", {"nprobe": nprobe})
+            begin = time.perf_counter()
+            _, approx = searcher.search(torch.from_numpy(x[sample]), 10, report["sample_index"])
+            seconds = time.perf_counter() - begin
+            overlap = (approx[:, :, None] == exact[:, None, :]).any(dim=2).sum(dim=1)
+            out["metrics"][f"nprobe{nprobe}"] = {
+                "recall@1": (approx[:, 0] == exact[:, 0]).double().mean().item(),
+                "top_k_agreement": (overlap.double() / 10).mean().item(),
+                "label_recall@1": (labels[approx[:, 0]] == labels[sample]).double().mean().item(),
+                "search_s": seconds,
+            }
     else:
         raise ValueError(task)
     out["seconds"] = time.perf_counter() - start
@@ -254,6 +271,14 @@ def report_scale(folder: Path) -> None:
         ("top-10 agreement", f"{m['top_k_agreement']:.4f}"),
         ("label Recall@1, approx / exact",
          f"{m['label_recall@1_approx']:.4f} / {m['label_recall@1_exact']:.4f}"),
+        *(
+            (f"with nprobe {n}: Recall@1 agreement / top-10 agreement / label Recall@1 / "
+             "search s",
+             f"{w['recall@1']:.4f} / {w['top_k_agreement']:.4f} / {w['label_recall@1']:.4f} / "
+             f"{w['search_s']:.2f}")
+            for n in SCALE_WIDER_NPROBE
+            for w in [m[f"nprobe{n}"]]
+        ),
         ("index build (train + add), s", f"{m['build_s']:.1f}"),
         ("approx search of the sample, s", f"{m['search_s']:.2f}"),
         ("exact search of the sample, s", f"{m['exact_s']:.1f}"),
