@@ -28,21 +28,21 @@ class NCALoss(PairLoss):
         self.scale = float(scale)
 
     def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
-        valid = pairs.pos.any(1)
+        index, is_pos = pairs.positive_lists  # (B, C): each anchor's positives, padded
+        valid = is_pos.any(1)
         count = valid.sum()
         with torch.no_grad():  # value and its derivative written down: see with_gradient
-            logits_all = pairs.without_self(self.scale * pairs.sim, -1e30, inplace=True)  # k != i
-            logits_pos = logits_all.masked_fill(pairs.neg, -1e30)  # positives only
-            p_all = torch.softmax(logits_all, 1)  # p_ik over k != i
-            p_pos = torch.softmax(logits_pos, 1)  # p_ik within the positives
-            # L_i = LSE_all - LSE_pos, each LSE read off its softmax at the row's largest
-            # logit (x_j - log p_j there; p_j >= 1/M, so it never underflows)
-            best_all = logits_all.argmax(1, keepdim=True)
-            best_pos = logits_pos.argmax(1, keepdim=True)
-            lse_all = logits_all.gather(1, best_all) - p_all.gather(1, best_all).log()
-            lse_pos = logits_pos.gather(1, best_pos) - p_pos.gather(1, best_pos).log()
-            weight = valid[:, None] / count.clamp(min=1).to(pairs.sim.dtype)  # (B, 1)
-            value = ((lse_all - lse_pos) * weight).sum()
+            logits = pairs.without_self(self.scale * pairs.sim, -1e30, inplace=True)  # k != i
+            p_all = torch.softmax(logits, 1)  # p_ik over k != i
+            # LSE over k != i read off the softmax at the row's largest logit, where
+            # p = e^(x_max - LSE) >= 1/M never underflows
+            lse_all = logits.amax(1) - p_all.amax(1).log()
+            logits_pos = logits.gather(1, index).masked_fill_(~is_pos, float("-inf"))
+            lse_pos = torch.logsumexp(logits_pos, 1)  # -inf for anchors without positives
+            p_pos = torch.where(is_pos, (logits_pos - lse_pos[:, None]).exp(), 0.0)
+            weight = valid / count.clamp(min=1).to(pairs.sim.dtype)  # (B,)
+            value = torch.where(valid, (lse_all - lse_pos) * weight, 0.0).sum()
             # d L_i / d S_ij = s * (softmax over k != i  -  softmax over the positives)
-            grad = p_all.sub_(p_pos).mul_(self.scale * weight)
+            coef = (self.scale * weight)[:, None]
+            grad = p_all.mul_(coef).scatter_add_(1, index, p_pos.mul_(-coef))
         return with_gradient(pairs.sim, value, grad), count
