@@ -10,12 +10,32 @@ so genuine duplicates (similarity exactly 1) stay valid pairs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class SameLists(NamedTuple):
+    """Each anchor's same-label reference slots, padded to C = the largest count of one
+    label among the references (at least 1).
+
+    index: (B, C) int64 slots in ascending order; in a row whose label occurs among the
+        references every entry (padding repeats the last slot) is one of its slots; in a row
+        whose label does not occur, the entries are arbitrary.
+    positive: (B, C) bool, a real entry that is not the anchor's own slot (each positive
+        slot once). Updates written through ``index`` must be scatter-adds of values that are
+        0 where ``positive`` is False, or writes that are equal for all entries of a row.
+    has_group: (B,) bool, the anchor's label occurs among the references.
+    """
+
+    index: Tensor
+    positive: Tensor
+    has_group: Tensor
 
 
 @dataclass
@@ -28,7 +48,7 @@ class Pairs:
     dim: d, the embedding dimension.
     self_rows, self_cols, self_valid: (S,) the anchors' own (row, slot) entries, excluded
         where self_valid (a fixed-size description, so no GPU sync is needed to build it).
-    The (B, M) bool masks ``same``, ``pos``, ``neg`` and the padded ``positive_lists`` are
+    The (B, M) bool masks ``same``, ``pos``, ``neg`` and the padded ``same_lists`` are
     computed on first use, so a loss pays only for what it reads.
     """
 
@@ -60,22 +80,33 @@ class Pairs:
         return ~self.same
 
     @cached_property
-    def positive_lists(self) -> tuple[Tensor, Tensor]:
-        """Each anchor's positive slots as a padded list: index (B, C) int64 into the
-        references and valid (B, C) bool, C = the largest count of one label among the
-        references (at least 1). From a stable sort of the reference labels, without a
-        (B, M) mask; one host sync (C). Slots are in ascending order; invalid entries
-        (padding, the anchor's own slot) point at some valid slot."""
+    def same_lists(self) -> SameLists:
+        """Each anchor's same-label reference slots as padded (B, C) lists (see
+        :class:`SameLists`), from a stable sort of the reference labels: no (B, M) mask.
+        One host sync (C)."""
         sorted_labels, order = torch.sort(self.ref_labels, stable=True)
         start = torch.searchsorted(sorted_labels, self.labels)
         count = torch.searchsorted(sorted_labels, self.labels, right=True) - start
         width = max(1, int(count.max()))
         offsets = torch.arange(width, device=self.sim.device)
-        valid = offsets[None, :] < count[:, None]
-        index = order[(start[:, None] + offsets[None, :]).clamp(max=order.numel() - 1)]
-        own = torch.full_like(self.labels, -1)
-        own[self.self_rows] = torch.where(self.self_valid, self.self_cols, -1)
-        return index, valid & (index != own[:, None])
+        in_group = offsets[None, :] < count[:, None]
+        # padding repeats the group's last slot, so every entry of a row with a group is in it
+        last = (count - 1).clamp(min=0)[:, None]
+        at = (start[:, None] + torch.minimum(offsets[None, :], last)).clamp(max=order.numel() - 1)
+        index = order[at]
+        if self.in_batch:  # anchor i's own slot is slot i
+            own = self.self_cols
+        else:
+            own = torch.full_like(self.labels, -1)
+            own[self.self_rows] = torch.where(self.self_valid, self.self_cols, -1)
+        return SameLists(index, in_group & (index != own[:, None]), count > 0)
+
+    def fill_same(self, x: Tensor, value: float) -> Tensor:
+        """A copy of the (B, M) tensor x with every same-label slot (own slots included) set
+        to ``value``: x's negatives only, without building a mask."""
+        lists = self.same_lists
+        values = torch.where(lists.has_group[:, None], value, x.gather(1, lists.index))
+        return x.clone().scatter_(1, lists.index, values)
 
     def without_self(self, x: Tensor, value: float, inplace: bool = False) -> Tensor:
         """The (B, M) tensor x (a copy unless ``inplace``) with the anchors' own slots set to
@@ -141,11 +172,13 @@ def check_shapes(
 def check_values(sim: Tensor, self_index: Tensor | None, embeddings: Tensor) -> None:
     """One host sync per call: NaN/inf anywhere in the inputs shows up in the (B, M)
     similarities; self_index must lie in [-1, M)."""
-    bad = ~torch.isfinite(sim.detach().sum())
-    if self_index is not None:
-        bad = bad | ((self_index < -1) | (self_index >= sim.shape[1])).any()
-    if not bad:
-        return
+    if self_index is None:
+        if math.isfinite(float(sim.detach().sum())):
+            return
+    else:
+        out_of_range = (self_index < -1) | (self_index >= sim.shape[1])
+        if not (~torch.isfinite(sim.detach().sum()) | out_of_range).any():
+            return
     if self_index is not None and ((self_index < -1) | (self_index >= sim.shape[1])).any():
         raise ValueError(f"self_index must lie in [-1, {sim.shape[1]}) (-1 = no own copy)")
     which = "embeddings" if not torch.isfinite(embeddings).all() else "ref_emb"

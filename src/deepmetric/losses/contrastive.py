@@ -51,22 +51,31 @@ class ContrastiveLoss(PairLoss):
         n = pairs.sim.shape[0] if self.reduction == "seed" else num_pairs.clamp(min=1)
         scale = torch.as_tensor(n, dtype=pairs.sim.dtype, device=pairs.sim.device).reciprocal()
         with torch.no_grad():  # value and its derivative written down: see with_gradient
-            sim, same = pairs.sim, pairs.same
+            sim = pairs.sim
+            index, is_pos, _ = pairs.same_lists  # (B, C) positives: no (B, M) masks
+            # every pair's term as if it were negative, then the positives' terms swapped in
+            # through the (B, C) lists; own slots: no pair
             if self.form == "similarity":
-                # positive pair: pos_margin - S; negative pair: S - neg_margin; then the hinge
-                hinge = torch.where(same, self.pos_margin - sim, sim - self.neg_margin)
+                hinge = sim - self.neg_margin
+                s_pos = sim.gather(1, index)
+                delta = (self.pos_margin - s_pos) - (s_pos - self.neg_margin)
             else:
                 dist = pairs.distance()
-                hinge = torch.where(same, dist - self.pos_margin, self.neg_margin - dist)
-            hinge = pairs.without_self(hinge, 0.0, inplace=True).clamp_(min=0)  # own slots: no pair
+                hinge = self.neg_margin - dist
+                d_pos = dist.gather(1, index)
+                delta = (d_pos - self.pos_margin) - (self.neg_margin - d_pos)
+            hinge.scatter_add_(1, index, torch.where(is_pos, delta, 0.0))
+            hinge = pairs.without_self(hinge, 0.0, inplace=True).clamp_(min=0)
             if self.form == "similarity":
                 value = hinge.sum() * scale
-                # d/dS: -1 on active positive terms, +1 on active negative terms
-                grad = torch.where(same, -scale, scale).masked_fill_(hinge == 0, 0.0)
+                # d/dS: +1 on active negative terms, -1 on active positive terms
+                grad = hinge.sign_().mul_(scale)
             else:
                 value = 0.5 * hinge.square().sum() * scale
-                # d/dS = d/dD * dD/dS with dD/dS = -1 / D; 0 where D is clamped (duplicates),
-                # as autograd gives through Pairs.distance() in the other losses
-                grad = torch.where(same, hinge, -hinge).div_(dist).mul_(-scale)
-                grad.masked_fill_(dist <= 1e-6, 0.0)
+                # d/dS = d/dD * dD/dS with dD/dS = -1 / D: +hinge / D on negative terms,
+                # -hinge / D on positive ones; 0 where D is clamped (duplicates), as autograd
+                # gives through Pairs.distance() in the other losses
+                grad = hinge.div_(dist).mul_(scale).masked_fill_(dist <= 1e-6, 0.0)
+            # positives: flip the sign written for a negative term
+            grad.scatter_add_(1, index, torch.where(is_pos, -2.0 * grad.gather(1, index), 0.0))
         return with_gradient(pairs.sim, value, grad), num_pairs

@@ -55,39 +55,41 @@ class MultiSimilarityLoss(PairLoss):
 
     def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
         with torch.no_grad():  # value and its derivative written down: see with_gradient
-            sim, pos, neg = pairs.sim, pairs.pos, pairs.neg
-            buf = torch.where(pos, sim, float("inf"))  # one (B, M) scratch matrix, reused
-            min_pos = buf.amin(1, keepdim=True)  # +inf without positives
-            minus_inf, zero = sim.new_tensor(float("-inf")), sim.new_zeros(())
-            max_neg = torch.where(neg, sim, minus_inf, out=buf).amax(1, keepdim=True)
-            valid = (min_pos < float("inf")) & (max_neg > float("-inf"))  # (B, 1) both sets
+            sim = pairs.sim
+            index, is_pos, _ = pairs.same_lists  # positives as (B, C) lists
+            s_pos = sim.gather(1, index)  # (B, C)
+            s_neg = pairs.fill_same(sim, float("-inf"))  # (B, M): negatives, -inf elsewhere
+            inf = float("inf")
+            min_pos = s_pos.masked_fill(~is_pos, inf).amin(1, keepdim=True)  # +inf: none
+            max_neg = s_neg.amax(1, keepdim=True)  # -inf without negatives
+            valid = (min_pos < inf) & (max_neg > -inf)  # (B, 1) both sets
             if self.mining:
-                pos = pos & (torch.sub(sim, self.epsilon, out=buf) < max_neg)
-                neg = neg & (torch.add(sim, self.epsilon, out=buf) > min_pos)
+                pos = is_pos & (s_pos - self.epsilon < max_neg)
+                neg = s_neg > min_pos - self.epsilon  # (-inf entries never pass)
                 # P' keeps the least positive if it keeps any, N' the largest negative:
                 # the same comparisons on those entries tell whether either set is non-empty
                 valid &= (min_pos - self.epsilon < max_neg) | (max_neg + self.epsilon > min_pos)
+            else:
+                pos, neg = is_pos, s_neg > -inf
             count = valid.sum()
             weight = valid / count.clamp(min=1).to(sim.dtype)  # (B, 1)
             # Exponents x = -alpha (S - base) on P', beta (S - base) on N', each shifted by
             # its row maximum m: the least mined positive is min_pos and the largest mined
             # negative is max_neg (mining keeps those whenever it keeps any), so
             # x - m = -alpha (S - min_pos) on P' and beta (S - max_neg) on N'.
-            x = torch.sub(sim, max_neg, out=buf).mul_(self.beta)
-            x = torch.where(pos, (sim - min_pos).mul_(-self.alpha), x, out=x)
-            e = exp_nonpositive_(x).masked_fill_(~(pos | neg), 0.0)  # e^(x - m), 0 off P', N'
             m_pos = -self.alpha * (min_pos - self.base)  # (B, 1) row shifts
             m_neg = self.beta * (max_neg - self.base)
-            scratch = torch.empty_like(e)
+            e_pos = torch.where(pos, (s_pos - min_pos).mul_(-self.alpha).exp_(), 0.0)  # (B, C)
+            shift = max_neg.clamp(min=-1e30)  # finite: no -inf - -inf without negatives
+            e_neg = exp_nonpositive_((s_neg - shift).mul_(self.beta)).mul_(neg)  # (B, M)
             # log(1 + sum e^x) = softplus(m + log sum e^(x - m)) per anchor and term
-            sum_pos = torch.where(pos, e, zero, out=scratch).sum(1, keepdim=True)
-            sum_neg = torch.where(neg, e, zero, out=scratch).sum(1, keepdim=True)
-            log1p_pos = F.softplus(sum_pos.log_().add_(m_pos))
-            log1p_neg = F.softplus(sum_neg.log_().add_(m_neg))
-            value = ((log1p_pos / self.alpha + log1p_neg / self.beta) * weight).sum()
+            log1p_pos = F.softplus(e_pos.sum(1, keepdim=True).log_().add_(m_pos))
+            log1p_neg = F.softplus(e_neg.sum(1, keepdim=True).log_().add_(m_neg))
+            value = torch.where(valid, log1p_pos / self.alpha + log1p_neg / self.beta, 0.0)
+            value = (value * weight).sum()
             # d L_i / d S_ij = -e^x / (1 + sum_P' e^x) on P', e^x / (1 + sum_N' e^x) on N',
             # i.e. e^(x - m) times the row factor e^(m - log(1 + sum e^x)) (at most 1)
             coef_pos = (m_pos - log1p_pos).exp_().mul_(weight).neg_()
             coef_neg = (m_neg - log1p_neg).exp_().mul_(weight)
-            grad = e.mul_(torch.where(pos, coef_pos, coef_neg, out=scratch))
+            grad = e_neg.mul_(coef_neg).scatter_add_(1, index, e_pos.mul_(coef_pos))
         return with_gradient(pairs.sim, value, grad), count

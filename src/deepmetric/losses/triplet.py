@@ -63,23 +63,23 @@ class TripletLoss(PairLoss):
         return (2.0 - 2.0 * sim).clamp(min=0) if self.squared else unit_distance(sim)
 
     def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
-        pos, neg = pairs.pos, pairs.neg
         if self.mining == "hard":
             # mined without gradient: the farthest positive is the least similar, the closest
             # negative the most similar; distances (and gradient) for those 2 B entries only
             with torch.no_grad():
                 sim = pairs.sim.detach()
-                off_pos = pairs.without_self(sim.masked_fill(neg, float("inf")), float("inf"),
-                                             inplace=True)
-                least_pos, hardest_pos = off_pos.min(1, keepdim=True)
-                most_neg, hardest_neg = sim.masked_fill(pairs.same, float("-inf")).max(
-                    1, keepdim=True)
+                index, is_pos, _ = pairs.same_lists  # (B, C) positives, no (B, M) masks
+                pos_sim = sim.gather(1, index).masked_fill_(~is_pos, float("inf"))
+                least_pos, slot = pos_sim.min(1, keepdim=True)
+                hardest_pos = index.gather(1, slot)
+                most_neg, hardest_neg = pairs.fill_same(sim, float("-inf")).max(1, keepdim=True)
                 valid = ((least_pos < float("inf")) & (most_neg > float("-inf")))[:, 0]
             dist = self._distance(pairs.sim.gather(1, torch.cat([hardest_pos, hardest_neg], 1)))
             per_anchor = torch.where(valid, self._hinge(dist[:, 0] - dist[:, 1]), 0.0)
             count = valid.sum()
             return per_anchor.sum() / count.clamp(min=1), count
 
+        pos, neg = pairs.pos, pairs.neg
         num_neg = neg.sum(1, keepdim=True)  # (B, 1)
         dist = self._distance(pairs.sim)
         # Each anchor's negative distances in ascending order (non-negatives pushed to the end).
