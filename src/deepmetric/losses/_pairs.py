@@ -31,11 +31,13 @@ class SameLists(NamedTuple):
         slot once). Updates written through ``index`` must be scatter-adds of values that are
         0 where ``positive`` is False, or writes that are equal for all entries of a row.
     has_group: (B,) bool, the anchor's label occurs among the references.
+    num_same: (B,) int64, the number of same-label slots (own slot included).
     """
 
     index: Tensor
     positive: Tensor
     has_group: Tensor
+    num_same: Tensor
 
 
 @dataclass
@@ -99,7 +101,7 @@ class Pairs:
         else:
             own = torch.full_like(self.labels, -1)
             own[self.self_rows] = torch.where(self.self_valid, self.self_cols, -1)
-        return SameLists(index, in_group & (index != own[:, None]), count > 0)
+        return SameLists(index, in_group & (index != own[:, None]), count > 0, count)
 
     def fill_same(self, x: Tensor, value: float) -> Tensor:
         """A copy of the (B, M) tensor x with every same-label slot (own slots included) set

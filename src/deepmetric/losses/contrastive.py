@@ -52,7 +52,7 @@ class ContrastiveLoss(PairLoss):
         scale = torch.as_tensor(n, dtype=pairs.sim.dtype, device=pairs.sim.device).reciprocal()
         with torch.no_grad():  # value and its derivative written down: see with_gradient
             sim = pairs.sim
-            index, is_pos, _ = pairs.same_lists  # (B, C) positives: no (B, M) masks
+            index, is_pos = pairs.same_lists.index, pairs.same_lists.positive  # (B, C) lists
             # every pair's term as if it were negative, then the positives' terms swapped in
             # through the (B, C) lists; own slots: no pair
             if self.form == "similarity":

@@ -56,7 +56,7 @@ class MultiSimilarityLoss(PairLoss):
     def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
         with torch.no_grad():  # value and its derivative written down: see with_gradient
             sim = pairs.sim
-            index, is_pos, _ = pairs.same_lists  # positives as (B, C) lists
+            index, is_pos = pairs.same_lists.index, pairs.same_lists.positive  # (B, C) lists
             s_pos = sim.gather(1, index)  # (B, C)
             s_neg = pairs.fill_same(sim, float("-inf"))  # (B, M): negatives, -inf elsewhere
             inf = float("inf")

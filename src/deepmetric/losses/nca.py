@@ -28,7 +28,7 @@ class NCALoss(PairLoss):
         self.scale = float(scale)
 
     def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
-        index, is_pos, _ = pairs.same_lists  # (B, C): each anchor's positives, padded
+        index, is_pos = pairs.same_lists.index, pairs.same_lists.positive  # (B, C) lists
         valid = is_pos.any(1)
         count = valid.sum()
         with torch.no_grad():  # value and its derivative written down: see with_gradient

@@ -68,7 +68,7 @@ class TripletLoss(PairLoss):
             # negative the most similar; distances (and gradient) for those 2 B entries only
             with torch.no_grad():
                 sim = pairs.sim.detach()
-                index, is_pos, _ = pairs.same_lists  # (B, C) positives, no (B, M) masks
+                index, is_pos = pairs.same_lists.index, pairs.same_lists.positive  # (B, C) lists
                 pos_sim = sim.gather(1, index).masked_fill_(~is_pos, float("inf"))
                 least_pos, slot = pos_sim.min(1, keepdim=True)
                 hardest_pos = index.gather(1, slot)
@@ -79,21 +79,20 @@ class TripletLoss(PairLoss):
             count = valid.sum()
             return per_anchor.sum() / count.clamp(min=1), count
 
-        pos, neg = pairs.pos, pairs.neg
-        num_neg = neg.sum(1, keepdim=True)  # (B, 1)
+        index, is_pos = pairs.same_lists.index, pairs.same_lists.positive  # (B, C) lists
+        num_neg = pairs.sim.shape[1] - pairs.same_lists.num_same[:, None]  # (B, 1)
         dist = self._distance(pairs.sim)
         # Each anchor's negative distances in ascending order (non-negatives pushed to the end).
-        neg_dist = torch.where(neg, dist.detach(), float("inf"))
-        sorted_neg, order = neg_dist.sort(1)
-        valid_pair = pos & (num_neg > 0)  # (B, M): positive pairs whose anchor has a negative
+        sorted_neg, order = pairs.fill_same(dist.detach(), float("inf")).sort(1)
+        valid_pair = is_pos & (num_neg > 0)  # (B, C): positive pairs whose anchor has a negative
+        d_ap = dist.gather(1, index)  # (B, C)
 
         if self.mining == "semihard":
             # First negative strictly farther than the positive; else the farthest negative.
-            first_farther = torch.searchsorted(sorted_neg, dist.detach().contiguous(), right=True)
+            first_farther = torch.searchsorted(sorted_neg, d_ap.detach(), right=True)
             rank = torch.where(first_farther < num_neg, first_farther, num_neg - 1).clamp(min=0)
-            neg_col = order.gather(1, rank)
-            d_an = dist.gather(1, neg_col)
-            per_pair = self._hinge(dist - d_an)
+            d_an = dist.gather(1, order.gather(1, rank))
+            per_pair = self._hinge(d_ap - d_an)
             count = valid_pair.sum()
             return torch.where(valid_pair, per_pair, 0.0).sum() / count.clamp(min=1), count
 
@@ -102,8 +101,8 @@ class TripletLoss(PairLoss):
         sorted_dist = dist.gather(1, order)  # differentiable, same order as sorted_neg
         sorted_dist = torch.where(torch.isfinite(sorted_neg), sorted_dist, 0.0)
         prefix = F.pad(sorted_dist.cumsum(1), (1, 0))  # prefix[:, c] = sum of c smallest
-        threshold = dist + self.margin
-        cnt = torch.searchsorted(sorted_neg, threshold.detach().contiguous(), right=False)
+        threshold = d_ap + self.margin
+        cnt = torch.searchsorted(sorted_neg, threshold.detach(), right=False)
         cnt = torch.minimum(cnt, num_neg)
         per_pair = cnt * threshold - prefix.gather(1, cnt)
         total = torch.where(valid_pair, per_pair, 0.0).sum()
