@@ -564,7 +564,7 @@ def test_margin_sampler_uses_references():
         assert (p != self_index[a]).all()
 
 
-@pytest.mark.parametrize("name, hp", [("contrastive", {}), ("contrastive", {"form": "distance"})])
+@pytest.mark.parametrize("name, hp", [("contrastive", {}), ("triplet", {"mining": "hard"})])
 def test_sparse_gradient_path_equals_dense(name, hp, monkeypatch):
     """Against a large reference set most hinge terms are 0: the CPU backward multiplies the
     gradient matrix as sparse; it must give the dense product's gradient."""

@@ -45,7 +45,6 @@ class Pairs:
     """Everything a pair-based loss needs about one batch.
 
     sim: (B, M) cosine similarities anchors x references, at least float32 (no autocast).
-    anchors, refs: (B, d) and (M, d), the embeddings sim was computed from (same dtype).
     labels: (B,) anchor labels; ref_labels: (M,) reference labels.
     in_batch: True when the references are the batch itself (M = B, same order).
     dim: d, the embedding dimension.
@@ -56,8 +55,6 @@ class Pairs:
     """
 
     sim: Tensor
-    anchors: Tensor
-    refs: Tensor
     labels: Tensor
     ref_labels: Tensor
     in_batch: bool
@@ -105,12 +102,6 @@ class Pairs:
             own = torch.full_like(self.labels, -1)
             own[self.self_rows] = torch.where(self.self_valid, self.self_cols, -1)
         return SameLists(index, in_group & (index != own[:, None]), count > 0, count)
-
-    def similarity_at(self, rows: Tensor, cols: Tensor) -> Tensor:
-        """S[rows, cols] (any equal shapes, int64) recomputed as row-wise dot products of
-        the embeddings, differentiable: for losses whose gradient reaches a few entries per
-        anchor, backward costs O(entries x d) instead of a (B, M) x (M, d) matmul."""
-        return (self.anchors[rows] * self.refs[cols]).sum(-1)
 
     def fill_same(self, x: Tensor, value: float) -> Tensor:
         """A copy of the (B, M) tensor x with every same-label slot (own slots included) set
@@ -212,14 +203,12 @@ def build_pairs(
     check_shapes(embeddings, labels, ref_emb, ref_labels, self_index)
     dtype = torch.promote_types(embeddings.dtype, torch.float32)  # float32, or float64 in tests
     in_batch = ref_emb is None
-    anchors = embeddings.to(dtype)
-    refs = anchors if in_batch else ref_emb.to(dtype)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         if in_batch:
-            sim = _Gram.apply(anchors)
+            sim = _Gram.apply(embeddings.to(dtype))
             ref_labels = labels
         else:
-            sim = _CrossSim.apply(anchors, refs)
+            sim = _CrossSim.apply(embeddings.to(dtype), ref_emb.to(dtype))
     check_values(sim, self_index, embeddings)
     rows = torch.arange(embeddings.shape[0], device=embeddings.device)
     if in_batch:
@@ -229,9 +218,7 @@ def build_pairs(
     else:
         rows = cols = rows[:0]
         valid = torch.ones_like(rows, dtype=torch.bool)
-    return Pairs(
-        sim, anchors, refs, labels, ref_labels, in_batch, embeddings.shape[1], rows, cols, valid
-    )
+    return Pairs(sim, labels, ref_labels, in_batch, embeddings.shape[1], rows, cols, valid)
 
 
 # From this many rows the Gram matrix is computed as 3 of its 4 blocks (measured on the CPU:

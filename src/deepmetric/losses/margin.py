@@ -104,8 +104,8 @@ class MarginLoss(PairLoss):
                     f"{self.num_classes} per-class betas"
                 )
             beta = self.beta[anchor_labels]
-        d_ap = unit_distance(pairs.similarity_at(anchor, positive))  # gradient: these only
-        d_an = unit_distance(pairs.similarity_at(anchor, negative))
+        d_ap = unit_distance(pairs.sim[anchor, positive])
+        d_an = unit_distance(pairs.sim[anchor, negative])
         pos_loss = (self.margin + d_ap - beta).clamp(min=0)
         neg_loss = (self.margin - d_an + beta).clamp(min=0)
         count = (pos_loss > 0).sum() + (neg_loss > 0).sum()

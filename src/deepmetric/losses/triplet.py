@@ -74,37 +74,28 @@ class TripletLoss(PairLoss):
                 hardest_pos = index.gather(1, slot)
                 most_neg, hardest_neg = pairs.fill_same(sim, float("-inf")).max(1, keepdim=True)
                 valid = ((least_pos < float("inf")) & (most_neg > float("-inf")))[:, 0]
-            rows = torch.arange(sim.shape[0], device=sim.device)[:, None].expand(-1, 2)
-            chosen = pairs.similarity_at(rows, torch.cat([hardest_pos, hardest_neg], 1))
-            dist = self._distance(chosen)  # (B, 2); gradient only through these 2 B entries
+            dist = self._distance(pairs.sim.gather(1, torch.cat([hardest_pos, hardest_neg], 1)))
             per_anchor = torch.where(valid, self._hinge(dist[:, 0] - dist[:, 1]), 0.0)
             count = valid.sum()
             return per_anchor.sum() / count.clamp(min=1), count
 
         index, is_pos = pairs.same_lists.index, pairs.same_lists.positive  # (B, C) lists
         num_neg = pairs.sim.shape[1] - pairs.same_lists.num_same[:, None]  # (B, 1)
+        dist = self._distance(pairs.sim)
+        # Each anchor's negative distances in ascending order (non-negatives pushed to the end).
+        sorted_neg, order = pairs.fill_same(dist.detach(), float("inf")).sort(1)
         valid_pair = is_pos & (num_neg > 0)  # (B, C): positive pairs whose anchor has a negative
-        with torch.no_grad():
-            # each anchor's negative distances in ascending order (non-negatives at the end)
-            mined = self._distance(pairs.sim.detach())
-            sorted_neg, order = pairs.fill_same(mined, float("inf")).sort(1)
+        d_ap = dist.gather(1, index)  # (B, C)
 
         if self.mining == "semihard":
             # First negative strictly farther than the positive; else the farthest negative.
-            with torch.no_grad():
-                first_farther = torch.searchsorted(sorted_neg, mined.gather(1, index), right=True)
-                rank = torch.where(first_farther < num_neg, first_farther, num_neg - 1)
-                neg_col = order.gather(1, rank.clamp(min=0))
-            # distances (and gradient) for the 2 B C chosen entries only
-            rows = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)
-            d_ap = self._distance(pairs.similarity_at(rows, index))
-            d_an = self._distance(pairs.similarity_at(rows, neg_col))
+            first_farther = torch.searchsorted(sorted_neg, d_ap.detach(), right=True)
+            rank = torch.where(first_farther < num_neg, first_farther, num_neg - 1).clamp(min=0)
+            d_an = dist.gather(1, order.gather(1, rank))
             per_pair = self._hinge(d_ap - d_an)
             count = valid_pair.sum()
             return torch.where(valid_pair, per_pair, 0.0).sum() / count.clamp(min=1), count
 
-        dist = self._distance(pairs.sim)
-        d_ap = dist.gather(1, index)  # (B, C)
         # mining == "all": for threshold t = d_ap + margin, sum_n [t - d_an]_+ over negatives
         # with d_an < t equals cnt * t - (sum of the cnt smallest negative distances).
         sorted_dist = dist.gather(1, order)  # differentiable, same order as sorted_neg
