@@ -595,3 +595,36 @@ def test_sparse_gradient_path_equals_dense(name, hp, monkeypatch):
     for a, b in zip(dense, sparse):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert dense[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", ["in_batch", "refs_self_index", "refs_absent_labels"])
+def test_same_lists_and_fill_same_match_the_masks(case):
+    """The padded (B, C) same-label lists hold exactly the positive slots of the (B, M) mask,
+    and fill_same equals masked_fill over the same-label mask, also for anchors whose label is
+    absent from the references and with own slots given by self_index (-1 = none)."""
+    from deepmetric.losses import build_pairs
+
+    g = torch.Generator().manual_seed(3)
+    emb = F.normalize(torch.randn(12, 8, generator=g), dim=1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 5])  # 2, 4, 5: singletons
+    if case == "in_batch":
+        pairs = build_pairs(emb, labels)
+    else:
+        refs = F.normalize(torch.randn(20, 8, generator=g), dim=1)
+        ref_labels = torch.randint(0, 4 if case == "refs_absent_labels" else 6, (20,), generator=g)
+        self_index = None
+        if case == "refs_self_index":
+            refs[:12], ref_labels[:12] = emb, labels  # anchors 0..11 stored in slots 0..11
+            self_index = torch.arange(12)
+            self_index[[2, 7]] = -1  # these two have no own copy
+        pairs = build_pairs(emb, labels, refs, ref_labels, self_index)
+    lists = pairs.same_lists
+    for i in range(12):
+        listed = sorted(lists.index[i][lists.positive[i]].tolist())
+        assert listed == pairs.pos[i].nonzero().flatten().tolist()
+    assert torch.equal(lists.num_same, pairs.same.sum(1))
+    assert torch.equal(lists.has_group, pairs.same.any(1))
+    x = torch.randn(pairs.sim.shape, generator=g)
+    assert torch.equal(pairs.fill_same(x, -7.0), x.masked_fill(pairs.same, -7.0))
+    if case == "refs_absent_labels":
+        assert not lists.has_group.all()  # labels 4 and 5 are not among the references
