@@ -113,6 +113,8 @@ class Pairs:
     def without_self(self, x: Tensor, value: float, inplace: bool = False) -> Tensor:
         """The (B, M) tensor x (a copy unless ``inplace``) with the anchors' own slots set to
         ``value``."""
+        if self.in_batch:  # the own slots are the diagonal
+            return (x if inplace else x.clone()).fill_diagonal_(value)
         index = (self.self_rows, self.self_cols)
         values = torch.where(self.self_valid, value, x[index])
         return x.index_put_(index, values) if inplace else x.index_put(index, values)
