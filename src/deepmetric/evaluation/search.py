@@ -188,7 +188,7 @@ def topk_candidates(scores: Tensor, m: int, dim: int = 1) -> tuple[Tensor, Tenso
     lines = scores if dim == 1 else scores.T
     num_lines, length = lines.shape
     width = length // GROUP_SLOTS
-    if width < 4 * m or scores.stride(1) != 1 or scores.stride(0) != scores.shape[1]:
+    if width < 4 * m or not scores.is_contiguous():
         return torch.topk(lines, m, dim=1, sorted=False)
     grouped = GROUP_SLOTS * width
     if dim == 1:

@@ -176,15 +176,16 @@ def check_shapes(
 def check_values(sim: Tensor, self_index: Tensor | None, embeddings: Tensor) -> None:
     """One host sync per call: NaN/inf anywhere in the inputs shows up in the (B, M)
     similarities; self_index must lie in [-1, M)."""
+    total = sim.detach().sum()
     if self_index is None:
-        if math.isfinite(float(sim.detach().sum())):
+        if math.isfinite(float(total)):
             return
     else:
         out_of_range = (self_index < -1) | (self_index >= sim.shape[1])
-        if not (~torch.isfinite(sim.detach().sum()) | out_of_range).any():
+        if not (~torch.isfinite(total) | out_of_range).any():
             return
-    if self_index is not None and ((self_index < -1) | (self_index >= sim.shape[1])).any():
-        raise ValueError(f"self_index must lie in [-1, {sim.shape[1]}) (-1 = no own copy)")
+        if out_of_range.any():
+            raise ValueError(f"self_index must lie in [-1, {sim.shape[1]}) (-1 = no own copy)")
     which = "embeddings" if not torch.isfinite(embeddings).all() else "ref_emb"
     raise ValueError(f"{which} contain NaN or inf (check the model output / learning rate)")
 
