@@ -35,7 +35,7 @@ def test_every_preset_loads_and_round_trips(preset: Path) -> None:
 
 def test_presets_exist() -> None:
     names = {p.name for p in PRESETS}
-    assert {"demo.yaml", "omniglot.yaml", "seed_bninception_cub.yaml", "ms_bninception_cub.yaml",
+    assert {"demo.yaml", "omniglot.yaml", "deep_metric_bninception_cub.yaml", "ms_bninception_cub.yaml",
             "xbm_cub.yaml", "xbm_cars196.yaml", "xbm_sop.yaml", "xbm_inshop.yaml"} <= names
 
 
