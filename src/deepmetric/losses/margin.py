@@ -59,6 +59,18 @@ class MarginLoss(PairLoss):
             self.generator.manual_seed(self.seed)
         return self.generator
 
+    def get_extra_state(self) -> dict:
+        """The sampling generator's state, kept in ``state_dict()`` so a resumed run draws
+        the same negatives (None before the first call)."""
+        return {"generator": None if self.generator is None else self.generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore the generator saved by :meth:`get_extra_state` (on beta's device)."""
+        self.generator = None
+        if state["generator"] is not None:
+            self.generator = torch.Generator(device=self.beta.device)
+            self.generator.set_state(state["generator"])
+
     def sample_weights(self, dist: Tensor, neg: Tensor, dim: int) -> Tensor:
         """(B, M) unnormalised sampling weights of the negatives from distances (B, M) of
         ``dim``-dimensional unit vectors."""
