@@ -568,7 +568,7 @@ def test_margin_sampler_uses_references():
 def test_sparse_gradient_path_equals_dense(name, hp, monkeypatch):
     """Against a large reference set most hinge terms are 0: the CPU backward multiplies the
     gradient matrix as sparse; it must give the dense product's gradient."""
-    from deepmetric.losses import _pairs
+    from deepmetric.losses import _autograd
 
     g = torch.Generator().manual_seed(0)
     emb = F.normalize(torch.randn(16, 32, generator=g, dtype=torch.float64), dim=1)
@@ -579,10 +579,10 @@ def test_sparse_gradient_path_equals_dense(name, hp, monkeypatch):
     sparse_mm = torch.sparse.mm
     monkeypatch.setattr(torch.sparse, "mm", lambda a, b: calls.append(1) or sparse_mm(a, b))
 
-    monkeypatch.setattr(_pairs, "SPARSE_GRAD_MIN_SIZE", 0)
+    monkeypatch.setattr(_autograd, "SPARSE_GRAD_MIN_SIZE", 0)
 
     def grads(density: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        monkeypatch.setattr(_pairs, "SPARSE_GRAD_DENSITY", density)
+        monkeypatch.setattr(_autograd, "SPARSE_GRAD_DENSITY", density)
         x, r = emb.clone().requires_grad_(), refs.clone().requires_grad_()
         loss = build_loss(name, **hp)(x, labels, r, ref_labels)
         loss.backward()

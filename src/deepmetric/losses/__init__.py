@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._pairs import PairLoss, Pairs, build_pairs, masked_logsumexp
+from ._autograd import masked_logsumexp
 from .binomial import BinomialDevianceLoss
 from .contrastive import ContrastiveLoss
 from .lifted import LiftedStructureLoss
 from .margin import MarginLoss
 from .multi_similarity import MultiSimilarityLoss
 from .nca import NCALoss
+from .pairs import PairLoss, Pairs, build_pairs
 from .triplet import TripletLoss
 
 LOSSES: dict[str, type[PairLoss]] = {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._pairs import PairLoss, Pairs, with_gradient
+from ._autograd import with_gradient
+from .pairs import PairLoss, Pairs
 
 
 class ContrastiveLoss(PairLoss):

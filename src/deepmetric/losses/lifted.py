@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._pairs import PairLoss, Pairs, masked_logsumexp
+from ._autograd import masked_logsumexp
+from .pairs import PairLoss, Pairs
 
 
 class LiftedStructureLoss(PairLoss):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._pairs import PairLoss, Pairs, unit_distance
+from .pairs import PairLoss, Pairs, unit_distance
 
 
 class MarginLoss(PairLoss):

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._pairs import PairLoss, Pairs, exp_nonpositive_, with_gradient
+from ._autograd import exp_nonpositive_, with_gradient
+from .pairs import PairLoss, Pairs
 
 PRESETS = {
     # (alpha, beta, base, epsilon)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._pairs import PairLoss, Pairs, unit_distance
+from .pairs import PairLoss, Pairs, unit_distance
 
 MININGS = ("semihard", "hard", "all")
 

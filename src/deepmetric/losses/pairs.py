@@ -1,4 +1,5 @@
-"""Pair machinery shared by every pair-based loss.
+"""Pair machinery shared by every pair-based loss: :class:`PairLoss` (the common call and
+input checks), :class:`Pairs` (similarities and pair sets of one call) and :func:`build_pairs`.
 
 A loss sees B anchors (``embeddings``, ``labels``) and M references. Without a reference
 set the references are the batch itself and each anchor's own column (the diagonal) is
@@ -16,8 +17,9 @@ from functools import cached_property
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ._autograd import cross_similarity, gram
 
 
 class SameLists(NamedTuple):
@@ -137,7 +139,14 @@ def unit_distance(sim: Tensor) -> Tensor:
     return (2.0 - 2.0 * sim).clamp(min=1e-12).sqrt()
 
 
-def check_shapes(
+# Row norms are accepted in 1 +- NORM_TOLERANCE. bfloat16 rounding moves a unit vector's norm
+# by up to about 2 x 2^-8 (the norm and each quotient of the division rounded): F.normalize
+# under CPU bfloat16 autocast, cast to float32, gives norms within 6.3e-3 of 1 for d = 2 to
+# 2048 (float16: 7.6e-4). Raw model outputs essentially never fall in this band.
+NORM_TOLERANCE = 1e-2
+
+
+def check_inputs(
     embeddings: Tensor,
     labels: Tensor,
     ref_emb: Tensor | None,
@@ -145,8 +154,8 @@ def check_shapes(
     self_index: Tensor | None,
 ) -> None:
     """Raise ValueError with a clear message for malformed loss inputs (shapes, dtypes)."""
-    if embeddings.dim() != 2:
-        raise ValueError(f"embeddings must be (B, d), got shape {tuple(embeddings.shape)}")
+    if embeddings.dim() != 2 or embeddings.shape[0] == 0:
+        raise ValueError(f"embeddings must be (B, d), B >= 1, got shape {tuple(embeddings.shape)}")
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(
             f"labels must be (B,) with B = {embeddings.shape[0]}, got shape {tuple(labels.shape)}"
@@ -156,9 +165,10 @@ def check_shapes(
     if (ref_emb is None) != (ref_labels is None):
         raise ValueError("ref_emb and ref_labels must be given together")
     if ref_emb is not None:
-        if ref_emb.dim() != 2 or ref_emb.shape[1] != embeddings.shape[1]:
+        if ref_emb.dim() != 2 or ref_emb.shape[1] != embeddings.shape[1] or len(ref_emb) == 0:
             raise ValueError(
-                f"ref_emb must be (M, {embeddings.shape[1]}), got shape {tuple(ref_emb.shape)}"
+                f"ref_emb must be (M, {embeddings.shape[1]}), M >= 1, "
+                f"got shape {tuple(ref_emb.shape)}"
             )
         if ref_labels.dim() != 1 or ref_labels.shape[0] != ref_emb.shape[0]:
             raise ValueError(
@@ -173,21 +183,46 @@ def check_shapes(
         raise ValueError(f"self_index must be (B,), got shape {tuple(self_index.shape)}")
 
 
-def check_values(sim: Tensor, self_index: Tensor | None, embeddings: Tensor) -> None:
-    """One host sync per call: NaN/inf anywhere in the inputs shows up in the (B, M)
-    similarities; self_index must lie in [-1, M)."""
-    total = sim.detach().sum()
-    if self_index is None:
-        if math.isfinite(float(total)):
-            return
-    else:
-        out_of_range = (self_index < -1) | (self_index >= sim.shape[1])
-        if not (~torch.isfinite(total) | out_of_range).any():
-            return
-        if out_of_range.any():
-            raise ValueError(f"self_index must lie in [-1, {sim.shape[1]}) (-1 = no own copy)")
-    which = "embeddings" if not torch.isfinite(embeddings).all() else "ref_emb"
-    raise ValueError(f"{which} contain NaN or inf (check the model output / learning rate)")
+def check_values(
+    sim: Tensor,
+    norms: Tensor,
+    ref_norms: Tensor | None,
+    self_index: Tensor | None,
+) -> None:
+    """All value checks of one loss call, read back in one host sync.
+
+    sim: (B, M) similarities; NaN or inf anywhere in the inputs shows up in their sum.
+    norms: (B,) anchor row norms; ref_norms: (M,) reference row norms (None in-batch); each
+        must lie in 1 +- NORM_TOLERANCE (the losses assume unit vectors).
+    self_index: (B,) must lie in [-1, M).
+    """
+    stats = [sim.detach().sum(), *torch.aminmax(norms)]
+    if ref_norms is not None:
+        stats += [*torch.aminmax(ref_norms)]
+    if self_index is not None:
+        stats.append(((self_index < -1) | (self_index >= sim.shape[1])).any())
+    values = torch.stack([s.float() for s in stats]).tolist()  # the one host sync
+    if not math.isfinite(values[0]):
+        which = "embeddings" if not math.isfinite(values[1] + values[2]) else "ref_emb"
+        raise ValueError(f"{which} contain NaN or inf (check the model output / learning rate)")
+    if self_index is not None and values[-1]:
+        raise ValueError(f"self_index must lie in [-1, {sim.shape[1]}) (-1 = no own copy)")
+    check_unit_norms("embeddings", *values[1:3])
+    if ref_norms is not None:
+        check_unit_norms("ref_emb", *values[3:5])
+
+
+def check_unit_norms(name: str, low: float, high: float) -> None:
+    """Raise ValueError when the row norms of ``name``, in [low, high], are not all 1 (within
+    NORM_TOLERANCE), saying how to normalise."""
+    if abs(low - 1.0) <= NORM_TOLERANCE and abs(high - 1.0) <= NORM_TOLERANCE:
+        return
+    raise ValueError(
+        f"{name} are not L2-normalised: row norms in [{low:.4g}, {high:.4g}], expected "
+        f"1 +- {NORM_TOLERANCE:g}. The losses compare unit vectors (cosine similarity); "
+        f"normalise with torch.nn.functional.normalize({name}, dim=1), or, in a deepmetric "
+        "config, keep the model option model.l2_normalize: true"
+    )
 
 
 def build_pairs(
@@ -197,22 +232,27 @@ def build_pairs(
     ref_labels: Tensor | None = None,
     self_index: Tensor | None = None,
 ) -> Pairs:
-    """Similarity matrix and positive/negative masks, self-pairs excluded by index.
+    """Similarities and the pair description of one loss call, inputs checked.
 
     embeddings: (B, d) L2-normalised anchors; labels: (B,) integer class ids.
-    ref_emb, ref_labels: (M, d), (M,) reference set; None = the batch itself.
+    ref_emb, ref_labels: (M, d) L2-normalised, (M,) reference set; None = the batch itself.
     self_index: (B,) long, the reference slot holding anchor i's own copy, -1 for none.
+    Raises ValueError for malformed inputs, NaN or inf, or rows that are not unit vectors.
     """
-    check_shapes(embeddings, labels, ref_emb, ref_labels, self_index)
+    check_inputs(embeddings, labels, ref_emb, ref_labels, self_index)
     dtype = torch.promote_types(embeddings.dtype, torch.float32)  # float32, or float64 in tests
     in_batch = ref_emb is None
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        anchors = embeddings.to(dtype)
+        norms = torch.linalg.vector_norm(anchors.detach(), dim=1)
         if in_batch:
-            sim = _Gram.apply(embeddings.to(dtype))
-            ref_labels = labels
+            sim = gram(anchors)
+            ref_labels, ref_norms = labels, None
         else:
-            sim = _CrossSim.apply(embeddings.to(dtype), ref_emb.to(dtype))
-    check_values(sim, self_index, embeddings)
+            refs = ref_emb.to(dtype)
+            sim = cross_similarity(anchors, refs)
+            ref_norms = torch.linalg.vector_norm(refs.detach(), dim=1)
+    check_values(sim, norms, ref_norms, self_index)
     rows = torch.arange(embeddings.shape[0], device=embeddings.device)
     if in_batch:
         cols, valid = rows, torch.ones_like(rows, dtype=torch.bool)
@@ -222,152 +262,6 @@ def build_pairs(
         rows = cols = rows[:0]
         valid = torch.ones_like(rows, dtype=torch.bool)
     return Pairs(sim, labels, ref_labels, in_batch, embeddings.shape[1], rows, cols, valid)
-
-
-# From this many rows the Gram matrix is computed as 3 of its 4 blocks (measured on the CPU:
-# 6.5 -> 5.0 ms at B = 1024, d = 512; no gain at B = 256).
-SYMMETRIC_GRAM_MIN_ROWS = 512
-
-
-class _Gram(torch.autograd.Function):
-    """x @ x.T whose backward is one matmul, (G + G.T) @ x, instead of autograd's two."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        if x.shape[0] < SYMMETRIC_GRAM_MIN_ROWS:
-            return x @ x.T
-        # S is symmetric: the two diagonal blocks and one off-diagonal block, 3/4 of the work
-        half = x.shape[0] // 2
-        top, bottom = x[:half], x[half:]
-        sim = torch.empty(x.shape[0], x.shape[0], dtype=x.dtype, device=x.device)
-        torch.mm(top, top.T, out=sim[:half, :half])
-        torch.mm(bottom, bottom.T, out=sim[half:, half:])
-        torch.mm(top, bottom.T, out=sim[:half, half:])
-        sim[half:, :half] = sim[:half, half:].T
-        return sim
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        # G^T copied contiguously, then G added: on the CPU 2x faster than G + G.T, whose
-        # strided read of the transpose costs as much as the matmul at B = 1024
-        return _grad_matmul(grad.T.contiguous().add_(grad), x)
-
-
-# Below this fraction of non-zero entries, a CPU gradient matrix of at least
-# SPARSE_GRAD_MIN_SIZE entries is multiplied as sparse (smaller ones are cheap dense).
-SPARSE_GRAD_DENSITY = 0.01
-SPARSE_GRAD_MIN_SIZE = 2**18
-# Rows of the gradient looked at first (every SPARSE_SAMPLE_STEP-th): only a sample under
-# twice the density threshold leads to the full count.
-SPARSE_SAMPLE_STEP = 16
-
-
-def _grad_matmul(grad: Tensor, x: Tensor) -> Tensor:
-    """grad (B, M) @ x (M, d). On the CPU, hinge losses against a large reference set
-    (contrastive, triplet and margin with a cross-batch memory) leave most entries of grad at
-    exactly 0: below ``SPARSE_GRAD_DENSITY`` the product is taken over the non-zeros only
-    (one counting pass; GPUs keep the dense matmul, which needs no host sync)."""
-    if grad.device.type == "cpu" and grad.dim() == 2 and grad.numel() >= SPARSE_GRAD_MIN_SIZE:
-        sample = grad[::SPARSE_SAMPLE_STEP]  # dense gradients (NCA, MS) exit after 1/16
-        if int(torch.count_nonzero(sample)) < SPARSE_GRAD_DENSITY * sample.numel() * 2:
-            if int(torch.count_nonzero(grad)) < SPARSE_GRAD_DENSITY * grad.numel():
-                return torch.sparse.mm(grad.to_sparse(), x)
-    return grad @ x
-
-
-class _CrossSim(torch.autograd.Function):
-    """anchors (B, d) @ refs.T (M, d) -> (B, M), backward through :func:`_grad_matmul`."""
-
-    @staticmethod
-    def forward(ctx, anchors: Tensor, refs: Tensor) -> Tensor:
-        ctx.save_for_backward(anchors, refs)
-        return anchors @ refs.T
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        anchors, refs = ctx.saved_tensors
-        grad_anchors = _grad_matmul(grad, refs) if ctx.needs_input_grad[0] else None
-        grad_refs = _grad_matmul(grad.T, anchors) if ctx.needs_input_grad[1] else None
-        return grad_anchors, grad_refs
-
-
-def exp_nonpositive_(x: Tensor) -> Tensor:
-    """In place e^x for x <= 0 (exponents already shifted by their maximum), clamped at -80:
-    e^-80 ~ 2e-35 of the largest term, no change in float32, while torch.exp on the CPU is
-    ~10x slower on far-negative or -inf input (masked entries)."""
-    return x.clamp_(min=-80.0).exp_()
-
-
-def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = -1, include_zero: bool = False) -> Tensor:
-    """log(sum_{mask} e^x) along ``dim``; with ``include_zero`` log(1 + sum_{mask} e^x).
-
-    Shifted by the (detached) masked maximum and exponentiated by :func:`exp_nonpositive_`
-    (torch.logsumexp is as slow as torch.exp on masked entries); masked terms are zeroed
-    after the exp. A slice with no
-    True entry gives about -1e30 (0 with ``include_zero``) and zero gradient: callers mark such
-    slices invalid. The gradient is exactly the masked softmax.
-    """
-    lse = _MaskedLogSumExp.apply(x, mask, dim)
-    return F.softplus(lse) if include_zero else lse
-
-
-class _MaskedLogSumExp(torch.autograd.Function):
-    """Forward in one reused (B, M) buffer, which then holds the masked softmax: the only
-    tensor kept for backward (autograd's graph of the same ops keeps four)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, mask: Tensor, dim: int) -> Tensor:
-        off = ~mask
-        buf = x.detach().masked_fill(off, -1e30)
-        shift = buf.amax(dim, keepdim=True)
-        exp_nonpositive_(buf.sub_(shift)).masked_fill_(off, 0.0)
-        total = buf.sum(dim, keepdim=True).clamp_(min=1e-30)
-        ctx.save_for_backward(buf.div_(total))
-        ctx.dim = dim
-        return (total.log_() + shift).squeeze(dim)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (softmax,) = ctx.saved_tensors
-        return softmax * grad.unsqueeze(ctx.dim), None, None
-
-
-class _WithGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, sim: Tensor, value: Tensor, grad_sim: Tensor) -> Tensor:
-        ctx.save_for_backward(grad_sim)
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (grad_sim,) = ctx.saved_tensors
-        if grad.device.type == "cpu" and grad.numel() == 1 and float(grad) == 1.0:
-            return grad_sim, None, None  # loss.backward(): skip a (B, M) multiply by 1
-        return grad_sim * grad, None, None
-
-
-def with_gradient(sim: Tensor, value: Tensor, grad_sim: Tensor) -> Tensor:
-    """The scalar ``value`` made differentiable in ``sim`` (B, M) with d value / d sim =
-    ``grad_sim`` (B, M), both computed by the caller without autograd.
-
-    For losses that are a sum of simple terms of each similarity, writing the derivative down
-    costs a few full-matrix passes where autograd's graph costs several times more.
-    """
-    return _WithGradient.apply(sim, value, grad_sim)
-
-
-def zero_loss(embeddings: Tensor) -> Tensor:
-    """A zero that keeps the graph: backward gives zero gradients, never NaN."""
-    return embeddings.sum() * 0.0
-
-
-def masked_mean(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean of ``values`` over ``valid`` entries and their count; zero with a graph if none."""
-    count = valid.sum()
-    total = torch.where(valid, values, torch.zeros_like(values)).sum()
-    return total / count.clamp(min=1), count
 
 
 class PairLoss(torch.nn.Module):
@@ -392,9 +286,11 @@ class PairLoss(torch.nn.Module):
         ref_labels: Tensor | None = None,
         self_index: Tensor | None = None,
     ) -> Tensor:
-        """embeddings (B, d) L2-normalised, labels (B,); optional references (M, d), (M,)
-        and self_index (B,) (reference slot of each anchor's own copy, -1 = none).
-        Returns a scalar loss (float32, or float64 for float64 input)."""
+        """embeddings (B, d) L2-normalised, labels (B,); optional references (M, d)
+        L2-normalised, (M,), and self_index (B,) (reference slot of each anchor's own copy,
+        -1 = none). Returns a scalar loss (float32, or float64 for float64 input).
+        Raises ValueError for malformed inputs, NaN or inf, or rows that are not unit vectors
+        (see :func:`build_pairs`)."""
         pairs = build_pairs(embeddings, labels, ref_emb, ref_labels, self_index)
         loss, num_active = self.compute(pairs)
         self.num_active = num_active.detach()
