@@ -70,13 +70,7 @@ def run_pml(cfg, iterations: int, seed: int) -> dict:
     from pytorch_metric_learning import losses, miners, samplers
     from torch.utils.data import DataLoader
 
-    from deepmetric.engine import (
-        build_data,
-        build_model_from_config,
-        evaluate_model,
-        seed_everything,
-    )
-    from deepmetric.engine.trainer import _eval_loader
+    from deepmetric.engine import Evaluator, build_data, build_model_from_config, seed_everything
 
     seed_everything(seed)
     train_ds, eval_sets = build_data(cfg)
@@ -107,8 +101,8 @@ def run_pml(cfg, iterations: int, seed: int) -> dict:
             break
     train_s = time.perf_counter() - start
     es = eval_sets["val"]
-    metrics = evaluate_model(model, es, _eval_loader(cfg, es.dataset, False), cfg,
-                             torch.device("cpu"))
+    evaluator = Evaluator(cfg, {"val": es}, torch.device("cpu"), None, persistent_workers=False)
+    metrics = evaluator.evaluate(model)["val"]
     return {"metrics": metrics, "train_s": train_s, "images_per_s": done * batch / train_s,
             "model": model, "eval_set": es}
 
@@ -142,10 +136,10 @@ def pml_accuracy(model, es, cfg) -> dict:
     """PML's AccuracyCalculator on the same embeddings (query = reference, self excluded)."""
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-    from deepmetric.engine.trainer import _eval_loader
+    from deepmetric.engine import build_eval_loader
     from deepmetric.evaluation import extract_embeddings
 
-    emb, labels = extract_embeddings(model, _eval_loader(cfg, es.dataset, False),
+    emb, labels = extract_embeddings(model, build_eval_loader(cfg, es.dataset, False),
                                      progress=False)
     calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"),
                               k="max_bin_count")

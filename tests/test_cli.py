@@ -19,7 +19,7 @@ from deepmetric.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 TINY = [
-    "--data.options={size: 16}", "--model.embedding_dim=16", "--sampler.p=5", "--sampler.k=2",
+    "--data.transform_options.size=16", "--model.embedding_dim=16", "--sampler.p=5", "--sampler.k=2",
     "--train.iterations=6", "--train.progress=false", "--train.threads=1",
     "--eval.at_start=false", "--eval.batch_size=512",
 ]

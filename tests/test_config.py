@@ -43,14 +43,14 @@ def test_overrides_both_forms_and_yaml_values(tmp_path: Path) -> None:
     cfg = load_config(
         write(tmp_path, "optim: {lr: 1.0e-3}\n"),
         ["--optim.lr=1e-4", "--data.root", "/data/cub", "--eval.recall_at=[1, 2]",
-         "--loss.neg_margin", "0.3", "--loss.name=contrastive", "--data.options.size=28",
+         "--loss.neg_margin", "0.3", "--loss.name=contrastive", "--data.options.classes=[0, 3]",
          "--train.amp", "bf16", "--model.pretrained", "null"],
     )
     assert cfg.optim.lr == 1e-4  # "1e-4" is a string for YAML 1.1: still a float here
     assert cfg.data.root == "/data/cub"
     assert cfg.eval.recall_at == [1, 2]
     assert cfg.loss.name == "contrastive" and cfg.loss.params == {"neg_margin": 0.3}
-    assert cfg.data.options == {"size": 28}
+    assert cfg.data.options == {"classes": [0, 3]}
     assert cfg.train.amp == "bf16" and cfg.model.pretrained is None
     assert cfg.sources["optim.lr"] == "command line"
 
@@ -126,3 +126,93 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
         load_config(write(tmp_path, "optim: {lr: [\n"))
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(write(tmp_path, "optim: 3\n"))
+
+
+# ------------------------------------------------------------------ option mappings
+
+
+DEMO = ROOT / "configs" / "demo.yaml"
+OMNIGLOT = ROOT / "configs" / "omniglot.yaml"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--data.options.clases=[0, 3]", r"data\.options\.clases: not an option of data set "
+         r"'digits' \(did you mean 'classes'\?\)"),
+        ("--data.test_options.invert=true", r"data\.test_options\.invert: not an option of "
+         r"data set 'digits'"),
+        ("--data.options.size=16", r"data\.options\.size: the image size is set by "
+         r"data\.transform_options\.size"),
+        ("--data.transform_options.sise=16", r"data\.transform_options\.sise: not an option of "
+         r"the 'small' transform \(did you mean 'size'\?\)"),
+        ("--data.transform_options.scale=[0.5, 1]", r"transform_options\.scale: not an option"),
+        ("--model.options.embedding_dim=8", r"model\.options\.embedding_dim: set "
+         r"model\.embedding_dim instead"),
+        ("--model.options.drop_rate=0.1", r"model\.options\.drop_rate: not an option of "
+         r"build_model; expected one of: in_chans"),
+        ("--data.name=cubb", r"data\.name: unknown data set 'cubb'"),
+        ("--data.transform=imagenett", r"data\.transform: unknown preset 'imagenett'"),
+    ],
+)
+def test_option_mappings_checked_against_the_functions_they_feed(override, message) -> None:
+    """A wrong option is a ConfigError at load time, naming the key and its source, never a
+    TypeError from inside a loader, transform or backbone."""
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(DEMO, [override])
+    assert "command line" in str(e.value) or "demo.yaml" in str(e.value)
+
+
+def test_option_mappings_accept_what_the_functions_take(tmp_path: Path) -> None:
+    cfg = load_config(DEMO, ["--data.options.classes=[0, 3]", "--data.transform=imagenet",
+                             "--data.transform_options={size: 64, scale: [0.5, 1.0]}",
+                             "--model.options.in_chans=3"])
+    assert cfg.data.transform_options == {"size": 64, "scale": [0.5, 1.0]}
+    # a file's own mistake names the file
+    path = write(tmp_path, "data: {name: digits, options: {invert: true}}\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: data\.options\.invert"):
+        load_config(path)
+
+
+def test_size_means_the_same_for_arrays_and_image_files(tmp_path: Path) -> None:
+    """data.transform_options.size is the side of the images the network sees: the array
+    loader resizes once at load time, an image-file data set through its transform."""
+    from PIL import Image
+
+    from deepmetric.engine import build_data
+
+    for split, classes in (("train", ("a", "b")), ("test", ("c", "d"))):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("L", (20, 12), color=40 * i).save(tmp_path / split / c / f"{i}.png")
+    arrays = load_config(DEMO)
+    files = load_config(DEMO, ["--data.name=folder", f"--data.root={tmp_path}"])
+    for cfg in (arrays, files):
+        train_set, evals = build_data(cfg)
+        assert train_set[0][0].shape == evals["test"].dataset[0][0].shape == (1, 32, 32)
+    assert build_data(arrays)[0].images.shape[-2:] == (32, 32)  # resized once, at load time
+
+
+# ------------------------------------------------------------------ switching the loss
+
+
+def test_new_loss_name_starts_from_its_defaults_and_says_what_it_dropped() -> None:
+    base = load_config(OMNIGLOT)
+    assert base.loss.params == {"alpha": 2.0, "beta": 50.0, "base": 0.5, "epsilon": 0.1}
+    for overrides in (["--loss.name=contrastive"], ["--loss={name: contrastive}"]):
+        cfg = load_config(OMNIGLOT, overrides)
+        assert cfg.loss.name == "contrastive" and cfg.loss.params == {}
+        assert len(cfg.notes) == 1 and "dropped loss.alpha, loss.beta, loss.base" in cfg.notes[0]
+    # hyper-parameters given on the command line stay, before or after the name
+    for overrides in (["--loss.name=contrastive", "--loss.neg_margin=0.3"],
+                      ["--loss.neg_margin=0.3", "--loss.name=contrastive"],
+                      ["--loss={name: contrastive, neg_margin: 0.3}"]):
+        assert load_config(OMNIGLOT, overrides).loss.params == {"neg_margin": 0.3}, overrides
+    # the same name: nothing dropped
+    same = load_config(OMNIGLOT, ["--loss.name=multi_similarity", "--loss.beta=40"])
+    assert same.loss.params["beta"] == 40 and same.loss.params["alpha"] == 2.0 and not same.notes
+    # a hyper-parameter of the old loss given for the new one is still an error
+    with pytest.raises(ConfigError, match=r"loss\.alpha: not a hyper-parameter of loss "
+                                          r"'contrastive'"):
+        load_config(OMNIGLOT, ["--loss.name=contrastive", "--loss.alpha=2"])

@@ -37,6 +37,7 @@ DIM_IN, DIM_OUT = 10, 6
 NUM_CLASSES = 6
 B_GLOBAL = 24  # 12 rows per rank; every class has rows on both ranks
 SRC = Path(__file__).resolve().parents[1] / "src"
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 LOSS_CASES: dict[str, tuple[str, dict]] = {
     "contrastive_similarity": ("contrastive", {"form": "similarity"}),
@@ -159,6 +160,24 @@ def _sampler_batches(num_replicas: int | None = None, rank: int | None = None) -
     return batches
 
 
+def _engine_evaluation() -> dict:
+    """The trainer's evaluation of a Conv-4 on the digits test split (896 images, 64 a batch,
+    so every rank's batches have the same shapes as one process's): sharded over the ranks
+    of the process group, one process without one."""
+    from deepmetric.config import load_config
+    from deepmetric.engine import Evaluator, build_data, build_model_from_config
+
+    cfg = load_config(DEMO, ["--eval.batch_size=64", "--data.num_workers=0",
+                             "--eval.metrics=[recall, map_at_r, r_precision, nmi]"])
+    torch.manual_seed(0)
+    model = build_model_from_config(cfg)
+    _, eval_sets = build_data(cfg, test_only=True)
+    evaluator = Evaluator(cfg, eval_sets, torch.device("cpu"), None, persistent_workers=False)
+    metrics = evaluator.evaluate(model)["test"]
+    metrics.pop("eval_time_s")
+    return {"metrics": metrics, "shard": evaluator.shards["test"]}
+
+
 def _eval_embeddings(index: Tensor) -> Tensor:
     """A deterministic 'embedding' of dataset items by index."""
     return torch.stack([index.double(), (index * index).double(), -index.double()], 1).float()
@@ -204,6 +223,9 @@ def _worker_all(out_dir: Path) -> None:
     perm = torch.randperm(EVAL_N, generator=torch.Generator().manual_seed(5))
     mine = perm[:4] if rank == 0 else torch.cat([perm[4:], perm[:1]])
     res["eval_perm"] = D.gather_eval(_eval_embeddings(mine), mine % 3, mine)
+
+    # The trainer's sharded evaluation (rank 0's metrics broadcast to every rank).
+    res["engine_eval"] = _engine_evaluation()
 
     # PKSampler takes world size and rank from the process group.
     res["sampler_batches"] = _sampler_batches()
@@ -392,6 +414,18 @@ def test_sharded_evaluation_equals_one_process(dist_results):
         assert torch.equal(perm_labels, all_idx % 3)
 
 
+def test_trainer_evaluation_is_sharded_and_equals_one_process(dist_results):
+    """Each rank embeds half of the evaluation set; the metrics, computed on rank 0 from the
+    gathered embeddings and broadcast, are the single-process ones on every rank."""
+    ref = _engine_evaluation()
+    assert ref["shard"] == list(range(896))
+    assert dist_results[0]["engine_eval"]["shard"] == list(range(448))
+    assert dist_results[1]["engine_eval"]["shard"] == list(range(448, 896))
+    assert ref["metrics"]["num_queries"] == 896
+    for res in dist_results:
+        assert res["engine_eval"]["metrics"] == ref["metrics"]
+
+
 def test_sampler_shards_by_rank(dist_results):
     seen = [[], []]
     for rank, res in enumerate(dist_results):
@@ -432,8 +466,15 @@ TRAIN_OVERRIDES = [
     "--train.log_every=1",
     "--train.progress=false",
     "--train.threads=1",
-    "--eval.every=0",
     "--eval.at_start=false",
+    # select the best checkpoint on 2 held-out training classes, evaluated every 2 iterations
+    # (one image a batch: the same batch shapes on 2 ranks as in one process, so the same
+    # float rounding in the convolutions)
+    "--eval.protocol=val",
+    "--eval.val_fraction=0.4",
+    "--sampler.p=3",
+    "--eval.every=2",
+    "--eval.batch_size=1",
     # the memory is fed the gathered global batch (80 = 5 x 8 x 2) and must survive resume
     "--xbm.enabled=true",
     "--xbm.size=200",
@@ -480,13 +521,13 @@ def test_torchrun_train_and_resume(tmp_path):
     _torchrun_train(resumed, 2)
     _torchrun_train(resumed, 4, "--train.resume=auto")
 
-    for run_dir, eval_at in ((straight, [4]), (resumed, [2, 4])):
-        # rank 0 alone logs: one training record per iteration, one evaluation per run end
+    for run_dir in (straight, resumed):
+        # rank 0 alone logs: one training record per iteration, one evaluation every 2
         records = _records(run_dir)
         train_records = [r["iteration"] for r in records if "loss" in r]
         assert train_records == [1, 2, 3, 4]
-        evals = [r for r in records if r.get("split") == "test"]
-        assert [r["iteration"] for r in evals] == eval_at
+        evals = [r for r in records if r.get("split") == "val"]
+        assert [r["iteration"] for r in evals] == [2, 4]
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
 
     # resume continues the same 2-process run: same weights, same memory
@@ -499,13 +540,22 @@ def test_torchrun_train_and_resume(tmp_path):
     for key, value in s_straight["criterion"].items():
         torch.testing.assert_close(s_resumed["criterion"][key], value, rtol=1e-5, atol=1e-6)
 
-    # the distributed evaluation equals a single-process evaluation of the same checkpoint
+    # the distributed (sharded) evaluations equal single-process evaluations of the same
+    # checkpoints, and the best checkpoint is the one the logged validation metric selects
     from deepmetric.engine import evaluate_checkpoint
 
-    single = evaluate_checkpoint(straight / "last", out=tmp_path / "eval.json", progress=False)
-    logged = next(r for r in _records(straight) if r.get("split") == "test")
-    for key in ("recall@1", "recall@2", "map@r"):
-        assert logged[key] == pytest.approx(single["metrics"][key], abs=1e-6), key
+    records = _records(straight)
+    val = [r for r in records if r.get("split") == "val"]
+    single = evaluate_checkpoint(straight / "last", split="val", out=tmp_path / "v.json",
+                                 progress=False)
+    best_iteration = max(val, key=lambda r: (r["recall@1"], -r["iteration"]))["iteration"]
+    assert os.readlink(straight / "best").endswith(f"iter-{best_iteration:07d}")
+    test_of_best = next(r for r in records if r.get("checkpoint") == "best")
+    single_best = evaluate_checkpoint(straight / "best", split="test", out=tmp_path / "t.json",
+                                      progress=False)
+    for key in ("recall@1", "recall@2", "map@r", "r_precision", "num_queries"):
+        assert val[-1][key] == single["metrics"][key], key
+        assert test_of_best[key] == single_best["metrics"][key], key
 
 
 # Single-process behaviour (no process group in the pytest process).

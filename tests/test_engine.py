@@ -17,7 +17,14 @@ import torch
 from safetensors.torch import load_file
 
 from deepmetric.config import ConfigError, OptimConfig, ScheduleConfig, load_config
-from deepmetric.engine import build_optimizer, load_checkpoint, lr_factor, save_checkpoint, train
+from deepmetric.engine import (
+    TrainState,
+    build_optimizer,
+    load_checkpoint,
+    lr_factor,
+    save_checkpoint,
+    train,
+)
 from deepmetric.engine.checkpoint import find_checkpoint
 from deepmetric.losses import build_loss
 from deepmetric.models import build_model
@@ -28,7 +35,7 @@ DEMO = ROOT / "configs" / "demo.yaml"
 # A small, fast version of the demo: 16 x 16 digits, 16-d, batch 10 = 5 x 2, random affine
 # augmentation on (so that per-sample augmentation seeds matter), one thread.
 TINY = [
-    "--data.options={size: 16}", "--model.embedding_dim=16", "--sampler.p=5", "--sampler.k=2",
+    "--data.transform_options.size=16", "--model.embedding_dim=16", "--sampler.p=5", "--sampler.k=2",
     "--train.progress=false", "--train.threads=1", "--train.log_every=5",
     "--eval.at_start=false", "--eval.every=0", "--eval.batch_size=512",
     "--schedule.name=step", "--schedule.step_size=25", "--schedule.warmup_iterations=5",
@@ -59,10 +66,15 @@ def assert_same_state(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
     sa = load_checkpoint(a / "last", state=True)[1]
     sb = load_checkpoint(b / "last", state=True)[1]
-    for key in ("iteration", "epoch", "batch"):
+    for key in ("iteration", "epoch", "batch_in_epoch"):  # (best differs: evaluated at the stop)
         assert sa[key] == sb[key], key
-    for k, v in sa["criterion"].items():  # memory contents, pointer, fill level, loss params
-        assert torch.equal(v, sb["criterion"][k]), k
+    # memory contents, pointer, fill level, loss parameters and the margin loss's generator
+    assert sa["criterion"].keys() == sb["criterion"].keys()
+    for k, v in sa["criterion"].items():
+        if k.endswith("_extra_state"):
+            assert torch.equal(v["generator"], sb["criterion"][k]["generator"]), k
+        else:
+            assert torch.equal(v, sb["criterion"][k]), k
     for i, st in sa["optimizer"]["state"].items():
         for k, v in st.items():
             assert torch.equal(v, sb["optimizer"]["state"][i][k]), (i, k)
@@ -147,8 +159,10 @@ def test_torch_load_weights_only_state(tmp_path: Path) -> None:
     out = tmp_path / "run"
     run_in_process(out, "--train.iterations=6", "--loss.name=margin", *XBM)
     state = torch.load(out / "last" / "state.pt", weights_only=True)
-    assert state["iteration"] == 6 and "rng" in state and "generators" in state
-    assert any(k.endswith(":generator") for k in state["generators"])  # margin loss sampler
+    assert set(state) == {*TrainState.OBJECTS, *TrainState.COUNTERS, "rng"}
+    assert state["iteration"] == 6
+    generator = state["criterion"]["loss._extra_state"]["generator"]  # margin loss sampler
+    assert generator.dtype == torch.uint8 and generator.numel() > 0
 
 
 # ------------------------------------------------------------------ end to end
@@ -274,12 +288,12 @@ def test_bad_train_device_is_a_config_error(tmp_path: Path) -> None:
 def test_embedded_image_files_are_inverted_like_the_training_arrays(tmp_path: Path) -> None:
     from PIL import Image
 
-    from deepmetric.engine.inference import _ImageFiles
+    from deepmetric.engine.inference import ImageFiles
 
     pixels = np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5
     Image.fromarray(pixels).save(tmp_path / "a.png")
-    plain = _ImageFiles([tmp_path / "a.png"], np.asarray)[0][0]
-    inverted, label = _ImageFiles([tmp_path / "a.png"], np.asarray, invert=True)[0]
+    plain = ImageFiles([tmp_path / "a.png"], np.asarray)[0][0]
+    inverted, label = ImageFiles([tmp_path / "a.png"], np.asarray, invert=True)[0]
     np.testing.assert_array_equal(plain, pixels)
     np.testing.assert_array_equal(inverted, 255 - pixels)
     assert label == -1

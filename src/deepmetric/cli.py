@@ -98,11 +98,15 @@ def _run(argv: Sequence[str]) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.command == "train":
+        from deepmetric import distributed
         from deepmetric.config import load_config
         from deepmetric.engine import train
 
         cfg = load_config(args.config, extra)
+        for note in cfg.notes:
+            print(f"deepmetric: note: {note}", file=sys.stderr)
         train(cfg, config_name=args.config)
+        distributed.destroy_distributed()
         return 0
 
     if args.command == "eval":

@@ -22,6 +22,7 @@ import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -41,6 +42,7 @@ __all__ = [
     "XBMConfig",
     "apply_overrides",
     "check_loss",
+    "check_options",
     "config_from_dict",
     "config_to_dict",
     "dump_config",
@@ -63,7 +65,7 @@ class DataConfig:
 
     name: str = "digits"  # deepmetric.data.build_dataset name
     root: str | None = None  # data set folder / file (None where the set needs none)
-    options: dict[str, Any] = field(default_factory=dict)  # build_dataset options, every split
+    options: dict[str, Any] = field(default_factory=dict)  # the loader's options, every split
     # Per-split options, merged over ``options`` (e.g. npz ``classes: [0, 764]`` for training
     # and ``classes: [764, 964]`` for testing).
     train_options: dict[str, Any] = field(default_factory=dict)
@@ -75,7 +77,9 @@ class DataConfig:
     train_split: str = "train"
     test_split: str = "test"
     transform: str | None = None  # bninception, imagenet, small; None: the backbone's preset
-    transform_options: dict[str, Any] = field(default_factory=dict)  # build_transform options
+    # build_transform options; ``size`` = side of the square images the network sees, for
+    # image files and array data alike (arrays are resized once, at load time)
+    transform_options: dict[str, Any] = field(default_factory=dict)
     num_workers: int = 2
 
 
@@ -179,6 +183,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # iterations between "last" checkpoints (0 = at the end only)
     resume: str | None = None  # None, "auto" (the run dir's last checkpoint) or a path
     progress: bool = True  # tqdm progress bar
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch
 
 
 @dataclass
@@ -229,9 +234,11 @@ class Config:
     seed: int = 0
     # Where each key was set (dotted key -> "FILE" or "command line"); not part of the YAML.
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # What loading did on the user's behalf, for the command line to print; not in the YAML.
+    notes: list[str] = field(default_factory=list, repr=False, compare=False)
 
 
-_NOT_KEYS = {"sources"}
+_NOT_KEYS = {"sources", "notes"}
 
 
 # --------------------------------------------------------------------------- typing
@@ -448,47 +455,70 @@ def apply_overrides(
 ) -> Config:
     """Set dotted keys on ``cfg`` in place (types checked; dict fields take sub-keys)."""
     for key, value in overrides:
-        where = f"{source} (--{key})"
-        parts = key.split(".")
-        obj: Any = cfg
-        for depth, part in enumerate(parts):
-            sub_key = ".".join(parts[: depth + 1])
-            last = depth == len(parts) - 1
-            if isinstance(obj, LossConfig) and part != "name":
-                rest = ".".join(parts[depth:])
-                if part == "params" and not last:
-                    rest = ".".join(parts[depth + 1 :])
-                obj.params[rest] = value
-                cfg.sources[f"loss.{rest}"] = source
-                break
-            valid = _fields(type(obj))
-            if part not in valid:
-                raise _unknown_key(sub_key, valid, where)
-            current = getattr(obj, part)
-            if last:
-                if dataclasses.is_dataclass(current):
-                    if not isinstance(value, dict):
-                        raise ConfigError(f"{where}: {sub_key} is a section; set {sub_key}.KEY")
-                    _fill(current, value, sub_key, where, cfg.sources)
-                else:
-                    _set_field(obj, part, value, sub_key, where)
-                    cfg.sources[sub_key] = source
-                break
-            if dataclasses.is_dataclass(current):
-                obj = current
-            elif isinstance(current, dict):
-                d = current
-                for p in parts[depth + 1 : -1]:
-                    d = d.setdefault(p, {})
-                    if not isinstance(d, dict):
-                        raise ConfigError(f"{where}: {key}: {p} is not a mapping")
-                d[parts[-1]] = value
-                cfg.sources[key] = source
-                break
-            else:
-                raise ConfigError(f"{where}: {sub_key} is {_type_name(_hints(type(obj))[part])}, "
-                                  f"it has no sub-key {parts[depth + 1]!r}")
+        loss_name = cfg.loss.name
+        _apply_override(cfg, key, value, source)
+        if cfg.loss.name != loss_name:
+            _start_from_loss_defaults(cfg, loss_name, source)
     return cfg
+
+
+def _start_from_loss_defaults(cfg: Config, old_name: str, source: str) -> None:
+    """A ``loss.name`` changed on the command line: drop the hyper-parameters set elsewhere
+    (those of the previous loss, from the config file), keep those given on the command
+    line, and note which were dropped."""
+    dropped = [k for k in cfg.loss.params if not cfg.sources.get(f"loss.{k}", "").startswith(source)]
+    for k in dropped:
+        del cfg.loss.params[k]
+        cfg.sources.pop(f"loss.{k}", None)
+    if dropped:
+        cfg.notes.append(
+            f"loss.name {old_name!r} -> {cfg.loss.name!r}: starting from {cfg.loss.name!r}'s "
+            f"defaults; dropped {', '.join('loss.' + k for k in dropped)} (set for {old_name!r})"
+        )
+
+
+def _apply_override(cfg: Config, key: str, value: Any, source: str) -> None:
+    """Set one dotted key (see :func:`apply_overrides`)."""
+    where = f"{source} (--{key})"
+    parts = key.split(".")
+    obj: Any = cfg
+    for depth, part in enumerate(parts):
+        sub_key = ".".join(parts[: depth + 1])
+        last = depth == len(parts) - 1
+        if isinstance(obj, LossConfig) and part != "name":
+            rest = ".".join(parts[depth:])
+            if part == "params" and not last:
+                rest = ".".join(parts[depth + 1 :])
+            obj.params[rest] = value
+            cfg.sources[f"loss.{rest}"] = source
+            break
+        valid = _fields(type(obj))
+        if part not in valid:
+            raise _unknown_key(sub_key, valid, where)
+        current = getattr(obj, part)
+        if last:
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{where}: {sub_key} is a section; set {sub_key}.KEY")
+                _fill(current, value, sub_key, where, cfg.sources)
+            else:
+                _set_field(obj, part, value, sub_key, where)
+                cfg.sources[sub_key] = source
+            break
+        if dataclasses.is_dataclass(current):
+            obj = current
+        elif isinstance(current, dict):
+            d = current
+            for p in parts[depth + 1 : -1]:
+                d = d.setdefault(p, {})
+                if not isinstance(d, dict):
+                    raise ConfigError(f"{where}: {key}: {p} is not a mapping")
+            d[parts[-1]] = value
+            cfg.sources[key] = source
+            break
+        else:
+            raise ConfigError(f"{where}: {sub_key} is {_type_name(_hints(type(obj))[part])}, "
+                              f"it has no sub-key {parts[depth + 1]!r}")
 
 
 # --------------------------------------------------------------------------- loading
@@ -568,7 +598,56 @@ def validate_config(cfg: Config) -> None:
     if cfg.train.resume not in (None, "auto") and not Path(cfg.train.resume).exists():
         raise err("train.resume", f"expected null, 'auto' or an existing checkpoint, "
                   f"got {cfg.train.resume!r} (not found)")
+    check_options(cfg)
     check_loss(cfg)
+
+
+def check_options(cfg: Config) -> None:
+    """Check the option mappings against the functions they feed: ``data.name``'s loader
+    (``data.options`` and the per-split ones), the transform preset
+    (``data.transform_options``) and ``build_model`` (``model.options``)."""
+    from deepmetric.data import PRESET_OPTIONS, canonical_name, loader_options
+    from deepmetric.models import build_model, preset_for
+
+    def unknown(key: str, option: str, accepted: Sequence[str], what: str) -> ConfigError:
+        close = difflib.get_close_matches(option, accepted, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return ConfigError(
+            f"{_where(cfg, f'{key}.{option}')}: {key}.{option}: not an option of {what}{hint}; "
+            f"expected one of: {', '.join(accepted) or '(none)'}"
+        )
+
+    try:
+        name = canonical_name(cfg.data.name)
+    except ValueError as e:
+        raise ConfigError(f"{_where(cfg, 'data.name')}: data.name: {e}") from None
+    accepted = [o for o in loader_options(name) if o != "size"]
+    for key in ("data.options", "data.train_options", "data.test_options", "data.val_options"):
+        for option in getattr(cfg.data, key.split(".")[1]) or {}:
+            if option == "size":
+                raise ConfigError(
+                    f"{_where(cfg, f'{key}.size')}: {key}.size: the image size is set by "
+                    "data.transform_options.size for every data set (array data are resized "
+                    "once at load time to it)"
+                )
+            if option not in accepted:
+                raise unknown(key, option, accepted, f"data set {name!r}")
+    preset = cfg.data.transform or preset_for(cfg.model.backbone)
+    if preset not in PRESET_OPTIONS:
+        raise ConfigError(f"{_where(cfg, 'data.transform')}: data.transform: unknown preset "
+                          f"{preset!r}; expected one of {', '.join(PRESET_OPTIONS)}")
+    for option in cfg.data.transform_options:
+        if option not in PRESET_OPTIONS[preset]:
+            raise unknown("data.transform_options", option, PRESET_OPTIONS[preset],
+                          f"the {preset!r} transform")
+    model_keys = _fields(ModelConfig)
+    extra = [p for p in inspect.signature(build_model).parameters if p not in model_keys]
+    for option in cfg.model.options:
+        if option in model_keys:
+            raise ConfigError(f"{_where(cfg, f'model.options.{option}')}: model.options."
+                              f"{option}: set model.{option} instead")
+        if option not in extra:
+            raise unknown("model.options", option, extra, "build_model")
 
 
 def check_loss(cfg: Config) -> None:
@@ -577,10 +656,8 @@ def check_loss(cfg: Config) -> None:
     Unknown names and hyper-parameters (``build_loss`` raises TypeError) become a
     ConfigError naming ``loss.<key>``; a value the loss rejects (ValueError) too.
     """
-    try:
-        from deepmetric.losses import LOSSES, build_loss
-    except ImportError:  # losses not installed yet: nothing to check against
-        return
+    from deepmetric.losses import LOSSES, build_loss
+
     name = cfg.loss.name
     if name not in LOSSES:
         raise ConfigError(f"{_where(cfg, 'loss.name')}: loss.name: unknown loss {name!r}; "

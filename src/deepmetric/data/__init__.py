@@ -21,15 +21,27 @@ from .base import (
     open_image,
 )
 from .benchmarks import OFFICIAL_COUNTS, load_cars196, load_cub, load_inshop, load_sop
-from .generic import load_csv, load_folder, load_list
-from .registry import DATASETS, CheckReport, build_dataset, build_query_gallery, check_dataset
+from .generic import IMAGE_EXTENSIONS, load_csv, load_folder, load_list
+from .registry import (
+    DATASETS,
+    CheckReport,
+    build_dataset,
+    build_query_gallery,
+    canonical_name,
+    check_dataset,
+    is_array_format,
+    loader_options,
+)
 from .splits import ClassSubset, class_disjoint_split, subset_classes
-from .transforms import PRESETS, build_transform
+from .transforms import BNINCEPTION_MEAN_BGR, PRESET_OPTIONS, PRESETS, build_transform
 
 __all__ = [
+    "BNINCEPTION_MEAN_BGR",
+    "IMAGE_EXTENSIONS",
     "DATASETS",
     "OFFICIAL_COUNTS",
     "PRESETS",
+    "PRESET_OPTIONS",
     "ArrayDataset",
     "CheckReport",
     "ClassSubset",
@@ -41,9 +53,11 @@ __all__ = [
     "build_dataset",
     "build_query_gallery",
     "build_transform",
+    "canonical_name",
     "check_counts",
     "check_dataset",
     "class_disjoint_split",
+    "is_array_format",
     "load_cars196",
     "load_csv",
     "load_cub",
@@ -53,6 +67,7 @@ __all__ = [
     "load_list",
     "load_npz",
     "load_sop",
+    "loader_options",
     "open_image",
     "subset_classes",
 ]

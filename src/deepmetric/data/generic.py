@@ -63,7 +63,7 @@ def load_list(
     verify_images: bool = False,
     check_files: bool = True,
 ) -> ImageDataset:
-    """A list file of ``relative/path label`` lines (the seed's format; labels are ints).
+    """A list file of ``relative/path label`` lines (Deep_Metric's format; labels are ints).
 
     Args:
         root: folder holding ``{split}.txt`` (e.g. train.txt, test.txt; query.txt and

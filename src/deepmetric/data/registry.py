@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import warnings
@@ -14,7 +15,16 @@ from .benchmarks import load_cars196, load_cub, load_inshop, load_sop
 from .generic import load_csv, load_folder, load_list
 from .transforms import build_transform
 
-__all__ = ["DATASETS", "CheckReport", "build_dataset", "build_query_gallery", "check_dataset"]
+__all__ = [
+    "DATASETS",
+    "CheckReport",
+    "build_dataset",
+    "build_query_gallery",
+    "canonical_name",
+    "check_dataset",
+    "is_array_format",
+    "loader_options",
+]
 
 DATASETS: dict[str, Callable[..., MetricDataset]] = {
     "cub": load_cub,
@@ -35,11 +45,25 @@ CHECK_SPLITS = {"cub": ("train", "test"), "cars196": ("train", "test"), "sop": (
                 "list": ("train", "test"), "folder": ("train", "test"), "csv": ("train", "test")}
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """The registry key of a data set name or alias (``"CUB200"`` -> ``"cub"``); ValueError
+    listing the choices for an unknown name."""
     key = ALIASES.get(name.lower(), name.lower())
     if key not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; use one of {sorted(DATASETS)}")
     return key
+
+
+def is_array_format(name: str) -> bool:
+    """True for the in-memory array formats (npz, digits), which resize once at load time."""
+    return canonical_name(name) not in IMAGE_FORMATS
+
+
+def loader_options(name: str) -> tuple[str, ...]:
+    """The keyword options the loader of data set ``name`` accepts (after root, split and
+    transform)."""
+    params = list(inspect.signature(DATASETS[canonical_name(name)]).parameters.values())
+    return tuple(p.name for p in params[3:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def build_dataset(
@@ -65,7 +89,7 @@ def build_dataset(
         A data set yielding ``(image tensor, label)`` with ``labels``, ``class_ids``,
         ``num_classes`` and ``counts()``.
     """
-    key = _canonical(name)
+    key = canonical_name(name)
     if root is not None:
         root = os.path.expanduser(os.fspath(root))
     if isinstance(transform, str):
@@ -119,7 +143,7 @@ def check_dataset(
         A :class:`CheckReport`: a str (one line per finding, last line "result: OK" or
         "result: N problem(s)") with an ``ok`` attribute.
     """
-    key = _canonical(name)
+    key = canonical_name(name)
     lines = [f"check {key} at {os.fspath(root) if root is not None else '(built in)'}"]
     problems = 0
     if key in IMAGE_FORMATS:

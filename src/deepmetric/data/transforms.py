@@ -1,4 +1,4 @@
-"""Input presets (REFERENCE §6.1).
+"""Input presets: the pixel conventions each backbone's weights were trained with.
 
 - ``bninception``: (3, 227, 227) **BGR, 0-255**, minus [104, 117, 128] (std 1).
   Train: resize 256, RandomResizedCrop 227 scale (0.16, 1), h-flip. Test: resize 256, centre 227.
@@ -22,12 +22,29 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "build_transform"]
+__all__ = [
+    "BNINCEPTION_MEAN_BGR",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PRESETS",
+    "PRESET_OPTIONS",
+    "build_transform",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Per-channel mean of the BGR 0-255 input BN-Inception's converted Caffe weights expect (std 1).
 BNINCEPTION_MEAN_BGR = (104.0, 117.0, 128.0)
 PRESETS = ("bninception", "imagenet", "inception", "small")
+_RGB_OPTIONS = ("size", "crop", "resize", "scale", "flip", "mean", "std", "interpolation")
+#: The options each preset accepts (see :func:`build_transform`).
+PRESET_OPTIONS: dict[str, tuple[str, ...]] = {
+    "bninception": _RGB_OPTIONS,
+    "imagenet": _RGB_OPTIONS,
+    "inception": _RGB_OPTIONS,
+    "small": ("size", "crop", "channels", "mean", "std", "augment", "degrees", "translate",
+              "affine_scale"),
+}
 
 
 class ToFloatImage:
@@ -98,7 +115,7 @@ def _rgb_preset(
     mode = _interp(interpolation)
     steps: list[Callable] = []
     if train:
-        if resize:  # the seed resizes before the random crop; torchvision's recipe does not
+        if resize:  # Deep_Metric resizes before the random crop; torchvision's recipe does not
             steps.append(v2.Resize(resize, interpolation=mode, antialias=True))
         steps.append(v2.RandomResizedCrop(crop, scale=tuple(scale), interpolation=mode,
                                           antialias=True))

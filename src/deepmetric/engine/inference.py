@@ -21,19 +21,14 @@ from deepmetric.config import (
     parse_overrides,
     validate_config,
 )
+from deepmetric.data import IMAGE_EXTENSIONS
+from deepmetric.engine.builders import build_data, build_model_from_config, build_transforms
 from deepmetric.engine.checkpoint import checkpoint_iteration, find_checkpoint, load_checkpoint
-from deepmetric.engine.trainer import (
-    _eval_loader,
-    _fmt,
-    _transforms,
-    build_data,
-    build_model_from_config,
-    evaluate_model,
-)
+from deepmetric.engine.devices import amp_dtype, resolve_device
+from deepmetric.engine.evaluator import Evaluator
+from deepmetric.engine.runlog import format_metrics
 
-__all__ = ["IMAGE_EXTENSIONS", "embed_images", "evaluate_checkpoint", "list_images", "load_model"]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+__all__ = ["ImageFiles", "embed_images", "evaluate_checkpoint", "list_images", "load_model"]
 
 
 def load_model(
@@ -59,12 +54,6 @@ def load_model(
     return cfg, model, ckpt
 
 
-def _device(cfg: Config) -> torch.device:
-    if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.train.device)
-
-
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     overrides: list[str] | None = None,
@@ -78,7 +67,7 @@ def evaluate_checkpoint(
     ``RUN/eval-<split>-iter<N>.json``). Returns {"checkpoint", "iteration", "split",
     "metrics", "json"}."""
     cfg, model, ckpt = load_model(checkpoint, overrides)
-    device = _device(cfg)
+    device = resolve_device(cfg.train.device)
     model.to(device)
     if split == "test":
         _, sets = build_data(cfg, test_only=True)
@@ -87,20 +76,17 @@ def evaluate_checkpoint(
         _, sets = build_data(cfg)
     else:
         raise ConfigError(f"--split: expected test or val, got {split!r}")
-    es = sets[split]
-    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
-    if amp is torch.float16 and device.type != "cuda":
-        amp = None
-    metrics = evaluate_model(model, es, _eval_loader(cfg, es.dataset, False), cfg, device, amp,
-                             progress=progress)
+    evaluator = Evaluator(cfg, {split: sets[split]}, device, amp_dtype(cfg.train.amp, device),
+                          persistent_workers=False)
+    metrics = evaluator.evaluate(model, progress=progress)[split]
     iteration = checkpoint_iteration(ckpt)
     result = {"checkpoint": str(ckpt), "iteration": iteration, "split": split,
-              "data": cfg.data.name, "images": len(es.dataset), "metrics": metrics}
+              "data": cfg.data.name, "images": len(sets[split].dataset), "metrics": metrics}
     path = Path(out) if out else ckpt.parent.parent / f"eval-{split}-iter{iteration}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     result["json"] = str(path)
-    result["summary"] = _fmt(metrics)
+    result["summary"] = format_metrics(metrics)
     return result
 
 
@@ -139,7 +125,7 @@ def list_images(source: str | os.PathLike) -> list[Path]:
     return paths
 
 
-class _ImageFiles(Dataset):
+class ImageFiles(Dataset):
     """Image files -> (transformed image, -1); ``invert`` = 255 - pixel first (runs trained
     on an array data set loaded with ``invert: true``, e.g. Omniglot)."""
 
@@ -169,8 +155,8 @@ def embed_images(
     batch_size: int | None = None,
     progress: bool = True,
 ) -> tuple[Path, Path, tuple[int, int]]:
-    """Embed every image of a folder or list file with the test transform (plus the
-    load-time options ``size`` and ``invert`` of array data sets, when the run used them).
+    """Embed every image of a folder or list file with the run's test transform (and, for
+    a run on array data loaded with ``invert: true``, the same inversion).
 
     Writes ``out`` (N x d float32 .npy, rows in the listed order) and ``out`` with suffix
     ``.txt`` (the N paths, one a line). Returns (npy path, txt path, (N, d)).
@@ -178,21 +164,16 @@ def embed_images(
     from deepmetric.evaluation import extract_embeddings
 
     cfg, model, _ = load_model(checkpoint, overrides)
-    device = _device(cfg)
+    device = resolve_device(cfg.train.device)
     model.to(device)
     paths = list_images(images)
-    size = cfg.data.options.get("size")
-    tf_options = cfg.data.transform_options
-    if size and "size" not in tf_options and "crop" not in tf_options:
-        # the training data were resized once at load time (array data sets): do the same here
-        cfg.data.transform_options = {**cfg.data.transform_options, "size": size}
-    _, test_tf = _transforms(cfg)
+    _, test_tf = build_transforms(cfg)
     invert = bool(cfg.data.options.get("invert", False))
-    loader = DataLoader(_ImageFiles(paths, test_tf, invert),
+    loader = DataLoader(ImageFiles(paths, test_tf, invert),
                         batch_size=batch_size or cfg.eval.batch_size, shuffle=False,
                         num_workers=cfg.data.num_workers)
     emb, _ = extract_embeddings(model, loader, device=device, flip=cfg.eval.flip,
-                                progress=progress)
+                                amp_dtype=amp_dtype(cfg.train.amp, device), progress=progress)
     out = Path(out)
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")

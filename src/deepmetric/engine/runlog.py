@@ -1,4 +1,5 @@
-"""What a run writes besides checkpoints: metrics.jsonl, optional TensorBoard, PNG plots.
+"""What a run writes besides checkpoints: metrics.jsonl, optional TensorBoard, PNG plots,
+and the lines it prints.
 
 ``metrics.jsonl`` holds one JSON object per line: training records
 (``{"iteration", "epoch", "loss", "num_active", "lr", "images_per_s", "time_s"}``), evaluation
@@ -11,11 +12,69 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunLog"]
+import torch
+
+from deepmetric import distributed as dist
+
+__all__ = ["LossMeter", "RunLog", "format_metrics", "say"]
+
+
+def say(message: str) -> None:
+    """Print a line on rank 0 (through tqdm, so a progress bar is not broken)."""
+    if dist.is_main_process():
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stdout)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """``"recall@1 0.9330  recall@2 0.9688  map@r 0.3375"``: Recall@K, MAP@R, R-precision,
+    NMI in that order, those present."""
+    keys = [k for k in metrics if k.startswith("recall@")]
+    keys += [k for k in ("map@r", "r_precision", "nmi") if k in metrics]
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+
+
+class LossMeter:
+    """Mean training loss and images/s over the iterations since the last :meth:`record`.
+
+    The loss is summed on its device (no host sync per step); time spent evaluating or saving
+    is excluded by :meth:`restart_clock`.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps = self.images = 0
+        self.run_start = self.window_start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        """One step's (detached) loss and number of images (global batch)."""
+        self.loss_sum += loss
+        self.steps += 1
+        self.images += images
+
+    def record(self) -> dict[str, float]:
+        """``{"loss", "images_per_s", "time_s"}`` of the window, then start a new one."""
+        elapsed = time.perf_counter() - self.window_start
+        record = {
+            "loss": float(self.loss_sum) / max(1, self.steps),
+            "images_per_s": round(self.images / max(elapsed, 1e-9), 1),
+            "time_s": round(time.perf_counter() - self.run_start, 2),
+        }
+        self.loss_sum.zero_()
+        self.steps = self.images = 0
+        self.restart_clock()
+        return record
+
+    def restart_clock(self) -> None:
+        """Start the throughput clock now (after an evaluation or a checkpoint)."""
+        self.window_start = time.perf_counter()
 
 
 class RunLog:

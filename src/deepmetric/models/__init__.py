@@ -17,14 +17,13 @@ from .backbones import (
     load_weights,
     package_weights_path,
 )
-from .bninception import BNINCEPTION_FILE, BNINCEPTION_MEAN_BGR, BNInception
+from .bninception import BNINCEPTION_FILE, BNInception
 from .conv4 import Conv4
 from .embedding import EmbeddingModel, build_model, preset_for
 from .head import NORM_LAYERS, POOLINGS, EmbeddingHead, global_pool
 
 __all__ = [
     "BNINCEPTION_FILE",
-    "BNINCEPTION_MEAN_BGR",
     "BUILTIN_BACKBONES",
     "NORM_LAYERS",
     "POOLINGS",

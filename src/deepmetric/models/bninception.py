@@ -21,14 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BNINCEPTION_FILE", "BNINCEPTION_MEAN_BGR", "BNINCEPTION_URL", "BNInception"]
+__all__ = ["BNINCEPTION_FILE", "BNINCEPTION_URL", "BNInception"]
 
 #: Name and (original) address of the converted Caffe weights. deepmetric never downloads it:
 #: the user puts the file on disk and passes its path.
 BNINCEPTION_FILE = "bn_inception-52deb4733.pth"
 BNINCEPTION_URL = "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth"
-#: Per-channel mean of the BGR 0-255 input the weights expect (std 1).
-BNINCEPTION_MEAN_BGR = (104.0, 117.0, 128.0)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,184 @@
+"""The objects of a run built from its :class:`~deepmetric.config.Config`: data sets and
+loaders, model, loss (with its cross-batch memory). Option keys were checked against the
+functions they feed when the config was loaded (``deepmetric.config.validate_config``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from deepmetric.config import Config, ConfigError
+from deepmetric.engine.reproducibility import SeededBatches, SeededDataset, seed_worker
+
+__all__ = [
+    "EvalSet",
+    "build_criterion",
+    "build_data",
+    "build_eval_loader",
+    "build_model_from_config",
+    "build_train_loader",
+    "build_transforms",
+    "recall_at",
+]
+
+
+@dataclass
+class EvalSet:
+    """A retrieval evaluation: ``dataset`` embedded once; with ``query``/``gallery`` masks
+    (N,) bool (In-Shop style) queries are searched in the gallery, else every item against
+    the rest."""
+
+    name: str  # "val" or "test"
+    dataset: Dataset
+    query: Tensor | None = None
+    gallery: Tensor | None = None
+
+
+def _eval_set(name: str, dataset: Any) -> EvalSet:
+    q, g = getattr(dataset, "is_query", None), getattr(dataset, "is_gallery", None)
+    if q is not None and g is not None and not bool((q & g).all()):
+        return EvalSet(name, dataset, q.bool(), g.bool())
+    return EvalSet(name, dataset)
+
+
+def build_transforms(cfg: Config) -> tuple[Callable, Callable]:
+    """(train transform, test transform) of ``data.transform`` (default: the backbone's
+    preset) with ``data.transform_options``."""
+    from deepmetric.data import build_transform
+    from deepmetric.models import preset_for
+
+    preset = cfg.data.transform or preset_for(cfg.model.backbone)
+    options = cfg.data.transform_options
+    return build_transform(preset, True, **options), build_transform(preset, False, **options)
+
+
+def _build_split(cfg: Config, split: str, transform: Callable, options: dict[str, Any]) -> Any:
+    """One split of ``data.name``; array data sets are resized once at load time to
+    ``data.transform_options.size`` (the transform then has nothing left to resize)."""
+    from deepmetric.data import DatasetError, build_dataset, is_array_format
+
+    options = {**cfg.data.options, **options}
+    if is_array_format(cfg.data.name) and "size" in cfg.data.transform_options:
+        options["size"] = cfg.data.transform_options["size"]
+    try:
+        return build_dataset(cfg.data.name, cfg.data.root, split, transform, **options)
+    except DatasetError:  # names the file and line itself
+        raise
+    except ValueError as e:  # an option value the loader rejects
+        raise ConfigError(f"data ({cfg.data.name}, split {split!r}): {e}") from None
+
+
+def build_data(cfg: Config, *, test_only: bool = False) -> tuple[Any, dict[str, EvalSet]]:
+    """(training set, evaluation sets) for ``eval.protocol``.
+
+    ``test``: the training split, and the test split as ``"test"``.
+    ``val``: the training split's classes divided by
+    ``class_disjoint_split(labels, eval.val_fraction, seed)`` into training classes and
+    ``"val"`` classes (test transform), or, with ``data.val_options``, the training split
+    built with those options as ``"val"``. ``test_only``: ``(None, {"test": ...})``.
+    """
+    from deepmetric.data import class_disjoint_split, subset_classes
+
+    data = cfg.data
+    train_tf, test_tf = build_transforms(cfg)
+    if test_only:
+        test = _build_split(cfg, data.test_split, test_tf, data.test_options)
+        return None, {"test": _eval_set("test", test)}
+    train_set = _build_split(cfg, data.train_split, train_tf, data.train_options)
+    if cfg.eval.protocol == "test":
+        test = _build_split(cfg, data.test_split, test_tf, data.test_options)
+        return train_set, {"test": _eval_set("test", test)}
+    if data.val_options is not None:
+        options = {**data.train_options, **data.val_options}
+        val = _build_split(cfg, data.train_split, test_tf, options)
+        return train_set, {"val": _eval_set("val", val)}
+    train_classes, val_classes = class_disjoint_split(
+        train_set.labels, cfg.eval.val_fraction, cfg.seed
+    )
+    val = subset_classes(train_set, val_classes, transform=test_tf)
+    return subset_classes(train_set, train_classes), {"val": _eval_set("val", val)}
+
+
+def build_model_from_config(cfg: Config, *, pretrained: bool = True) -> nn.Module:
+    """``deepmetric.models.build_model`` with the ``model`` section (``pretrained=False``:
+    random init, e.g. before loading a checkpoint)."""
+    from deepmetric.models import build_model
+
+    m = cfg.model
+    try:
+        return build_model(
+            m.backbone,
+            embedding_dim=m.embedding_dim,
+            pooling=m.pooling,
+            pretrained=m.pretrained if pretrained else None,
+            freeze_bn=m.freeze_bn,
+            norm_layer=m.norm_layer or None,
+            l2_normalize=m.l2_normalize,
+            **m.options,
+        )
+    except ValueError as e:
+        raise ConfigError(f"model ({m.backbone}): {e}") from None
+
+
+def build_criterion(cfg: Config) -> nn.Module:
+    """The loss ``loss.name`` with its hyper-parameters, wrapped in a
+    :class:`~deepmetric.memory.CrossBatchMemory` when ``xbm.enabled``."""
+    from deepmetric.losses import build_loss
+    from deepmetric.memory import CrossBatchMemory
+
+    loss = build_loss(cfg.loss.name, **cfg.loss.params)
+    if not cfg.xbm.enabled:
+        return loss
+    x = cfg.xbm
+    return CrossBatchMemory(
+        loss,
+        x.size,
+        cfg.model.embedding_dim,
+        start_iteration=x.start_iteration,
+        weight=x.weight,
+        batch_loss=x.batch_loss,
+    )
+
+
+def build_train_loader(
+    cfg: Config, dataset: Dataset, batches: SeededBatches, device: torch.device
+) -> DataLoader:
+    """Training batches of ``batches`` (P x K, seeded augmentation per sample)."""
+    workers = cfg.data.num_workers
+    return DataLoader(
+        SeededDataset(dataset),
+        batch_sampler=batches,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        worker_init_fn=seed_worker,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+def build_eval_loader(cfg: Config, dataset: Dataset, persistent: bool = True) -> DataLoader:
+    """Batches of ``eval.batch_size`` in data-set order (test transform)."""
+    workers = cfg.data.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=cfg.eval.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        persistent_workers=persistent and workers > 0,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def recall_at(cfg: Config) -> tuple[int, ...]:
+    """The K of Recall@K: ``eval.recall_at``, else the data set's usual ones."""
+    if cfg.eval.recall_at:
+        return tuple(cfg.eval.recall_at)
+    from deepmetric.evaluation import RECALL_AT
+
+    return tuple(RECALL_AT.get(cfg.data.name, (1, 2, 4, 8)))

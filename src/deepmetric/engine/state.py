@@ -1,0 +1,89 @@
+""":class:`TrainState`: exactly what a checkpoint holds and what resume restores."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from deepmetric.config import ConfigError
+from deepmetric.engine.checkpoint import load_checkpoint, save_checkpoint
+from deepmetric.engine.reproducibility import capture_rng_state, restore_rng_state
+
+__all__ = ["TrainState"]
+
+
+@dataclass
+class TrainState:
+    """The state of a training run: the objects that change during training and the counters.
+
+    A checkpoint holds ``model``'s weights (model.safetensors) and, in state.pt, the
+    ``state_dict()`` of each object of :attr:`OBJECTS`, the values of :attr:`COUNTERS` and
+    the global RNG states:
+
+    - ``optimizer``: moments and each parameter group's learning rates;
+    - ``criterion``: the loss's parameters and state through its own ``state_dict()`` (the
+      margin loss's beta and sampling generator; the cross-batch memory's buffers);
+    - ``scaler``: the fp16 GradScaler;
+    - ``iteration``: optimizer steps taken (the learning-rate schedule is a function of it);
+    - ``epoch``, ``batch_in_epoch``: the sampler's position;
+    - ``best``: ``{"metric", "value", "iteration", "split"}`` of the best evaluation so far;
+    - ``start_metrics``: the untrained network's metrics (``eval.at_start``).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    scaler: torch.amp.GradScaler
+    iteration: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best: dict[str, Any] = field(default_factory=dict)
+    start_metrics: dict[str, float] = field(default_factory=dict)
+
+    OBJECTS: ClassVar[tuple[str, ...]] = ("optimizer", "criterion", "scaler")
+    COUNTERS: ClassVar[tuple[str, ...]] = (
+        "iteration",
+        "epoch",
+        "batch_in_epoch",
+        "best",
+        "start_metrics",
+    )
+
+    def save(self, run_dir: Path, config_text: str, links: tuple[str, ...]) -> Path:
+        """Write checkpoint ``iteration`` atomically and point ``links`` at it."""
+        state: dict[str, Any] = {name: getattr(self, name).state_dict() for name in self.OBJECTS}
+        state.update({name: getattr(self, name) for name in self.COUNTERS})
+        state["rng"] = capture_rng_state()
+        weights = self.model.state_dict()
+        return save_checkpoint(run_dir, self.iteration, weights, state, config_text, links)
+
+    def load(self, path: str | os.PathLike) -> str:
+        """Restore everything from the checkpoint at ``path`` (a run folder: its ``last``);
+        returns the checkpoint's config text."""
+        weights, state, config_text = load_checkpoint(path, ("last",))
+        missing = [k for k in (*self.OBJECTS, *self.COUNTERS, "rng") if k not in state]
+        if missing:
+            raise ConfigError(
+                f"{path}: the checkpoint's state.pt lacks {', '.join(missing)} (written by "
+                "another version of deepmetric); start a new run or resume with that version"
+            )
+        self.model.load_state_dict(weights)
+        for name in self.OBJECTS:
+            getattr(self, name).load_state_dict(state[name])
+        for name in self.COUNTERS:
+            setattr(self, name, state[name])
+        restore_rng_state(state["rng"])
+        return config_text
+
+    def update_best(self, metrics: dict[str, float], metric: str, split: str) -> bool:
+        """Record ``metrics[metric]`` at this iteration if it beats the best so far."""
+        value = metrics.get(metric)
+        if value is None or value <= self.best.get("value", -float("inf")):
+            return False
+        self.best = {"metric": metric, "value": value, "iteration": self.iteration, "split": split}
+        return True
