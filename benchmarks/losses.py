@@ -4,6 +4,7 @@ Usage:
     .venv/bin/python benchmarks/losses.py                    # full table, B = 80, 256, 1024
     .venv/bin/python benchmarks/losses.py --batch-sizes 80 --losses nca triplet-hard
     .venv/bin/python benchmarks/losses.py --profile multi_similarity --batch-sizes 1024
+    .venv/bin/python benchmarks/losses.py --ablate symmetric_gram     # one special path off
 
 What is measured
 - Time: one forward + backward of the loss w.r.t. a (B, d) float32 leaf of L2-normalised
@@ -15,6 +16,12 @@ What is measured
   torch.profiler(profile_memory=True) on the CPU allocator. Python-object overhead (PML's
   index lists, loops) is not counted; allocator caching is irrelevant on CPU.
 
+Ablation (``--ablate PATH``): one CPU special path of ``deepmetric.losses._autograd`` (see
+``SPECIAL_PATHS``) switched on and off between interleaved calls in one process, for the loss
+alone (forward + backward) and for a training step at the same B (Conv-4 on 1 x 28 x 28
+inputs + linear head to d + L2 normalisation + the loss + backward + Adam step), whose time is
+what a user sees. Reports with / without as median (min) ratios.
+
 The embeddings are clustered (a shared component, a class centre and noise) so that the
 distances spread like those of a trained model (negatives at D ~ 1.1-1.4) and mining rules
 have something to select.
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import os
 import statistics
 import time
@@ -273,6 +281,115 @@ def profile_ours(name: str, b: int, dim: int, k: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
+# ---------------------------------------------------------------------------------------
+# ablation of the CPU special paths of deepmetric.losses._autograd
+# ---------------------------------------------------------------------------------------
+def _always_multiply(ctx, grad):
+    (grad_sim,) = ctx.saved_tensors
+    return grad_sim * grad, None, None
+
+
+def special_paths() -> dict[str, list[tuple[object, str, object]]]:
+    """Path name -> the (object, attribute, value) settings that switch it off."""
+    from deepmetric.losses import _autograd, multi_similarity
+
+    return {
+        # gradient matrices under 1% non-zero multiplied as sparse (CPU)
+        "sparse_grad": [(_autograd, "SPARSE_GRAD_DENSITY", 0.0)],
+        # Gram matrix from 3 of its 4 blocks at B >= 512
+        "symmetric_gram": [(_autograd, "SYMMETRIC_GRAM_MIN_ROWS", 2**62)],
+        # exponents clamped at -80 before exp (masked_logsumexp, multi-similarity)
+        "exp_floor": [
+            (_autograd, "exp_nonpositive_", torch.Tensor.exp_),
+            (multi_similarity, "exp_nonpositive_", torch.Tensor.exp_),
+        ],
+        # with_gradient's backward skips the multiply by an upstream gradient of exactly 1
+        "mul_by_one": [(_autograd._WithGradient, "backward", staticmethod(_always_multiply))],
+    }
+
+
+SPECIAL_PATHS = ("sparse_grad", "symmetric_gram", "exp_floor", "mul_by_one")
+_SAVED: dict[tuple[int, str], object] = {}
+
+
+def set_special_path(name: str, on: bool) -> None:
+    """Switch the special path ``name`` of deepmetric.losses on (as shipped) or off."""
+    for obj, attr, off_value in special_paths()[name]:
+        key = (id(obj), attr)
+        if key not in _SAVED:
+            _SAVED[key] = inspect.getattr_static(obj, attr)
+        setattr(obj, attr, _SAVED[key] if on else off_value)
+
+
+def interleaved(path: str, step: Callable[[], None], repeats: int) -> dict[bool, list[float]]:
+    """Seconds per call of ``step`` with the path on (True) and off (False), alternating which
+    goes first, after two warm-up rounds."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(repeats + 2):
+        for on in (True, False) if r % 2 else (False, True):
+            set_special_path(path, on)
+            start = time.perf_counter()
+            step()
+            if r >= 2:
+                times[on].append(time.perf_counter() - start)
+    set_special_path(path, True)
+    return times
+
+
+def ratio_row(label: str, times: dict[bool, list[float]]) -> str:
+    on, off = times[True], times[False]
+    med_on, med_off = statistics.median(on), statistics.median(off)
+    return (
+        f"| {label} | {1e3 * med_on:.2f} ({1e3 * min(on):.2f}) | "
+        f"{1e3 * med_off:.2f} ({1e3 * min(off):.2f}) | "
+        f"{med_on / med_off:.3f} ({min(on) / min(off):.3f}) |"
+    )
+
+
+class Conv4Embedder(torch.nn.Module):
+    """Conv-4 (deepmetric.models.conv4) + linear head to ``dim`` + L2 normalisation."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        from deepmetric.models.conv4 import Conv4
+
+        self.backbone = Conv4(in_chans=1)
+        self.head = torch.nn.Linear(self.backbone.feature_dim, dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(images).flatten(1)), dim=1)
+
+
+def ablate_one(path: str, name: str, b: int, dim: int, k: int) -> None:
+    """Print the with / without rows of one loss at batch size b: loss alone, training step."""
+    emb, labels = make_batch(b, dim, k)
+    loss_fn = make_ours(name)
+    times = interleaved(path, lambda: fwd_bwd(loss_fn, emb, labels), repeats_for(b))
+    print(ratio_row(f"{name} loss, B = {b}", times), flush=True)
+    torch.manual_seed(0)
+    model = Conv4Embedder(dim)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    images = torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(b))
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(images), labels).backward()
+        optimizer.step()
+
+    times = interleaved(path, train_step, 5)
+    print(ratio_row(f"{name} training step (Conv-4), B = {b}", times), flush=True)
+
+
+def ablate(path: str, losses: list[str], batch_sizes: list[int], dim: int, k: int) -> None:
+    print(f"## --ablate {path}: with / without the path, ms median (min)")
+    print("| what | with | without | with / without |")
+    print("|---|---:|---:|---:|")
+    for name in losses:
+        for b in batch_sizes:
+            if name != "floor":
+                ablate_one(path, name, b, dim, k)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[80, 256, 1024])
@@ -282,8 +399,19 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", default=list(OURS), choices=list(OURS))
     parser.add_argument("--no-pml", action="store_true")
     parser.add_argument("--profile", choices=list(OURS), help="profile ours only, then exit")
+    parser.add_argument(
+        "--ablate", choices=SPECIAL_PATHS, help="time ours with and without a special path"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ablate:
+        print(f"load average before: {load_average()}")
+        ablate(args.ablate, args.losses, args.batch_sizes, args.dim, args.k)
+        print(
+            f"torch {torch.__version__}, {args.threads} threads, d = {args.dim}, K = {args.k}, "
+            f"load average after: {load_average()}"
+        )
+        return
     if args.profile:
         for b in args.batch_sizes:
             profile_ours(args.profile, b, args.dim, args.k)

@@ -30,6 +30,10 @@ labels (11,318 classes, 2..12 samples each, 59,551 samples) vs PML
 samples>)`` materialised with ``list(iter(...))``. Median over epochs.
 
     PYTHONPATH=src .venv/bin/python benchmarks/xbm.py [--steps 25] [--quick]
+    PYTHONPATH=src .venv/bin/python benchmarks/xbm.py --ablate sparse_grad   # ours only
+
+``--ablate PATH`` times deepmetric's step alone with one special path of its losses switched on
+and off step by step (contrastive, multi-similarity, batch-hard triplet, modified lifted).
 """
 
 from __future__ import annotations
@@ -50,15 +54,24 @@ import torch.nn.functional as F
 B, P, K = 64, 16, 4
 
 
+# deepmetric losses in the XBM step: the two compared with PML, plus two used by --ablate
+OUR_LOSSES = {
+    "contrastive": ("contrastive", {"pos_margin": 1.0, "neg_margin": 0.5}),
+    "multi_similarity": (
+        "multi_similarity",
+        {"alpha": 2.0, "beta": 50.0, "base": 0.5, "epsilon": 0.1},
+    ),
+    "triplet_hard": ("triplet", {"mining": "hard"}),
+    "lifted_modified": ("lifted", {"variant": "modified"}),
+}
+
+
 def make_ours(loss_name: str, size: int, dim: int):
     from deepmetric.losses import build_loss
     from deepmetric.memory import CrossBatchMemory
 
-    if loss_name == "contrastive":
-        loss = build_loss("contrastive", pos_margin=1.0, neg_margin=0.5)
-    else:
-        loss = build_loss("multi_similarity", alpha=2.0, beta=50.0, base=0.5, epsilon=0.1)
-    return CrossBatchMemory(loss, size=size, dim=dim, batch_loss=False)
+    name, hparams = OUR_LOSSES[loss_name]
+    return CrossBatchMemory(build_loss(name, **hparams), size=size, dim=dim, batch_loss=False)
 
 
 def make_pml(loss_name: str, size: int, dim: int):
@@ -201,6 +214,35 @@ def time_samplers(epochs: int) -> dict:
     }
 
 
+def time_ablation(path: str, loss_name: str, size: int, dim: int, steps: int) -> dict:
+    """deepmetric's XBM step with the special path ``path`` on and off, alternating step by
+    step on one memory (see benchmarks/losses.py, ``set_special_path``)."""
+    from losses import interleaved
+
+    gen = torch.Generator().manual_seed(0)
+    xbm = make_ours(loss_name, size, dim)
+    classes = prefill("ours", xbm, size, dim, gen)
+
+    def step() -> None:
+        x, y = make_batch(classes, dim, gen)
+        one_step(xbm, x, y)
+
+    return interleaved(path, step, steps)
+
+
+def ablate(path: str, sizes: list[int], dims: list[int], steps: int) -> None:
+    from losses import ratio_row
+
+    print(f"## --ablate {path}: XBM step with / without the path, ms median (min)")
+    print("| what | with | without | with / without |")
+    print("|---|---:|---:|---:|")
+    for loss_name in OUR_LOSSES:
+        for size in sizes:
+            for dim in dims:
+                times = time_ablation(path, loss_name, size, dim, steps)
+                print(ratio_row(f"{loss_name}, M = {size}, d = {dim}", times), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=25, help="timed steps per config")
@@ -208,6 +250,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smallest sizes only, 3 steps")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory runs")
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--ablate",
+        choices=["sparse_grad", "exp_floor", "mul_by_one", "symmetric_gram"],
+        help="time deepmetric's step with and without a special path of its losses, then exit",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.memory_child:
@@ -218,13 +265,18 @@ def main() -> None:
     sizes, dims, steps = (
         ([8192], [128], 3) if args.quick else ([8192, 55_000], [128, 512], args.steps)
     )
+    if args.ablate:
+        print(f"load average before: {os.getloadavg()[0]:.2f}")
+        ablate(args.ablate, sizes, dims, steps)
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        return
     rows = []
     print(
         "| loss | M | d | ours ms median (min) | PML ms median (min) | ours/PML median (min) "
         "| buffer MB | B x M x 4 MB | ours step peak MB | PML step peak MB |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for loss_name in ("contrastive", "multi_similarity"):
+    for loss_name in ("contrastive", "multi_similarity"):  # the two with a PML counterpart
         for size in sizes:
             for dim in dims:
                 t = time_steps(loss_name, size, dim, steps)
