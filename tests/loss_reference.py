@@ -1,14 +1,19 @@
 """Slow, obvious float64 reference implementations of the deepmetric losses.
 
-Written from the mathematics in REFERENCE.md §2 (not from the library code), as explicit
-Python loops over anchors, pairs and triplets on 0-d float64 tensors, so that autograd gives
-the reference gradients too. Only for small batches (B, M <= ~60).
+Written from the papers' definitions (not from the library code), as explicit Python loops over
+anchors, pairs and triplets on 0-d float64 tensors, so that autograd gives the reference
+gradients too. Only for small batches (B, M <= ~60). Sources: contrastive, Hadsell, Chopra,
+LeCun (CVPR 2006) and the similarity form of Wang et al. (CVPR 2019); triplet, Schroff et al.
+(FaceNet, CVPR 2015) and Hermans, Beyer, Leibe (2017); lifted structure, Oh Song et al.
+(CVPR 2016) and Deep_Metric's variant (github.com/bnu-wangxun/Deep_metric); binomial
+deviance, Yi et al. (ICPR 2014); NCA, Goldberger et al. (NIPS 2004); multi-similarity, Wang
+et al. (CVPR 2019); margin loss and its sampling, Wu et al. (ICCV 2017).
 
 Every function takes a :class:`Batch` and returns ``(loss, count)``: the loss as a 0-d float64
 tensor connected to the inputs (an exact zero with a graph when nothing is valid) and the
 number of items (anchors, pairs or triplets) it was averaged over.
 
-Conventions (REFERENCE §2.0):
+Conventions shared by every loss:
 - S_ik = <f_i, r_k>; D_ik = sqrt(2 - 2 S_ik) (the clamp at 1e-12 under the root only matters
   for exact duplicates and mirrors the documented `Pairs.distance`).
 - Without references the references are the batch and k = i is excluded. With references
@@ -127,7 +132,7 @@ def mean_of(terms: list[Tensor], batch: Batch) -> Tensor:
     return sum(terms) / len(terms)
 
 
-# 2.1 contrastive -------------------------------------------------------------------------
+# contrastive (Hadsell et al. 2006; similarity form: Wang et al. 2019) ---------------------
 def contrastive(
     batch: Batch,
     form: str = "similarity",
@@ -159,7 +164,7 @@ def contrastive(
     return sum(terms) / batch.B, len(terms)
 
 
-# 2.2 triplet -----------------------------------------------------------------------------
+# triplet (Schroff et al. 2015; Hermans et al. 2017) ---------------------------------------
 def triplet(
     batch: Batch,
     margin: float = 0.2,
@@ -210,7 +215,7 @@ def triplet(
     raise ValueError(mining)
 
 
-# 2.3 lifted structure ----------------------------------------------------------------------
+# lifted structure (Oh Song et al. 2016; Deep_Metric's modified variant) -------------------
 def lifted_original(batch: Batch, margin: float = 1.0) -> tuple[Tensor, int]:
     """In-batch: unordered positive pairs (i, j), J_ij = log(sum_{N_i} e^{m - D_ik}
     + sum_{N_j} e^{m - D_jl}) + D_ij, L = 1/(2|P|) sum [J]_+^2 over pairs with a negative on
@@ -261,7 +266,7 @@ def lifted(batch: Batch, variant: str = "original", **kw) -> tuple[Tensor, int]:
     return lifted_modified(batch, **kw)
 
 
-# 2.4 binomial deviance ------------------------------------------------------------------
+# binomial deviance (Yi et al. 2014) -------------------------------------------------------
 def binomial(
     batch: Batch,
     scale_pos: float = 2.0,
@@ -304,7 +309,7 @@ def binomial(
     return mean_of(terms, batch), len(terms)
 
 
-# 2.5 NCA -------------------------------------------------------------------------------------
+# NCA (Goldberger et al. 2004) -------------------------------------------------------------
 def nca(batch: Batch, scale: float = 16.0) -> tuple[Tensor, int]:
     terms = []
     for i in range(batch.B):
@@ -317,7 +322,7 @@ def nca(batch: Batch, scale: float = 16.0) -> tuple[Tensor, int]:
     return mean_of(terms, batch), len(terms)
 
 
-# 2.6 multi-similarity ------------------------------------------------------------------------
+# multi-similarity (Wang et al. 2019) ------------------------------------------------------
 def multi_similarity(
     batch: Batch,
     alpha: float = 2.0,
@@ -350,7 +355,7 @@ def multi_similarity(
     return mean_of(terms, batch), len(terms)
 
 
-# 2.7 margin loss (given the sampled triplets) ---------------------------------------------
+# margin loss (Wu et al. 2017), given the sampled triplets ---------------------------------
 def margin_given_triplets(
     batch: Batch,
     triplets: tuple[Tensor, Tensor, Tensor],

@@ -25,10 +25,10 @@ from loss_reference import (
 CONFIGS = [
     ("contrastive", {}),
     ("contrastive", {"neg_margin": 0.3, "pos_margin": 0.9}),
-    ("contrastive", {"reduction": "seed"}),
+    ("contrastive", {"reduction": "sum_over_batch"}),
     ("contrastive", {"form": "distance"}),
     ("contrastive", {"form": "distance", "neg_margin": 1.3, "pos_margin": 0.2}),
-    ("contrastive", {"form": "distance", "reduction": "seed"}),
+    ("contrastive", {"form": "distance", "reduction": "sum_over_batch"}),
     ("triplet", {}),
     ("triplet", {"squared": True, "margin": 0.3}),
     ("triplet", {"soft": True}),
@@ -327,8 +327,32 @@ def test_non_finite_input_raises(name, where, bad):
     else:
         ref[4, 0] = bad
     loss_fn = build_loss(name)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"^{where} contain NaN or inf"):
         loss_fn(emb, labels, ref, labels, torch.arange(6))
+
+
+@pytest.mark.parametrize("bad", [-2, 6])
+def test_self_index_out_of_range_raises(bad):
+    emb = _unit(6).detach()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    self_index = torch.arange(6)
+    self_index[3] = bad
+    with pytest.raises(ValueError, match=r"self_index must lie in \[-1, 6\)"):
+        build_loss("contrastive")(emb, labels, emb.clone(), labels, self_index)
+
+
+def test_contrastive_reduction_names():
+    """Deep_Metric's reduction (sum over pairs / B) is "sum_over_batch"; its former name
+    "seed" (also the RNG seed everywhere) is rejected with the new name in the message."""
+    with pytest.raises(ValueError, match="sum_over_batch"):
+        build_loss("contrastive", reduction="seed")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        build_loss("contrastive", reduction="sum")
+    emb, labels, *_ = make_case("pk16", seed=2)
+    mean_fn = build_loss("contrastive")
+    mean = mean_fn(emb, labels)
+    summed = build_loss("contrastive", reduction="sum_over_batch")(emb, labels)
+    assert_close(summed, mean * int(mean_fn.num_active) / 16, 1e-12, "sum over pairs / B")
 
 
 def test_unknown_name_and_hparam():
@@ -336,6 +360,100 @@ def test_unknown_name_and_hparam():
         build_loss("nope")
     with pytest.raises(TypeError):
         build_loss("triplet", margn=0.1)
+
+
+# ---------------------------------------------------------------------------------------
+# the losses assume unit vectors: rows that are not are an error that says how to fix them
+# ---------------------------------------------------------------------------------------
+def _bf16_autocast_unit(b: int, d: int, seed: int) -> torch.Tensor:
+    """F.normalize of a Linear layer's output under CPU bfloat16 autocast, cast to float32:
+    norms off 1 by up to ~6e-3 (bfloat16 rounding), what an AMP model hands the loss."""
+    g = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(32, d)
+    torch.nn.init.normal_(layer.weight, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = F.normalize(layer(torch.randn(b, 32, generator=g)), dim=1)
+    assert emb.dtype == torch.bfloat16
+    return emb.float()
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_raw_embeddings_raise(name):
+    """Rows that are not unit vectors raise a ValueError that gives the norms found and the
+    fix, in-batch and for the anchors of a call with references."""
+    emb = _unit(8, seed=3).detach()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    raw = emb * torch.linspace(0.5, 3.0, 8)[:, None]
+    loss_fn = build_loss(name)
+    message = (
+        r"^embeddings are not L2-normalised: row norms in \[0\.5, 3\], expected 1 \+- 0\.01"
+        r".*torch\.nn\.functional\.normalize\(embeddings, dim=1\).*model\.l2_normalize: true"
+    )
+    with pytest.raises(ValueError, match=message):
+        loss_fn(raw, labels)
+    with pytest.raises(ValueError, match=message):
+        loss_fn(raw, labels, emb, labels, torch.arange(8))
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_raw_ref_emb_raise(name):
+    """Unit anchors against references that are not unit vectors: the error names ref_emb."""
+    emb = _unit(8, seed=4).detach()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    refs = emb.clone()
+    refs[5] *= 0.9
+    with pytest.raises(
+        ValueError, match=r"^ref_emb are not L2-normalised: row norms in \[0\.9, 1\]"
+    ):
+        build_loss(name)(emb, labels, refs, labels, torch.arange(8))
+
+
+def test_raw_rows_in_the_cross_batch_memory_raise():
+    """The memory term passes the memory as ref_emb: rows written there without normalisation
+    are reported as ref_emb, at the first call that reads them."""
+    from deepmetric.memory import CrossBatchMemory
+
+    xbm = CrossBatchMemory(build_loss("multi_similarity"), size=32, dim=8)
+    g = torch.Generator().manual_seed(5)
+    xbm.enqueue(3.0 * F.normalize(torch.randn(16, 8, generator=g), dim=1), torch.arange(16) % 4)
+    emb = F.normalize(torch.randn(8, 8, generator=g), dim=1)
+    with pytest.raises(ValueError, match=r"^ref_emb are not L2-normalised: row norms in \[1, 3\]"):
+        xbm(emb, torch.arange(8) % 4)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("kind", ["float32", "float64", "bf16_autocast"])
+def test_normalised_embeddings_pass(name, kind):
+    """Unit rows pass in float32 and float64, and so do bfloat16-autocast outputs cast to
+    float32 (norms off 1 by bfloat16 rounding), as anchors and as references."""
+    labels = torch.arange(4).repeat_interleave(4)
+    if kind == "bf16_autocast":
+        emb, refs = _bf16_autocast_unit(16, 64, seed=6), _bf16_autocast_unit(16, 64, seed=7)
+        assert (torch.linalg.vector_norm(emb, dim=1) - 1).abs().max() > 1e-3  # not exact
+    else:
+        dtype = torch.float32 if kind == "float32" else torch.float64
+        emb, refs = _unit(16, 64, seed=6, dtype=dtype), _unit(16, 64, seed=7, dtype=dtype)
+    for out in (build_loss(name)(emb, labels), build_loss(name)(emb, labels, refs, labels)):
+        assert torch.isfinite(out)
+
+
+@pytest.mark.parametrize(
+    "norm, ok", [(1.0095, True), (0.9905, True), (1.0105, False), (0.9895, False)]
+)
+def test_norm_tolerance(norm, ok):
+    """Row norms are accepted within 1 +- 0.01 (NORM_TOLERANCE), rejected outside."""
+    emb = _unit(8, seed=8).detach()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    scaled = emb.clone()
+    scaled[2] *= norm
+    if ok:
+        build_loss("nca")(scaled, labels)
+        build_loss("nca")(emb, labels, scaled, labels)
+    else:
+        with pytest.raises(ValueError, match="not L2-normalised"):
+            build_loss("nca")(scaled, labels)
+        with pytest.raises(ValueError, match="not L2-normalised"):
+            build_loss("nca")(emb, labels, scaled, labels)
 
 
 # ---------------------------------------------------------------------------------------
@@ -564,37 +682,50 @@ def test_margin_sampler_uses_references():
         assert (p != self_index[a]).all()
 
 
-@pytest.mark.parametrize("name, hp", [("contrastive", {}), ("triplet", {"mining": "hard"})])
-def test_sparse_gradient_path_equals_dense(name, hp, monkeypatch):
-    """Against a large reference set most hinge terms are 0: the CPU backward multiplies the
-    gradient matrix as sparse; it must give the dense product's gradient."""
+@pytest.mark.parametrize(
+    "name, hp", [("contrastive", {}), ("triplet", {"mining": "hard"}), ("margin", {})]
+)
+def test_sparse_gradient_path_matches_reference(name, hp, monkeypatch):
+    """Against a reference set most hinge terms are 0 and the CPU backward multiplies the
+    gradient matrix as sparse (losses/_autograd.py, grad_matmul): its gradients equal the
+    float64 loop oracle's and the dense product's."""
     from deepmetric.losses import _autograd
 
     g = torch.Generator().manual_seed(0)
     emb = F.normalize(torch.randn(16, 32, generator=g, dtype=torch.float64), dim=1)
-    refs = F.normalize(torch.randn(4000, 32, generator=g, dtype=torch.float64), dim=1)
+    refs = F.normalize(torch.randn(300, 32, generator=g, dtype=torch.float64), dim=1)
     labels = torch.arange(16) % 4
-    ref_labels = torch.randint(0, 400, (4000,), generator=g)
+    ref_labels = torch.randint(0, 400, (300,), generator=g)
+    ref_labels[:8] = torch.arange(8) % 4  # two positives per anchor
     calls = []
     sparse_mm = torch.sparse.mm
     monkeypatch.setattr(torch.sparse, "mm", lambda a, b: calls.append(1) or sparse_mm(a, b))
+    monkeypatch.setattr(_autograd, "SPARSE_GRAD_MIN_SIZE", 0)  # a small case takes the path
 
-    monkeypatch.setattr(_autograd, "SPARSE_GRAD_MIN_SIZE", 0)
-
-    def grads(density: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(density: float):
         monkeypatch.setattr(_autograd, "SPARSE_GRAD_DENSITY", density)
         x, r = emb.clone().requires_grad_(), refs.clone().requires_grad_()
-        loss = build_loss(name, **hp)(x, labels, r, ref_labels)
+        loss_fn = build_loss(name, seed=3, **hp) if name == "margin" else build_loss(name, **hp)
+        loss = loss_fn(x, labels, r, ref_labels)
         loss.backward()
-        return loss.detach(), x.grad, r.grad
+        if name == "margin":
+            beta = next(loss_fn.parameters()).detach().double()
+            batch = Batch(x, labels, r, ref_labels)
+            want, _ = margin_given_triplets(batch, loss_fn.last_triplets, beta)
+        else:
+            want, _ = reference_loss(name, Batch(x, labels, r, ref_labels), **hp)
+        want_grads = torch.autograd.grad(want, [x, r], allow_unused=True)
+        want_grads = [torch.zeros_like(x) if w is None else w for w in want_grads]
+        return [loss.detach(), x.grad, r.grad], [want.detach(), *want_grads]
 
-    dense = grads(0.0)
+    dense, _ = run(0.0)
     assert not calls
-    sparse = grads(0.01)
-    assert calls  # the sparse product was used
-    for a, b in zip(dense, sparse):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert dense[1].abs().sum() > 0
+    sparse, oracle = run(0.05)
+    assert calls, "the sparse product was not used"
+    for got, dense_value, want in zip(sparse, dense, oracle):
+        torch.testing.assert_close(got, dense_value, rtol=1e-12, atol=1e-12)
+        assert_close(got, want, 1e-9, "sparse path vs oracle")
+    assert sparse[1].abs().sum() > 0 and sparse[2].abs().sum() > 0
 
 
 @pytest.mark.parametrize("case", ["in_batch", "refs_self_index", "refs_absent_labels"])

@@ -1,5 +1,5 @@
 """deepmetric losses against pytorch-metric-learning 2.9.0 where the definitions coincide,
-and tests that show where they differ on purpose (REFERENCE.md §2).
+and tests that show where they differ on purpose (each loss's docstring says how).
 
 PML normalises embeddings inside its distances; both libraries get F.normalize(x) of the
 same leaf x, so gradients w.r.t. x are comparable. With references PML excludes no self
@@ -72,7 +72,8 @@ def assert_same(ours, theirs, g_ours, g_theirs, inputs, rtol=1e-7):
 @pytest.mark.parametrize("neg_margin", [0.5, 0.2])
 def test_contrastive_similarity_vs_pml_sum(case, neg_margin):
     """Similarity form: per-pair terms 1 - S and [S - m]_+ are PML's ContrastiveLoss with
-    CosineSimilarity, pos_margin=1; PML summed = ours(seed) * B = ours(mean) * #pairs."""
+    CosineSimilarity, pos_margin=1; PML summed = ours(sum_over_batch) * B
+    = ours(mean) * #pairs."""
     x, labels, rx, rl = leaves(*case)
     pml = pml_losses.ContrastiveLoss(
         pos_margin=1.0,
@@ -80,9 +81,9 @@ def test_contrastive_similarity_vs_pml_sum(case, neg_margin):
         distance=distances.CosineSimilarity(),
         reducer=reducers.SumReducer(),
     )
-    seed_loss = build_loss("contrastive", neg_margin=neg_margin, reduction="seed")
+    sum_loss = build_loss("contrastive", neg_margin=neg_margin, reduction="sum_over_batch")
     b = len(labels)
-    assert_same(*run_both(seed_loss, pml, x, labels, rx, rl, scale=b))
+    assert_same(*run_both(sum_loss, pml, x, labels, rx, rl, scale=b))
     mean_loss = build_loss("contrastive", neg_margin=neg_margin)
     mean_loss(F.normalize(x, dim=1), labels, None if rx is None else F.normalize(rx, dim=1), rl)
     n = int(mean_loss.num_active)
@@ -172,6 +173,25 @@ def test_nca_vs_pml(case, scale):
     pml = pml_losses.NCALoss(softmax_scale=scale / 2)
     ours = build_loss("nca", scale=scale)
     assert_same(*run_both(ours, pml, x, labels, rx, rl), rtol=1e-6)
+
+
+def test_nca_raw_fixture_raises_and_normalised_equals_pml():
+    """PML's tests feed raw torch.randn rows and PML normalises inside its distance; ours
+    assumes unit vectors. On such a fixture ours used to return a silently different value
+    (the float64 oracle on the raw rows: 3.82 where PML gives 1.59); now it raises and says how
+    to normalise, and on F.normalize of the same rows it equals PML (value and gradient)."""
+    from loss_reference import Batch, reference_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.arange(4).repeat_interleave(4)
+    pml = pml_losses.NCALoss(softmax_scale=1.0)  # PML's default = ours at scale 2
+    ours = build_loss("nca", scale=2.0)
+    silent, _ = reference_loss("nca", Batch(x, labels), scale=2.0)
+    assert abs(silent.item() - pml(x, labels).item()) > 2.0
+    with pytest.raises(ValueError, match=r"not L2-normalised.*normalize\(embeddings, dim=1\)"):
+        ours(x, labels)
+    assert_same(*run_both(ours, pml, x, labels, None, None), rtol=1e-9)
 
 
 def test_nca_pml_drops_underflowing_anchor():

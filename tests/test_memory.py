@@ -1,4 +1,5 @@
-"""Tests of deepmetric.memory.CrossBatchMemory (REFERENCE.md section 3.1)."""
+"""Tests of deepmetric.memory.CrossBatchMemory (Wang, Zhang, Huang, Scott, "Cross-Batch Memory
+for Embedding Learning", CVPR 2020; the algorithm as the module docstring states it)."""
 
 from __future__ import annotations
 

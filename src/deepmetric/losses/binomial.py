@@ -1,4 +1,5 @@
-"""Binomial deviance loss (Yi, Lei, Liao, Li 2014)."""
+"""Binomial deviance loss (Yi, Lei, Liao, Li, "Deep Metric Learning for Person
+Re-identification", ICPR 2014)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ class BinomialDevianceLoss(PairLoss):
 
     ``weighting="batch"`` (paper): mean over positive pairs + mean over negative pairs of the
     batch, an empty set contributing 0; ``num_active`` = number of pairs.
-    ``weighting="per_anchor"`` (the seed): per anchor, mean over its positives + mean over its
-    negatives, averaged over anchors that have both (the seed divides by B instead);
-    ``num_active`` = those anchors. The seed's settings are scale_pos=2, neg_cost=20,
-    weighting="per_anchor" (its alpha = 40 is scale_pos * neg_cost).
+    ``weighting="per_anchor"`` (Deep_Metric, github.com/bnu-wangxun/Deep_metric): per anchor,
+    mean over its positives + mean over its negatives, averaged over anchors that have both
+    (Deep_Metric divides by B instead); ``num_active`` = those anchors. Deep_Metric's settings
+    are scale_pos=2, neg_cost=20, weighting="per_anchor" (its alpha = 40 is
+    scale_pos * neg_cost).
     """
 
     def __init__(
@@ -45,17 +47,13 @@ class BinomialDevianceLoss(PairLoss):
     def compute(self, pairs: Pairs) -> tuple[Tensor, Tensor]:
         shifted = pairs.sim - self.threshold
         pos_loss = torch.where(pairs.pos, F.softplus(-self.scale_pos * shifted), 0.0)
-        neg_loss = torch.where(
-            pairs.neg, F.softplus(self.scale_pos * self.neg_cost * shifted), 0.0
-        )
+        neg_loss = torch.where(pairs.neg, F.softplus(self.scale_pos * self.neg_cost * shifted), 0.0)
         if self.weighting == "batch":
             num_pos, num_neg = pairs.pos.sum(), pairs.neg.sum()
             loss = pos_loss.sum() / num_pos.clamp(min=1) + neg_loss.sum() / num_neg.clamp(min=1)
             return loss, num_pos + num_neg
         num_pos, num_neg = pairs.pos.sum(1), pairs.neg.sum(1)
         valid = (num_pos > 0) & (num_neg > 0)
-        per_anchor = pos_loss.sum(1) / num_pos.clamp(min=1) + neg_loss.sum(1) / num_neg.clamp(
-            min=1
-        )
+        per_anchor = pos_loss.sum(1) / num_pos.clamp(min=1) + neg_loss.sum(1) / num_neg.clamp(min=1)
         count = valid.sum()
         return torch.where(valid, per_anchor, 0.0).sum() / count.clamp(min=1), count

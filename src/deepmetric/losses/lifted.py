@@ -1,4 +1,5 @@
-"""Lifted Structure loss (Oh Song, Xiang, Jegelka, Savarese, CVPR 2016) and the seed's variant."""
+"""Lifted Structure loss (Oh Song, Xiang, Jegelka, Savarese, "Deep Metric Learning via Lifted
+Structured Feature Embedding", CVPR 2016) and Deep_Metric's variant."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ class LiftedStructureLoss(PairLoss):
     positive reference) pair. PML's LiftedStructureLoss(neg_margin=1, pos_margin=0) gives the
     same value in-batch; with references its j-side term indexes the wrong set.
 
-    ``variant="modified"`` (the seed's LiftedStructure.py), cosine S, no margin, no hinge:
+    ``variant="modified"`` (Deep_Metric's LiftedStructure.py, github.com/bnu-wangxun/Deep_metric),
+    cosine S, no margin, no hinge:
 
         L_i = 2/beta log sum_{P_i} e^{-beta S_ik} + 2/alpha log sum_{N_i} e^{alpha S_ik}
 

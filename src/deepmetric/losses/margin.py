@@ -1,4 +1,5 @@
-"""Margin loss with distance-weighted negative sampling (Wu, Manmatha, Smola, Kraehenbuehl 2017)."""
+"""Margin loss with distance-weighted negative sampling (Wu, Manmatha, Smola, Kraehenbuehl,
+"Sampling Matters in Deep Embedding Learning", ICCV 2017)."""
 
 from __future__ import annotations
 

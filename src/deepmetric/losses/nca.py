@@ -1,4 +1,5 @@
-"""Neighbourhood Components Analysis loss (Goldberger et al. 2004), similarity form."""
+"""Neighbourhood Components Analysis loss (Goldberger, Roweis, Hinton, Salakhutdinov,
+"Neighbourhood Components Analysis", NIPS 2004), similarity form."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ class NCALoss(PairLoss):
     ``num_active`` = those anchors. Computed in log space, so large scales never drop an
     anchor. On unit vectors this equals PML's NCALoss(softmax_scale=s / 2) (which uses squared
     Euclidean distance); PML drops anchors whose positive probability underflows to 0, we do not.
-    Default s = 16 (the seed's class default; the paper's unscaled form is s = 2).
+    Default s = 16 (Deep_Metric's class default; the paper's unscaled form is s = 2).
     """
 
     active_unit = "anchors"
@@ -43,7 +44,11 @@ class NCALoss(PairLoss):
             p_pos = torch.where(is_pos, (logits_pos - lse_pos[:, None]).exp(), 0.0)
             weight = valid / count.clamp(min=1).to(pairs.sim.dtype)  # (B,)
             value = torch.where(valid, (lse_all - lse_pos) * weight, 0.0).sum()
-            # d L_i / d S_ij = s * (softmax over k != i  -  softmax over the positives)
+            # L_i = LSE_{k != i}(s S_ik) - LSE_{j in P_i}(s S_ij), and d LSE_k(x_k) / d x_j is
+            # the softmax p_j, so d L_i / d S_ij = s (p_all_ij - p_pos_ij), p_pos = 0 off P_i;
+            # each anchor weighted by 1 / count (the mean over valid anchors).
+            # Oracle: tests/test_losses.py::test_matches_reference, nca configs (values and
+            # gradients against loss_reference.nca).
             coef = (self.scale * weight)[:, None]
             grad = p_all.mul_(coef).scatter_add_(1, index, p_pos.mul_(-coef))
         return with_gradient(pairs.sim, value, grad), count

@@ -1,4 +1,6 @@
-"""Triplet margin loss with semi-hard (FaceNet), batch-hard or all-triplet mining."""
+"""Triplet margin loss with semi-hard (Schroff, Kalenichenko, Philbin, "FaceNet", CVPR 2015),
+batch-hard (Hermans, Beyer, Leibe, "In Defense of the Triplet Loss for Person
+Re-Identification", 2017) or all-triplet mining."""
 
 from __future__ import annotations
 
