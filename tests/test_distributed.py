@@ -224,6 +224,12 @@ def _worker_all(out_dir: Path) -> None:
     mine = perm[:4] if rank == 0 else torch.cat([perm[4:], perm[:1]])
     res["eval_perm"] = D.gather_eval(_eval_embeddings(mine), mine % 3, mine)
 
+    # BatchNorm statistics differ per rank after a training forward: rank 0's are broadcast.
+    bn = nn.BatchNorm1d(3)
+    bn(torch.randn(8, 3, generator=torch.Generator().manual_seed(rank)))
+    D.broadcast_buffers(bn)
+    res["bn_buffers"] = {k: v.clone() for k, v in bn.state_dict().items()}
+
     # The trainer's sharded evaluation (rank 0's metrics broadcast to every rank).
     res["engine_eval"] = _engine_evaluation()
 
@@ -412,6 +418,16 @@ def test_sharded_evaluation_equals_one_process(dist_results):
         perm_emb, perm_labels = res["eval_perm"]
         assert torch.equal(perm_emb, _eval_embeddings(all_idx))
         assert torch.equal(perm_labels, all_idx % 3)
+
+
+def test_broadcast_buffers_gives_every_rank_rank_0s_statistics(dist_results):
+    bn0, bn1 = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    bn0(torch.randn(8, 3, generator=torch.Generator().manual_seed(0)))  # what rank 0 saw
+    bn1(torch.randn(8, 3, generator=torch.Generator().manual_seed(1)))  # ... and rank 1
+    for key, value in bn0.state_dict().items():
+        assert torch.equal(dist_results[1]["bn_buffers"][key], dist_results[0]["bn_buffers"][key])
+        torch.testing.assert_close(dist_results[1]["bn_buffers"][key], value)
+    assert not torch.allclose(bn1.running_mean, bn0.running_mean)  # they did differ
 
 
 def test_trainer_evaluation_is_sharded_and_equals_one_process(dist_results):

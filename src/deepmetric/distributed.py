@@ -37,6 +37,7 @@ __all__ = [
     "all_gather_with_grad",
     "average_gradients",
     "barrier",
+    "broadcast_buffers",
     "broadcast_object",
     "default_device",
     "destroy_distributed",
@@ -147,6 +148,23 @@ def destroy_distributed() -> None:
     """Leave the process group (no-op when none). Call once at the end of training."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy ``src``'s buffers (e.g. BatchNorm running statistics) to every rank, in place.
+
+    DDP broadcasts rank 0's buffers before each training forward, but the forward itself then
+    updates each rank's copy with that rank's batch: after the last step the ranks' running
+    statistics differ until the next forward. Call this before evaluating on every rank.
+    No-op when not distributed.
+    """
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        device = _comm_device(buffer)
+        data = buffer.detach().to(device)
+        dist.broadcast(data, src=src)
+        buffer.copy_(data.to(buffer.device))
 
 
 def barrier() -> None:

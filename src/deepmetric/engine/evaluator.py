@@ -1,6 +1,7 @@
 """Retrieval evaluation of a model on a run's evaluation sets, sharded across ranks.
 
-Under torchrun each rank embeds a contiguous 1/W of every evaluation set; the embeddings are
+Under torchrun every rank first takes rank 0's buffers (BatchNorm statistics: the copy a
+checkpoint saves), then embeds a contiguous 1/W of every evaluation set; the embeddings are
 gathered back in data-set order, rank 0 computes the metrics and broadcasts them, so every rank
 returns the same numbers (and agrees on the best checkpoint). In one process it is a plain
 embed-then-evaluate.
@@ -69,6 +70,7 @@ class Evaluator:
         ``eval_time_s`` (rank 0's). The model's train/eval mode is restored."""
         from deepmetric.evaluation import extract_embeddings
 
+        dist.broadcast_buffers(model)  # rank 0's BatchNorm statistics on every rank
         results = {}
         for name, eval_set in self.eval_sets.items():
             start = time.perf_counter()
