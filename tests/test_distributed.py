@@ -491,7 +491,9 @@ TRAIN_OVERRIDES = [
     "--sampler.p=3",
     "--eval.every=2",
     "--eval.batch_size=1",
-    # the memory is fed the gathered global batch (80 = 5 x 8 x 2) and must survive resume
+    # the memory is fed the gathered global batch (48 = 3 x 8 x 2) and must survive resume;
+    # the margin loss's learnable beta (averaged over ranks) and sampling generator too
+    "--loss.name=margin",
     "--xbm.enabled=true",
     "--xbm.size=200",
     "--xbm.start_iteration=1",

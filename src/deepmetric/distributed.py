@@ -39,7 +39,6 @@ __all__ = [
     "barrier",
     "broadcast_buffers",
     "broadcast_object",
-    "default_device",
     "destroy_distributed",
     "gather_batch",
     "gather_eval",
@@ -80,13 +79,6 @@ def get_world_size() -> int:
 def get_local_rank() -> int:
     """Rank within this node (``LOCAL_RANK`` set by torchrun; 0 when not launched by it)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def default_device() -> torch.device:
-    """``cuda:LOCAL_RANK`` when CUDA is available (one GPU per process), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", get_local_rank())
-    return torch.device("cpu")
 
 
 def is_main_process() -> bool:
