@@ -9,26 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-_AMP_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
-
-
-def _resolve_amp_dtype(amp_dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if amp_dtype is None:
-        return None
-    if isinstance(amp_dtype, str):
-        if amp_dtype not in _AMP_DTYPES:
-            raise ValueError(f"amp_dtype must be one of {sorted(_AMP_DTYPES)}, got {amp_dtype!r}")
-        return _AMP_DTYPES[amp_dtype]
-    if amp_dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"amp_dtype must be torch.bfloat16 or torch.float16, got {amp_dtype}")
-    return amp_dtype
-
 
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in list(model.parameters()) + list(model.buffers()):
@@ -41,7 +21,7 @@ def extract_embeddings(
     loader: Iterable,
     *,
     device: torch.device | str | None = None,
-    amp_dtype: torch.dtype | str | None = None,
+    amp_dtype: torch.dtype | None = None,
     flip: bool = False,
     progress: bool = True,
 ) -> tuple[Tensor, Tensor]:
@@ -52,7 +32,8 @@ def extract_embeddings(
             submodule) are restored afterwards; it is not moved.
         loader: yields (images, labels) pairs (extra items after the labels are ignored).
         device: where images are sent (default: the model's device).
-        amp_dtype: torch.bfloat16 / torch.float16 (or "bf16", "fp16") to run under autocast.
+        amp_dtype: torch.bfloat16 / torch.float16 to run under autocast (the trainer maps
+            ``train.amp`` to it: ``deepmetric.engine.amp_dtype``).
         flip: also embed the horizontally flipped images (last axis), average the two
             embeddings and L2-normalise the mean.
         progress: show a tqdm progress bar.
@@ -60,7 +41,8 @@ def extract_embeddings(
     Returns:
         embeddings (N, d) float32 and labels (N,) int64, both on the CPU, in loader order.
     """
-    amp = _resolve_amp_dtype(amp_dtype)
+    if amp_dtype not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"amp_dtype must be torch.bfloat16, torch.float16 or None: {amp_dtype}")
     device = _model_device(model) if device is None else torch.device(device)
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -70,7 +52,7 @@ def extract_embeddings(
             for batch in tqdm(loader, desc="embedding", disable=not progress, leave=False):
                 images, batch_labels = batch[0], batch[1]
                 images = images.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     emb = model(images).float()
                     if flip:
                         emb = F.normalize(emb + model(images.flip(-1)).float(), dim=1)
