@@ -20,6 +20,7 @@ from deepmetric.config import ConfigError, OptimConfig, ScheduleConfig, load_con
 from deepmetric.engine import (
     TrainState,
     build_optimizer,
+    evaluate_checkpoint,
     load_checkpoint,
     lr_factor,
     save_checkpoint,
@@ -275,6 +276,12 @@ def test_bf16_autocast_on_cpu_and_fp16_refused(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
             run_in_process(tmp_path / "fp16", "--train.iterations=3", "--train.amp=fp16")
+        # evaluation resolves train.amp the same way (it used to drop fp16 silently)
+        with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+            evaluate_checkpoint(tmp_path / "bf16", ["--train.amp=fp16"], progress=False)
+    # the bf16 run's evaluation of its checkpoint is the one logged at the end of training
+    again = evaluate_checkpoint(tmp_path / "bf16", out=tmp_path / "e.json", progress=False)
+    assert again["metrics"]["recall@1"] == summary["final"]["recall@1"]
 
 
 def test_bad_train_device_is_a_config_error(tmp_path: Path) -> None:
