@@ -558,6 +558,9 @@ def load_config(
 
 
 def _where(cfg: Config, key: str) -> str:
+    """Where ``key`` (or the mapping holding it, e.g. ``data.options``) was set."""
+    while key not in cfg.sources and "." in key:
+        key = key.rsplit(".", 1)[0]
     return cfg.sources.get(key, "defaults")
 
 

@@ -17,6 +17,7 @@ from deepmetric.engine.reproducibility import SeededBatches, SeededDataset, seed
 
 __all__ = [
     "EvalSet",
+    "build_batches",
     "build_criterion",
     "build_data",
     "build_eval_loader",
@@ -143,6 +144,20 @@ def build_criterion(cfg: Config) -> nn.Module:
         weight=x.weight,
         batch_loss=x.batch_loss,
     )
+
+
+def build_batches(cfg: Config, train_set: Any, rank: int, world_size: int) -> SeededBatches:
+    """This rank's P x K batches of ``train_set`` (``sampler``; per-sample augmentation
+    seeds from ``seed``). ConfigError when not one batch can be drawn."""
+    from deepmetric.samplers import PKSampler
+
+    s = cfg.sampler
+    sampler = PKSampler(train_set.labels, s.p, s.k, seed=cfg.seed, small_classes=s.small_classes,
+                        num_replicas=world_size, rank=rank)
+    if len(sampler) == 0:
+        raise ConfigError(f"sampler: no batch of {s.p} classes x {s.k} can be drawn from "
+                          f"{train_set.num_classes} training classes; lower sampler.p")
+    return SeededBatches(sampler, cfg.seed)
 
 
 def build_train_loader(

@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from deepmetric import distributed as dist
-from deepmetric.config import Config, ConfigError, dump_config
+from deepmetric.config import Config, dump_config
 from deepmetric.engine.builders import (
+    build_batches,
     build_criterion,
     build_data,
     build_model_from_config,
@@ -94,8 +97,6 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
     loss.png / recall.png, checkpoints, summary.json."""
     from tqdm import tqdm
 
-    from deepmetric.samplers import PKSampler
-
     # ---- process, device, seeds
     rank, world_size, _ = dist.init_distributed()
     device = resolve_device(cfg.train.device)
@@ -105,34 +106,22 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
     seed_everything(cfg.seed)
     main = dist.is_main_process()
 
-    # ---- data, model, loss (+ memory), optimizer
+    # ---- data, model, loss (+ memory), optimizer, run folder
     run_dir = resolve_run_dir(cfg, config_name)
     resume_from = resume_checkpoint(cfg, run_dir)
     train_set, eval_sets = build_data(cfg)
-    sampler = PKSampler(train_set.labels, cfg.sampler.p, cfg.sampler.k, seed=cfg.seed,
-                        small_classes=cfg.sampler.small_classes,
-                        num_replicas=world_size, rank=rank)
-    batches = SeededBatches(sampler, cfg.seed)
+    batches = build_batches(cfg, train_set, rank, world_size)
     loader = build_train_loader(cfg, train_set, batches, device)
     model = build_model_from_config(cfg).to(device)
     criterion = build_criterion(cfg).to(device)
     optimizer = build_optimizer(cfg.optim, model, criterion)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     state = TrainState(model, optimizer, criterion, scaler)
-
-    # ---- run folder, resume
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(run_dir if main else None, cfg.output.tensorboard, cfg.output.plots)
     if resume_from is not None:
-        changes = config_changes(state.load(resume_from), cfg)
-        log.truncate(state.iteration)
-        log.log({"iteration": state.iteration, "event": "resume",
-                 "checkpoint": str(resume_from), "config_changes": changes})
-        say(f"resumed from {resume_from} at iteration {state.iteration} (epoch {state.epoch}, "
-            f"batch {state.batch_in_epoch})")
-        for line in changes:
-            say(f"  config changed on resume: {line}")
+        _resume(state, resume_from, cfg, log)
     config_text = dump_config(cfg)
     if main:
         (run_dir / "config.yaml").write_text(config_text)
@@ -146,26 +135,14 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
     # ---- the loop
     total, split = cfg.train.iterations, cfg.eval.protocol
     best_link = "best" if split == "val" else "best_test_selected"
-    batches.set_epoch(state.epoch, state.batch_in_epoch)
-    if len(batches) == 0:
-        raise ConfigError(f"sampler: no batch of {cfg.sampler.p} classes x {cfg.sampler.k} can "
-                          f"be drawn from {train_set.num_classes} training classes; lower "
-                          "sampler.p")
-    data_iter = iter(loader)
+    stream = _batches_from(state, loader, batches)
     model.train()
     meter = LossMeter(device)
     bar = tqdm(total=total, initial=state.iteration, desc="train", dynamic_ncols=True,
                disable=not (main and cfg.train.progress), file=sys.stderr)
     last_metrics: dict[str, dict[str, float]] = {}
     while state.iteration < total:
-        try:
-            images, labels = next(data_iter)
-        except StopIteration:  # next epoch
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            batches.set_epoch(state.epoch)
-            data_iter = iter(loader)
-            continue
-        state.batch_in_epoch += 1
+        images, labels = next(stream)
         loss = train_step(
             ddp_model, criterion, optimizer, scaler,
             images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
@@ -176,11 +153,7 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
         meter.add(loss, images.shape[0] * world_size)
         bar.update(1)
         if _due(state.iteration, max(1, cfg.train.log_every), total):
-            record = {"iteration": state.iteration, "epoch": state.epoch, **meter.record(),
-                      "num_active": int(getattr(criterion, "num_active", -1)),
-                      "lr": _head_lr(optimizer)}
-            log.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            _log_training(log, bar, state, meter.record())
 
         links: list[str] = []
         evaluated = _due(state.iteration, cfg.eval.every, total)
@@ -196,6 +169,42 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
             meter.restart_clock()  # evaluating and saving are not training speed
     bar.close()
     return _finish(cfg, state, evaluator, log, run_dir, last_metrics, resumed=bool(resume_from))
+
+
+def _batches_from(
+    state: TrainState, loader: DataLoader, batches: SeededBatches
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Training batches, endlessly, from the sampler position (epoch, batch_in_epoch) of
+    ``state``, which advances with every batch and epoch."""
+    batches.set_epoch(state.epoch, state.batch_in_epoch)
+    while True:
+        for images, labels in loader:
+            state.batch_in_epoch += 1
+            yield images, labels
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        batches.set_epoch(state.epoch)
+
+
+def _resume(state: TrainState, checkpoint: Path, cfg: Config, log: RunLog) -> None:
+    """Restore ``state`` from ``checkpoint``; drop log records after it; log and print the
+    settings that changed since."""
+    changes = config_changes(state.load(checkpoint), cfg)
+    log.truncate(state.iteration)
+    log.log({"iteration": state.iteration, "event": "resume", "checkpoint": str(checkpoint),
+             "config_changes": changes})
+    say(f"resumed from {checkpoint} at iteration {state.iteration} (epoch {state.epoch}, "
+        f"batch {state.batch_in_epoch})")
+    for line in changes:
+        say(f"  config changed on resume: {line}")
+
+
+def _log_training(log: RunLog, bar: Any, state: TrainState, window: dict[str, float]) -> None:
+    """One metrics.jsonl training record (loss and speed over the window since the last)."""
+    record = {"iteration": state.iteration, "epoch": state.epoch, **window,
+              "num_active": int(getattr(state.criterion, "num_active", -1)),
+              "lr": _head_lr(state.optimizer)}
+    log.log(record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
 
 
 def _evaluate(evaluator: Evaluator, model: nn.Module, iteration: int, log: RunLog) -> dict:
