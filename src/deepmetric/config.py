@@ -20,9 +20,9 @@ import difflib
 import inspect
 import re
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml

@@ -37,8 +37,8 @@ from .transforms import BNINCEPTION_MEAN_BGR, PRESET_OPTIONS, PRESETS, build_tra
 
 __all__ = [
     "BNINCEPTION_MEAN_BGR",
-    "IMAGE_EXTENSIONS",
     "DATASETS",
+    "IMAGE_EXTENSIONS",
     "OFFICIAL_COUNTS",
     "PRESETS",
     "PRESET_OPTIONS",

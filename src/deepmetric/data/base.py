@@ -39,6 +39,7 @@ __all__ = [
     "check_counts",
     "encode_labels",
     "open_image",
+    "to_tensor",
 ]
 
 ON_BAD_IMAGE = ("raise", "skip")
@@ -188,7 +189,7 @@ class MetricDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.load_image(index)
-        image = self.transform(image) if self.transform is not None else _to_tensor(image)
+        image = self.transform(image) if self.transform is not None else to_tensor(image)
         return image, int(self.labels[index])
 
     @property
@@ -210,7 +211,7 @@ class MetricDataset(Dataset):
         return f"{type(self).__name__}({self.name!r}, split={self.split!r}, {parts})"
 
 
-def _to_tensor(image: Any) -> torch.Tensor:
+def to_tensor(image: Any) -> torch.Tensor:
     """Default conversion: PIL (H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]; tensors pass."""
     if isinstance(image, torch.Tensor):
         return image

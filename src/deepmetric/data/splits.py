@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .base import MetricDataset, _to_tensor
+from .base import MetricDataset, to_tensor
 
 __all__ = ["ClassSubset", "class_disjoint_split", "subset_classes"]
 
@@ -75,7 +75,7 @@ class ClassSubset(MetricDataset):
             image = self.dataset[int(self.indices[index])][0]
             return image, label
         image = self.load_image(index)
-        image = self.transform(image) if self.transform is not None else _to_tensor(image)
+        image = self.transform(image) if self.transform is not None else to_tensor(image)
         return image, label
 
 

@@ -7,12 +7,15 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .backbones import build_backbone
 from .head import EmbeddingHead, canonical_pooling
 
-__all__ = ["EmbeddingModel", "build_model", "preset_for"]
+__all__ = ["BATCH_NORMS", "EmbeddingModel", "build_model", "preset_for"]
+
+#: The BatchNorm layer types ``freeze_bn`` keeps in eval mode (SyncBatchNorm: after
+#: ``train.sync_bn`` converted them).
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class EmbeddingModel(nn.Module):
@@ -55,7 +58,7 @@ class EmbeddingModel(nn.Module):
         super().train(mode)
         if self.freeze_bn:
             for module in self.backbone.modules():
-                if isinstance(module, _BatchNorm):
+                if isinstance(module, BATCH_NORMS):
                     module.eval()
         return self
 
