@@ -1,4 +1,4 @@
-"""Tests of deepmetric.samplers.PKSampler (REFERENCE.md section 4)."""
+"""Tests of deepmetric.samplers.PKSampler (P classes x K images per batch, as in Hermans, Beyer, Leibe 2017, "In Defense of the Triplet Loss")."""
 
 from __future__ import annotations
 
