@@ -1,4 +1,5 @@
-"""Tests of deepmetric.samplers.PKSampler (P classes x K images per batch, as in Hermans, Beyer, Leibe 2017, "In Defense of the Triplet Loss")."""
+"""Tests of deepmetric.samplers.PKSampler: P classes x K images per batch (Hermans, Beyer,
+Leibe 2017, "In Defense of the Triplet Loss for Person Re-Identification")."""
 
 from __future__ import annotations
 
