@@ -284,31 +284,19 @@ def profile_ours(name: str, b: int, dim: int, k: int) -> None:
 # ---------------------------------------------------------------------------------------
 # ablation of the CPU special paths of deepmetric.losses._autograd
 # ---------------------------------------------------------------------------------------
-def _always_multiply(ctx, grad):
-    (grad_sim,) = ctx.saved_tensors
-    return grad_sim * grad, None, None
-
-
 def special_paths() -> dict[str, list[tuple[object, str, object]]]:
     """Path name -> the (object, attribute, value) settings that switch it off."""
-    from deepmetric.losses import _autograd, multi_similarity
+    from deepmetric.losses import _autograd
 
     return {
         # gradient matrices under 1% non-zero multiplied as sparse (CPU)
         "sparse_grad": [(_autograd, "SPARSE_GRAD_DENSITY", 0.0)],
-        # Gram matrix from 3 of its 4 blocks at B >= 512
-        "symmetric_gram": [(_autograd, "SYMMETRIC_GRAM_MIN_ROWS", 2**62)],
-        # exponents clamped at -80 before exp (masked_logsumexp, multi-similarity)
-        "exp_floor": [
-            (_autograd, "exp_nonpositive_", torch.Tensor.exp_),
-            (multi_similarity, "exp_nonpositive_", torch.Tensor.exp_),
-        ],
-        # with_gradient's backward skips the multiply by an upstream gradient of exactly 1
-        "mul_by_one": [(_autograd._WithGradient, "backward", staticmethod(_always_multiply))],
+        # masked_logsumexp's exponents clamped at -80 before exp
+        "exp_floor": [(_autograd, "exp_nonpositive_", torch.Tensor.exp_)],
     }
 
 
-SPECIAL_PATHS = ("sparse_grad", "symmetric_gram", "exp_floor", "mul_by_one")
+SPECIAL_PATHS = ("sparse_grad", "exp_floor")
 _SAVED: dict[tuple[int, str], object] = {}
 
 

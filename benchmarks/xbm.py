@@ -252,7 +252,7 @@ def main() -> None:
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument(
         "--ablate",
-        choices=["sparse_grad", "exp_floor", "mul_by_one", "symmetric_gram"],
+        choices=["sparse_grad", "exp_floor"],
         help="time deepmetric's step with and without a special path of its losses, then exit",
     )
     args = parser.parse_args()

@@ -43,24 +43,11 @@ def grad_matmul(grad: Tensor, x: Tensor) -> Tensor:
     return grad @ x
 
 
-# From this many rows the Gram matrix is computed as 3 of its 4 blocks (S is symmetric).
-SYMMETRIC_GRAM_MIN_ROWS = 512
-
-
 class _Gram(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         ctx.save_for_backward(x)
-        if x.shape[0] < SYMMETRIC_GRAM_MIN_ROWS:
-            return x @ x.T
-        half = x.shape[0] // 2
-        top, bottom = x[:half], x[half:]
-        sim = torch.empty(x.shape[0], x.shape[0], dtype=x.dtype, device=x.device)
-        torch.mm(top, top.T, out=sim[:half, :half])
-        torch.mm(bottom, bottom.T, out=sim[half:, half:])
-        torch.mm(top, bottom.T, out=sim[:half, half:])
-        sim[half:, :half] = sim[:half, half:].T
-        return sim
+        return x @ x.T
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -99,9 +86,10 @@ def cross_similarity(anchors: Tensor, refs: Tensor) -> Tensor:
     return _CrossSimilarity.apply(anchors, refs)
 
 
-# Exponents are clamped below at EXP_FLOOR before exp: e^-80 ~ 2e-35 relative to the largest
-# term changes no float32 sum, and on the CPU exp of a far-negative input (a masked entry at
-# -1e30, or an underflowing one) takes a slow path (gain: benchmarks/RESULTS.md,
+# masked_logsumexp clamps its shifted exponents below at EXP_FLOOR before exp: e^-80 ~ 2e-35
+# relative to the largest term changes no float32 sum, and on the CPU exp of a far-negative
+# input (a masked entry at -1e30, or an underflowing one) takes a slow path (gain, for a
+# loss whose mask leaves out most entries against a cross-batch memory: benchmarks/RESULTS.md,
 # "Special paths").
 EXP_FLOOR = -80.0
 
@@ -158,8 +146,6 @@ class _WithGradient(torch.autograd.Function):
         # chain rule: dL/dS = (upstream scalar gradient) x d value / dS. The derivative itself
         # is derived, and its oracle test named, in each loss that calls with_gradient.
         (grad_sim,) = ctx.saved_tensors
-        if grad.device.type == "cpu" and grad.numel() == 1 and float(grad) == 1.0:
-            return grad_sim, None, None  # loss.backward(): skip a (B, M) multiply by 1
         return grad_sim * grad, None, None
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._autograd import exp_nonpositive_, with_gradient
+from ._autograd import with_gradient
 from .pairs import PairLoss, Pairs
 
 PRESETS = {
@@ -83,7 +83,7 @@ class MultiSimilarityLoss(PairLoss):
             m_neg = self.beta * (max_neg - self.base)
             e_pos = torch.where(pos, (s_pos - min_pos).mul_(-self.alpha).exp_(), 0.0)  # (B, C)
             shift = max_neg.clamp(min=-1e30)  # finite: no -inf - -inf without negatives
-            e_neg = exp_nonpositive_((s_neg - shift).mul_(self.beta)).mul_(neg)  # (B, M)
+            e_neg = (s_neg - shift).mul_(self.beta).exp_().mul_(neg)  # (B, M)
             # log(1 + sum e^x) = softplus(m + log sum e^(x - m)) per anchor and term
             log1p_pos = F.softplus(e_pos.sum(1, keepdim=True).log_().add_(m_pos))
             log1p_neg = F.softplus(e_neg.sum(1, keepdim=True).log_().add_(m_neg))
