@@ -3,7 +3,12 @@
     loss(embeddings (B, d), labels (B,), ref_emb=None (M, d), ref_labels=None (M,),
          self_index=None (B,)) -> scalar
 
-Build one by name with ``build_loss(name, **hparams)``.
+Embeddings and references must be L2-normalised (row norms 1 +- 0.01; anything else raises a
+ValueError saying how to normalise). Build a loss by name with ``build_loss(name, **hparams)``.
+"Deep_Metric" in the docstrings is the reference code github.com/bnu-wangxun/Deep_metric.
+
+Modules: ``pairs`` (PairLoss, Pairs, build_pairs and the input checks shared by every loss),
+one module per loss, and the private ``_autograd`` (hand-written backward passes).
 """
 
 from __future__ import annotations
