@@ -87,6 +87,81 @@ def make_scale(folder: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# approximate search against exact search
+
+
+def ann_agreement(
+    query,
+    gallery=None,
+    k: int = 10,
+    *,
+    backend: str = "faiss-ivf",
+    index_options: dict | None = None,
+    num_samples: int = 10_000,
+    seed: int = 0,
+    exclude_self: bool | None = None,
+    memory_budget_bytes: int = 2**30,
+) -> dict:
+    """How well an approximate index agrees with exact search, on a sample of queries.
+
+    Builds the ``backend`` index over ``gallery`` (the query set when None, with the query's own
+    item excluded by index), searches ``num_samples`` queries drawn without replacement
+    (seeded), and compares with exact torch search of the same queries.
+
+    Returns a dict: "recall@1" (fraction of sampled queries whose approximate first result is
+    the exact nearest neighbour, by index), "top_k_agreement" (mean |approx top-k ∩ exact
+    top-k| / k), "k", "num_samples", "build_s", "search_s", "exact_s" (seconds), and the
+    tensors "sample_index" (S,), "approx_indices" (S, k), "exact_indices" (S, k).
+    """
+    import torch
+
+    from deepmetric.evaluation import FaissSearcher, knn
+    from deepmetric.evaluation.checks import APPROXIMATE_BACKENDS, as_embeddings
+
+    if backend not in (*APPROXIMATE_BACKENDS, "faiss"):
+        raise ValueError(f"backend must be a faiss backend, got {backend!r}")
+    q = as_embeddings(query, "query")
+    g = q if gallery is None else as_embeddings(gallery, "gallery")
+    if exclude_self is None:
+        exclude_self = gallery is None
+    if exclude_self and q.shape[0] != g.shape[0]:
+        raise ValueError("exclude_self needs query i = gallery i (same number of rows)")
+    available = g.shape[0] - int(exclude_self)
+    if not 1 <= k <= available:
+        raise ValueError(f"k must be in [1, {available}], got {k}")
+    generator = torch.Generator().manual_seed(seed)
+    count = min(num_samples, q.shape[0])
+    sample = torch.randperm(q.shape[0], generator=generator)[:count].sort().values
+    sample_q = q[sample.to(q.device)]
+    own = sample if exclude_self else None
+
+    searcher = FaissSearcher(g, backend, index_options)
+    start = time.perf_counter()
+    _, approx_i = searcher.search(sample_q, k, own)
+    search_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    _, exact_i = knn(sample_q, g, k, self_index=own, memory_budget_bytes=memory_budget_bytes)
+    exact_s = time.perf_counter() - start
+    exact_i = exact_i.cpu()
+
+    top1 = (approx_i[:, 0] == exact_i[:, 0]).double().mean().item()
+    overlap = (approx_i[:, :, None] == exact_i[:, None, :]).any(dim=2).sum(dim=1)
+    return {
+        "recall@1": top1,
+        "top_k_agreement": (overlap.double() / k).mean().item(),
+        "k": k,
+        "num_samples": count,
+        "build_s": searcher.build_seconds,
+        "search_s": search_s,
+        "exact_s": exact_s,
+        "sample_index": sample,
+        "approx_indices": approx_i,
+        "exact_indices": exact_i,
+    }
+
+
+# ------------------------------------------------------------------------------------------
 # workers (one per subprocess)
 
 
@@ -153,8 +228,6 @@ def worker(task: str, folder: Path) -> dict:
         first = np.where(neighbours[:, 0] == np.arange(len(x)), neighbours[:, 1], neighbours[:, 0])
         out["metrics"] = {"recall@1 (self dropped, no tie rule)": float((y[first] == y).mean())}
     elif task == "scale_ivf":
-        from deepmetric.evaluation import ann_agreement
-
         report = ann_agreement(
             torch.from_numpy(x), None, k=10, backend="faiss-ivf", num_samples=SCALE_SAMPLES,
             seed=0,
@@ -170,7 +243,7 @@ def worker(task: str, folder: Path) -> dict:
             hit = (labels[first] == labels[sample]).double().mean().item()
             out["metrics"][f"label_recall@1_{name}"] = hit
         # the same index probed more widely: agreement against the same exact lists
-        from deepmetric.evaluation.search import FaissSearcher
+        from deepmetric.evaluation import FaissSearcher
 
         exact = report["exact_indices"]
         for nprobe in SCALE_WIDER_NPROBE:

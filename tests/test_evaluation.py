@@ -11,162 +11,65 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-import deepmetric.evaluation.metrics as metrics_module
-import deepmetric.evaluation.search as search_module
+import deepmetric.evaluation.exact as exact_module
+import deepmetric.evaluation.neighbours as search_module
+import deepmetric.evaluation.topk as topk_module
 from deepmetric.evaluation import (
     RECALL_AT,
-    ann_agreement,
     evaluate,
     extract_embeddings,
     kmeans_assign,
     knn,
 )
-from deepmetric.evaluation.search import LIST_BYTES, SCORE_BYTES, knn_torch, plan_chunks
-
-KS = (1, 2, 3, 5, 10, 50)
-
-
-# ------------------------------------------------------------------------------------------
-# references
-
-
-def ref_order(scores_row: np.ndarray, skip: int | None) -> np.ndarray:
-    """Gallery indices by score descending, then index ascending; ``skip`` removed."""
-    order = np.lexsort((np.arange(scores_row.size), -scores_row))
-    return order if skip is None else order[order != skip]
-
-
-def ref_knn(q: np.ndarray, g: np.ndarray, k: int, exclude_self: bool):
-    s = q.astype(np.float64) @ g.astype(np.float64).T
-    idx = np.stack([ref_order(s[i], i if exclude_self else None)[:k] for i in range(len(q))])
-    return np.take_along_axis(s, idx, 1), idx
+from deepmetric.evaluation.exact import knn_torch, plan_chunks
+from evaluation_reference import (
+    KS,
+    budgets,
+    clustered,
+    evaluate_budgets,
+    load_benchmark,
+    quantised,
+    ref_knn,
+    ref_metrics,
+    with_duplicates,
+)
 
 
-def ref_metrics(q, ql, g=None, gl=None, ks=KS) -> dict:
-    exclude_self = g is None
-    if exclude_self:
-        g, gl = q, ql
-    s = q.astype(np.float64) @ g.astype(np.float64).T
-    out = {f"recall@{k}": [] for k in ks}
-    out.update({"map@r": [], "r_precision": [], "label": []})
-    missing = 0
-    for i in range(len(q)):
-        order = ref_order(s[i], i if exclude_self else None)
-        rel = gl[order] == ql[i]
-        r = int(rel.sum())
-        if r == 0:
-            missing += 1
-            continue
-        first = int(np.argmax(rel))
-        for k in ks:
-            out[f"recall@{k}"].append(first < k)
-        top = rel[:r]
-        precision = np.cumsum(top) / np.arange(1, r + 1)
-        out["map@r"].append(float((precision * top).sum() / r))
-        out["r_precision"].append(float(top.sum() / r))
-        out["label"].append(ql[i])
-    labels = np.array(out.pop("label"))
-    per_query = {key: np.array(v, dtype=np.float64) for key, v in out.items()}
-    result = {key: float(v.mean()) for key, v in per_query.items()}
-    result["num_queries_without_positive"] = missing
-    result["per_class"] = {
-        int(c): {key: float(per_query[key][labels == c].mean()) for key in per_query}
-        for c in np.unique(labels)
-    }
-    return result
-
-
-# ------------------------------------------------------------------------------------------
-# data
-
-
-def quantised(n: int, d: int, seed: int, levels: int = 3) -> np.ndarray:
-    """Values in {-levels..levels}/4: exact float32 products, many equal scores."""
-    rng = np.random.default_rng(seed)
-    return (rng.integers(-levels, levels + 1, size=(n, d)) / 4).astype(np.float32)
-
-
-def clustered(n: int, num_classes: int, d: int, seed: int, noise: float = 0.6):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, num_classes, n)
-    centers = rng.standard_normal((num_classes, d))
-    x = centers[labels] + noise * rng.standard_normal((n, d))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32), labels.astype(np.int64)
-
-
-def with_duplicates(x: np.ndarray, seed: int) -> np.ndarray:
-    """Copy some rows onto others (exact duplicates: equal scores, as in SOP/In-Shop)."""
-    rng = np.random.default_rng(seed)
-    x = x.copy()
-    src = rng.integers(0, len(x), len(x) // 5)
-    dst = rng.integers(0, len(x), len(x) // 5)
-    x[dst] = x[src]
-    return x
-
-
-def budgets(num_query: int, num_gallery: int, list_size: int) -> tuple[int, int, int]:
-    """Budgets giving: one chunk; query chunks only; query chunks and gallery blocks."""
-    list_row = 2 * LIST_BYTES * (list_size + 1)
-    query_chunked = 16 * (SCORE_BYTES * num_gallery + list_row)
-    gallery_chunked = 4 * (list_row + SCORE_BYTES * 7)
-    plan = plan_chunks(num_query, num_gallery, list_size, query_chunked)
-    assert plan[0] < num_query and plan[1] == num_gallery
-    plan = plan_chunks(num_query, num_gallery, list_size, gallery_chunked)
-    assert plan[1] < num_gallery
-    return 2**30, query_chunked, gallery_chunked
-
-
-def evaluate_budgets(ql, gl=None, ks=KS, rows=4) -> tuple[int, int, int]:
-    """Budgets for evaluate(): one chunk; query chunks (counting); gallery blocks (lists)."""
-    exclude_self = gl is None
-    gl = ql if exclude_self else gl
-    counts = np.array([(gl == y).sum() for y in ql])
-    list_size = max(1, int(counts.max()) - exclude_self)
-    long_list = min(len(gl) - exclude_self, max(list_size, max(ks)))
-    query_chunked = 16 * (
-        SCORE_BYTES * len(gl) + 2 * LIST_BYTES * (list_size + 1) + 4 * counts.max()
-    )
-    gallery_chunked = rows * (2 * LIST_BYTES * (long_list + 1) + SCORE_BYTES * 40)
-    return 2**30, int(query_chunked), int(gallery_chunked)
-
-
-@pytest.fixture(params=[8192, 37], ids=["blocks8192", "blocks37"])
+@pytest.fixture(params=[4096, 37], ids=["blocks4096", "blocks37"])
 def block_columns(request, monkeypatch):
-    """Run with the default block sizes and with narrow ones: many CPU column blocks per
-    chunk, and self-search blocks of 37 rows (diagonal and off-diagonal blocks, a ragged
-    last block)."""
-    monkeypatch.setattr(search_module, "CPU_BLOCK_COLUMNS", request.param)
+    """Run with the default self-search blocks and with blocks of 37 rows (diagonal and
+    off-diagonal blocks, uneven sizes, and room in budgets where 256-row blocks do not fit)."""
     if request.param == 37:
-        monkeypatch.setattr(search_module, "SELF_BLOCK", 37)
-        monkeypatch.setattr(search_module, "MIN_SELF_BLOCK", 1)
+        monkeypatch.setattr(exact_module, "SELF_BLOCK", 37)
+        monkeypatch.setattr(exact_module, "MIN_SELF_BLOCK", 1)
     return request.param
+
+
+class Paths:
+    """Which ways search() ran since the last take(): "self" (symmetric self-search),
+    "counting" (whole gallery rows, ranks counted) or "lists" (gallery blocks, faiss)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def take(self) -> set[str]:
+        seen, self.seen = self.seen, set()
+        return seen
 
 
 @pytest.fixture
 def paths(monkeypatch):
-    """Record which evaluate() path ran: "self" (symmetric self-search), "counting"
-    (full-gallery chunks) or "lists"."""
-    seen: list[str] = []
-    counting, lists = metrics_module._retrieval_counting, metrics_module._retrieval_lists
-    self_search = metrics_module._retrieval_self
+    recorder = Paths()
+    for name, label in (("search_self", "self"), ("search_rows", "counting"),
+                        ("search_lists", "lists")):  # fmt: skip
+        real = getattr(search_module, name)
 
-    def spy_self(*args, **kwargs):
-        seen.append("self")
-        return self_search(*args, **kwargs)
+        def spy(*args, _real=real, _label=label, **kwargs):
+            recorder.seen.add(_label)
+            return _real(*args, **kwargs)
 
-    def spy_counting(*args, **kwargs):
-        seen.append("counting")
-        return counting(*args, **kwargs)
-
-    def spy_lists(*args, **kwargs):
-        seen.append("lists")
-        return lists(*args, **kwargs)
-
-    monkeypatch.setattr(metrics_module, "_retrieval_counting", spy_counting)
-    monkeypatch.setattr(metrics_module, "_retrieval_lists", spy_lists)
-    monkeypatch.setattr(metrics_module, "_retrieval_self", spy_self)
-    return seen
+        monkeypatch.setattr(search_module, name, spy)
+    return recorder
 
 
 def assert_metrics_equal(ours: dict, ref: dict, ks=KS) -> None:
@@ -202,37 +105,38 @@ def test_knn_torch_matches_bruteforce_with_ties(exclude_self, k, block_columns):
 
 
 def test_self_search_large_blocks_with_ties_matches_bruteforce():
-    # blocks of 700 rows: off-diagonal blocks reduced along columns by the two-level top-k
+    # blocks of 500 rows: off-diagonal blocks reduced along columns by the two-level top-k
     x = with_duplicates(quantised(1500, 4, seed=31, levels=2), seed=32)
     for k in (3, 11):
-        v, i = search_module.knn_self(torch.from_numpy(x), k, True, 700)
+        v, i = exact_module.knn_self(torch.from_numpy(x), k, True, 700)
         ref_v, ref_i = ref_knn(x, x, k, True)
         np.testing.assert_array_equal(i.numpy(), ref_i)
         np.testing.assert_array_equal(v.numpy(), ref_v.astype(np.float32))
     y = clustered(1500, 40, 8, seed=33)[0]
-    _, i = search_module.knn_self(torch.from_numpy(y), 6, True, 700)
+    _, i = exact_module.knn_self(torch.from_numpy(y), 6, True, 700)
     np.testing.assert_array_equal(i.numpy(), ref_knn(y, y, 6, True)[1])
 
 
 def test_self_search_computes_each_block_once_and_plans_within_budget(monkeypatch):
     calls = []
-    real_scores_into = search_module.scores_into
+    real_scores_into = exact_module.scores_into
 
-    def spy(query, gallery, buffer, offset=0):
+    def spy(query, gallery, buffer):
         calls.append((query.shape[0], gallery.shape[0]))
-        return real_scores_into(query, gallery, buffer, offset)
+        return real_scores_into(query, gallery, buffer)
 
-    monkeypatch.setattr(search_module, "scores_into", spy)
+    monkeypatch.setattr(exact_module, "scores_into", spy)
     x = quantised(100, 5, seed=30)
-    _, i = search_module.knn_self(torch.from_numpy(x), 4, True, 30)
+    _, i = exact_module.knn_self(torch.from_numpy(x), 4, True, 30)
     np.testing.assert_array_equal(i.numpy(), ref_knn(x, x, 4, True)[1])
-    # blocks of 30, 30, 30, 10 rows: only the 10 pairs a <= b, 6,400 scores of 10,000
-    assert len(calls) == 10 and sum(r * c for r, c in calls) == 6400
-    assert search_module.plan_self_block(60_502, 11, 2**30) == 4096
-    block = search_module.plan_self_block(200_000, 100, 2**28)
+    # blocks of at most 30 rows, cut evenly: 4 blocks of 25; only the 10 pairs a <= b,
+    # 6,250 scores of 10,000
+    assert len(calls) == 10 and sum(r * c for r, c in calls) == 6250
+    assert exact_module.plan_self_block(60_502, 11, 2**30) == 4096
+    block = exact_module.plan_self_block(200_000, 100, 2**28)
     assert 256 <= block < 4096
     assert 12 * 200_000 * 100 + block * (8 * block + 96 * 101) <= 2**28
-    assert search_module.plan_self_block(10**7, 100, 2**30) == 0  # lists alone exceed it
+    assert exact_module.plan_self_block(10**7, 100, 2**30) == 0  # lists alone exceed it
 
 
 @pytest.mark.parametrize("dim", [0, 1])
@@ -249,17 +153,15 @@ def test_topk_exact_two_level_matches_stable_sort(dim, k, levels):
     scores[7] = float("-inf")  # a masked line / masked entries in every line
     lines = scores if dim == 1 else scores.T
     ref_v, ref_i = torch.sort(lines, dim=1, descending=True, stable=True)
-    v, i = search_module.topk_exact(scores, k, dim)
+    v, i = topk_module.topk_exact(scores, k, dim)
     assert torch.equal(i, ref_i[:, :k]) and torch.equal(v, ref_v[:, :k])
-    cand_v, cand_i = search_module.topk_candidates(scores, k + 1, dim)
+    cand_v, cand_i = topk_module.topk_candidates(scores, k + 1, dim)
     assert cand_v.shape == (lines.shape[0], k + 1)
     assert torch.equal(lines.gather(1, cand_i), cand_v)  # positions match values
     if levels is None:  # distinct values: the candidates are exactly the top k + 1
         finite = torch.isfinite(ref_v[:, k])  # (not the all -inf line of dim=1)
         assert finite.sum() >= lines.shape[0] - 1
-        assert torch.equal(
-            cand_i[finite].sort(1).values, ref_i[finite, : k + 1].sort(1).values
-        )
+        assert torch.equal(cand_i[finite].sort(1).values, ref_i[finite, : k + 1].sort(1).values)
 
 
 def test_plan_chunks_splits_gallery_when_budget_is_small():
@@ -319,6 +221,7 @@ def test_approximate_backends_agree_on_clustered_data(backend):
     _, approx = knn(x, None, 10, exclude_self=True, backend=backend)
     assert (approx[:, 0] == exact[:, 0]).double().mean() > 0.9
     assert not (approx == torch.arange(3000)[:, None]).any()  # self excluded
+    ann_agreement = load_benchmark("retrieval").ann_agreement
     report = ann_agreement(x, k=10, backend=backend, num_samples=500)
     assert report["num_samples"] == 500 and report["recall@1"] > 0.9
     assert 0.5 < report["top_k_agreement"] <= 1.0
@@ -342,12 +245,14 @@ def test_evaluate_matches_reference_with_ties_and_singletons(paths, block_column
     labels[:10] = 1000 + np.arange(10)  # singleton classes: no positive
     ref = ref_metrics(x, labels)
     assert ref["num_queries_without_positive"] >= 10
+    runs = []
     for backend in ("torch", "faiss"):
         for budget in evaluate_budgets(labels):
             ours = evaluate(
                 x, labels, recall_at=KS, metrics=("recall", "map_at_r", "r_precision"),
                 backend=backend, memory_budget_bytes=budget, per_class=True,
             )  # fmt: skip
+            runs.append(paths.take())
             assert_metrics_equal(ours, ref)
             assert ours["num_queries"] == 300 - ref["num_queries_without_positive"]
             per_class = ours["per_class"]
@@ -358,7 +263,7 @@ def test_evaluate_matches_reference_with_ties_and_singletons(paths, block_column
                 assert r1.item() == pytest.approx(ref["per_class"][c]["recall@1"], abs=1e-12)
                 assert ap.item() == pytest.approx(ref["per_class"][c]["map@r"], abs=1e-12)
     second = "self" if block_columns == 37 else "counting"  # 37-row self blocks fit more
-    assert paths == ["self", second, "lists"] + ["lists"] * 3
+    assert runs == [{"self"}, {second}, {"lists"}] + [{"lists"}] * 3
 
 
 def test_evaluate_counting_path_hard_data(paths, block_columns):
@@ -367,16 +272,18 @@ def test_evaluate_counting_path_hard_data(paths, block_columns):
     x = quantised(400, 4, seed=16, levels=1)
     labels = np.repeat(np.arange(200), 2)
     ref = ref_metrics(x, labels, ks=(1, 2, 10, 100, 1000))
+    runs = []
     for budget in evaluate_budgets(labels, ks=(1, 2, 10, 100, 1000), rows=1):
         ours = evaluate(
             x, labels, recall_at=(1, 2, 10, 100, 1000), metrics=("recall", "map_at_r"),
             memory_budget_bytes=budget,
         )  # fmt: skip
+        runs.append(paths.take())
         for k in (1, 2, 10, 100, 1000):
             assert ours[f"recall@{k}"] == pytest.approx(ref[f"recall@{k}"], abs=1e-12)
         assert ours["map@r"] == pytest.approx(ref["map@r"], abs=1e-12)
     second = "self" if block_columns == 37 else "counting"
-    assert paths == ["self", second, "lists"]
+    assert runs == [{"self"}, {second}, {"lists"}]
 
 
 def test_evaluate_disjoint_query_gallery_inshop_style(paths, block_columns):
@@ -388,14 +295,16 @@ def test_evaluate_disjoint_query_gallery_inshop_style(paths, block_columns):
     gl = rng.integers(0, 45, 220)
     gl[:30] = ql[:30]
     ref = ref_metrics(q, ql, g, gl)
+    runs = []
     for backend in ("torch", "faiss"):
         for budget in evaluate_budgets(ql, gl):
             ours = evaluate(
                 q, ql, g, gl, recall_at=KS, metrics=("recall", "map_at_r", "r_precision"),
                 backend=backend, memory_budget_bytes=budget,
             )  # fmt: skip
+            runs.append(paths.take())
             assert_metrics_equal(ours, ref)
-    assert paths == ["counting", "counting", "lists"] + ["lists"] * 3
+    assert runs == [{"counting"}, {"counting"}, {"lists"}] + [{"lists"}] * 3
 
 
 def test_evaluate_random_continuous_data_and_numpy_torch_inputs():

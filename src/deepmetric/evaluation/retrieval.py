@@ -1,0 +1,230 @@
+"""evaluate(): retrieval and clustering metrics of embeddings, in bounded memory.
+
+Reads top to bottom: check the inputs; decide how long the lists must be for the metrics
+asked; search (:func:`~.neighbours.search`, a group of queries at a time when all their lists
+would not fit half the budget); reduce the lists with the pure functions of :mod:`.metrics`;
+average over the queries that have a relevant item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checks import (
+    as_embeddings,
+    as_labels,
+    as_self_index,
+    check_backend,
+    check_recall_at,
+    check_same_space,
+)
+from .exact import LIST_BYTES, SameLabel, even_ranges
+from .faiss_index import FaissSearcher
+from .metrics import map_at_r, nmi, r_precision, recall_at_k, relevance
+from .neighbours import search
+
+METRICS = ("recall", "precision_at_1", "map_at_r", "r_precision", "nmi")
+RANK_METRICS = ("recall", "precision_at_1")  # need each query's first-positive rank
+LIST_METRICS = ("map_at_r", "r_precision")  # need lists of R_i items
+
+
+def evaluate(
+    query_emb: Tensor | np.ndarray,
+    query_labels: Tensor | np.ndarray | Sequence[int],
+    gallery_emb: Tensor | np.ndarray | None = None,
+    gallery_labels: Tensor | np.ndarray | Sequence[int] | None = None,
+    recall_at: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    metrics: Sequence[str] = ("recall", "map_at_r", "r_precision", "nmi"),
+    *,
+    self_index: Tensor | np.ndarray | Sequence[int] | None = None,
+    per_class: bool = False,
+    backend: str = "auto",
+    memory_budget_bytes: int = 2**30,
+    index_options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Retrieval and clustering metrics of embeddings (definitions: :mod:`.metrics`).
+
+    Args:
+        query_emb: (Q, d) embeddings (L2-normalised for cosine similarity); query_labels (Q,)
+            integer labels (int64; floats are rejected).
+        gallery_emb, gallery_labels: (G, d) and (G,), or both None: the query set is its own
+            gallery and each query's own item is excluded by index.
+        recall_at: the K of Recall@K (``RECALL_AT[name]`` for the benchmarks).
+        metrics: any of "recall", "precision_at_1", "map_at_r", "r_precision", "nmi".
+        self_index: with a gallery, (Q,) int64 gallery index of each query's own copy (-1 =
+            none): that item is never retrieved and not counted in R_i, as when the query set
+            is part of the gallery (PML's ``ref_includes_query``). ``evaluate(x, y, x, y,
+            self_index=arange(N))`` equals ``evaluate(x, y)``.
+        per_class: also return per-class Recall@1, MAP@R and R-precision.
+        backend: "auto"/"torch" (exact, inputs' device), "faiss" (exact), "faiss-ivf" or
+            "faiss-hnsw" (approximate: metrics of the approximate neighbour lists).
+        memory_budget_bytes: bound on the working memory (default 1 GiB).
+        index_options: options of the approximate faiss indexes.
+        seed: k-means seed for NMI.
+
+    Returns:
+        dict with "recall@K" per K, "precision@1", "map@r", "r_precision", "nmi" (those
+        requested; floats, NaN when no query has a positive), "num_queries" (queries in the
+        retrieval metrics), "num_queries_without_positive", and with ``per_class`` a
+        "per_class" dict of CPU tensors: "labels" (C,), "num_queries" (C,), "recall@1",
+        "map@r", "r_precision" (C,) float64, over the classes with evaluated queries.
+    """
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
+    recall_at = check_recall_at(recall_at)
+    backend = check_backend(backend, index_options)
+    query = as_embeddings(query_emb, "query_emb")
+    query_labels = as_labels(query_labels, query.shape[0], "query_labels", query.device)
+    if (gallery_emb is None) != (gallery_labels is None):
+        raise ValueError("give both gallery_emb and gallery_labels, or neither")
+    if gallery_emb is None:
+        if self_index is not None:
+            raise ValueError("self_index needs a gallery (without one, self is excluded)")
+        gallery, gallery_labels = None, query_labels
+        self_index = torch.arange(query.shape[0], device=query.device)
+    else:
+        gallery = as_embeddings(gallery_emb, "gallery_emb")
+        check_same_space(query, gallery)
+        gallery_labels = as_labels(gallery_labels, gallery.shape[0], "gallery_labels", query.device)
+        if self_index is not None:
+            self_index = as_self_index(self_index, query.shape[0], gallery.shape[0], query.device)
+
+    result: dict[str, Any] = {}
+    wants_ranks = per_class or any(m in metrics for m in RANK_METRICS)
+    wants_lists = per_class or any(m in metrics for m in LIST_METRICS)
+    if wants_ranks or wants_lists:
+        per_query = retrieval_per_query(
+            query,
+            query_labels,
+            gallery,
+            gallery_labels,
+            self_index,
+            wants_lists,
+            max(recall_at) if "recall" in metrics else 1 if wants_ranks else 0,
+            backend,
+            memory_budget_bytes,
+            index_options,
+        )
+        result.update(average(per_query, query_labels, recall_at, metrics, per_class))
+    if "nmi" in metrics:
+        result["nmi"] = nmi(query, query_labels, seed=seed)
+    return result
+
+
+def retrieval_per_query(
+    query: Tensor,
+    query_labels: Tensor,
+    gallery: Tensor | None,
+    gallery_labels: Tensor,
+    self_index: Tensor | None,
+    wants_lists: bool,
+    rank_limit: int,
+    backend: str,
+    budget: int,
+    index_options: Mapping[str, Any] | None,
+) -> dict[str, Tensor]:
+    """Per-query values on the CPU: "num_relevant" R_i (Q,) int64, "first_positive" (Q,)
+    int64 (exact below ``rank_limit``), "map@r" and "r_precision" (Q,) float64 when
+    ``wants_lists``.
+
+    List length: R_max (the longest R_i) for MAP@R and R-precision; for ranks alone the
+    shorter of R_max and ``rank_limit`` (the first positive of most queries lies within
+    their first R items; the torch backend counts the others' ranks, faiss lists are extended
+    to ``rank_limit``). gallery None: the query set, own items excluded.
+    """
+    num_query = query.shape[0]
+    full_gallery = query if gallery is None else gallery
+    num_relevant = SameLabel.build(query_labels, gallery_labels, self_index).num_relevant
+    available = full_gallery.shape[0] - int(
+        self_index is not None and bool((self_index >= 0).any())
+    )
+    longest = int(num_relevant.max())
+    k = min(longest if wants_lists else min(longest, rank_limit), available)
+    out = {"num_relevant": num_relevant.cpu()}
+    if k < 1:  # no query has a relevant item: nothing to search
+        out["first_positive"] = torch.full((num_query,), rank_limit)
+        out["map@r"] = out["r_precision"] = torch.zeros(num_query, dtype=torch.float64)
+        return out
+
+    # the lists of a group of queries and their reductions take at most half the budget
+    group = max(1, budget // (2 * LIST_BYTES * k))
+    groups = even_ranges(num_query, group)
+    budget -= min(num_query, group) * LIST_BYTES * k
+    index = full_gallery
+    if backend != "torch":
+        index = FaissSearcher(full_gallery, backend, index_options)
+    elif gallery is None and len(groups) == 1:
+        index = None  # the query set against itself: each score computed once
+    parts: dict[str, list[Tensor]] = {"first_positive": [], "map@r": [], "r_precision": []}
+    for rows in groups:
+        part = slice(rows.start, rows.stop)
+        found = search(
+            query[part],
+            index,
+            k,
+            self_index=None if self_index is None else self_index[part],
+            query_labels=query_labels[part],
+            gallery_labels=gallery_labels,
+            rank_limit=rank_limit,
+            memory_budget_bytes=budget,
+        )
+        if rank_limit > 0:
+            parts["first_positive"].append(found.first_positive.cpu())
+        if wants_lists:
+            relevant = relevance(found.indices, query_labels[part], gallery_labels)
+            parts["map@r"].append(map_at_r(relevant, found.num_relevant).cpu())
+            parts["r_precision"].append(r_precision(relevant, found.num_relevant).cpu())
+    out.update({name: torch.cat(values) for name, values in parts.items() if values})
+    return out
+
+
+def average(
+    per_query: dict[str, Tensor],
+    query_labels: Tensor,
+    recall_at: tuple[int, ...],
+    metrics: Sequence[str],
+    per_class: bool,
+) -> dict[str, Any]:
+    """Means over the queries with R_i >= 1 (NaN when there is none), their count, and with
+    ``per_class`` the means per query label."""
+    valid = per_query["num_relevant"] > 0
+    num_valid = int(valid.sum())
+    values = {name: v[valid] for name, v in per_query.items()}
+
+    def mean(x: Tensor) -> float:
+        return float(x.to(torch.float64).mean()) if num_valid else float("nan")
+
+    result: dict[str, Any] = {}
+    if "recall" in metrics:
+        for k in recall_at:
+            result[f"recall@{k}"] = mean(recall_at_k(values["first_positive"], k))
+    if "precision_at_1" in metrics:
+        result["precision@1"] = mean(recall_at_k(values["first_positive"], 1))
+    if "map_at_r" in metrics:
+        result["map@r"] = mean(values["map@r"])
+    if "r_precision" in metrics:
+        result["r_precision"] = mean(values["r_precision"])
+    result["num_queries"] = num_valid
+    result["num_queries_without_positive"] = int(valid.numel() - num_valid)
+    if per_class:
+        classes, inverse = torch.unique(query_labels.cpu()[valid], return_inverse=True)
+        counts = torch.bincount(inverse, minlength=classes.numel())
+
+        def class_mean(x: Tensor) -> Tensor:
+            return torch.bincount(inverse, x.to(torch.float64), classes.numel()) / counts
+
+        result["per_class"] = {
+            "labels": classes,
+            "num_queries": counts,
+            "recall@1": class_mean(recall_at_k(values["first_positive"], 1)),
+            "map@r": class_mean(values["map@r"]),
+            "r_precision": class_mean(values["r_precision"]),
+        }
+    return result
