@@ -4,7 +4,7 @@ Usage:
     .venv/bin/python benchmarks/losses.py                    # full table, B = 80, 256, 1024
     .venv/bin/python benchmarks/losses.py --batch-sizes 80 --losses nca triplet-hard
     .venv/bin/python benchmarks/losses.py --profile multi_similarity --batch-sizes 1024
-    .venv/bin/python benchmarks/losses.py --ablate symmetric_gram     # one special path off
+    .venv/bin/python benchmarks/losses.py --ablate exp_floor --losses lifted-modified
 
 What is measured
 - Time: one forward + backward of the loss w.r.t. a (B, d) float32 leaf of L2-normalised
@@ -16,8 +16,9 @@ What is measured
   torch.profiler(profile_memory=True) on the CPU allocator. Python-object overhead (PML's
   index lists, loops) is not counted; allocator caching is irrelevant on CPU.
 
-Ablation (``--ablate PATH``): one CPU special path of ``deepmetric.losses._autograd`` (see
-``SPECIAL_PATHS``) switched on and off between interleaved calls in one process, for the loss
+Ablation (``--ablate NAME``): one CPU special path of ``deepmetric.losses._autograd``, or the
+unit-norm check's row norms (see ``ablation_switches``), switched on and off between
+interleaved calls in one process, for the loss
 alone (forward + backward) and for a training step at the same B (Conv-4 on 1 x 28 x 28
 inputs + linear head to d + L2 normalisation + the loss + backward + Adam step), whose time is
 what a user sees. Reports with / without as median (min) ratios.
@@ -282,45 +283,51 @@ def profile_ours(name: str, b: int, dim: int, k: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# ablation of the CPU special paths of deepmetric.losses._autograd
+# ablation: the CPU special paths of deepmetric.losses._autograd, the unit-norm check
 # ---------------------------------------------------------------------------------------
-def special_paths() -> dict[str, list[tuple[object, str, object]]]:
-    """Path name -> the (object, attribute, value) settings that switch it off."""
-    from deepmetric.losses import _autograd
+def _no_norms(x: torch.Tensor) -> torch.Tensor:
+    return torch.ones(x.shape[0], dtype=x.dtype)
+
+
+def ablation_switches() -> dict[str, list[tuple[object, str, object]]]:
+    """Switch name -> the (object, attribute, value) settings that turn it off."""
+    from deepmetric.losses import _autograd, pairs
 
     return {
-        # gradient matrices under 1% non-zero multiplied as sparse (CPU)
+        # special path: gradient matrices under 1% non-zero multiplied as sparse (CPU)
         "sparse_grad": [(_autograd, "SPARSE_GRAD_DENSITY", 0.0)],
-        # masked_logsumexp's exponents clamped at -80 before exp
+        # special path: masked_logsumexp's exponents clamped at -80 before exp
         "exp_floor": [(_autograd, "exp_nonpositive_", torch.Tensor.exp_)],
+        # not a special path: the unit-norm check's row norms (its cost)
+        "norm_check": [(pairs, "row_norms", _no_norms)],
     }
 
 
-SPECIAL_PATHS = ("sparse_grad", "exp_floor")
+ABLATIONS = ("sparse_grad", "exp_floor", "norm_check")
 _SAVED: dict[tuple[int, str], object] = {}
 
 
-def set_special_path(name: str, on: bool) -> None:
-    """Switch the special path ``name`` of deepmetric.losses on (as shipped) or off."""
-    for obj, attr, off_value in special_paths()[name]:
+def set_switch(name: str, on: bool) -> None:
+    """Switch ``name`` of deepmetric.losses on (as shipped) or off."""
+    for obj, attr, off_value in ablation_switches()[name]:
         key = (id(obj), attr)
         if key not in _SAVED:
             _SAVED[key] = inspect.getattr_static(obj, attr)
         setattr(obj, attr, _SAVED[key] if on else off_value)
 
 
-def interleaved(path: str, step: Callable[[], None], repeats: int) -> dict[bool, list[float]]:
-    """Seconds per call of ``step`` with the path on (True) and off (False), alternating which
+def interleaved(switch: str, step: Callable[[], None], repeats: int) -> dict[bool, list[float]]:
+    """Seconds per call of ``step`` with the switch on (True) and off (False), alternating which
     goes first, after two warm-up rounds."""
     times: dict[bool, list[float]] = {True: [], False: []}
     for r in range(repeats + 2):
         for on in (True, False) if r % 2 else (False, True):
-            set_special_path(path, on)
+            set_switch(switch, on)
             start = time.perf_counter()
             step()
             if r >= 2:
                 times[on].append(time.perf_counter() - start)
-    set_special_path(path, True)
+    set_switch(switch, True)
     return times
 
 
@@ -348,11 +355,11 @@ class Conv4Embedder(torch.nn.Module):
         return F.normalize(self.head(self.backbone(images).flatten(1)), dim=1)
 
 
-def ablate_one(path: str, name: str, b: int, dim: int, k: int) -> None:
+def ablate_one(switch: str, name: str, b: int, dim: int, k: int) -> None:
     """Print the with / without rows of one loss at batch size b: loss alone, training step."""
     emb, labels = make_batch(b, dim, k)
     loss_fn = make_ours(name)
-    times = interleaved(path, lambda: fwd_bwd(loss_fn, emb, labels), repeats_for(b))
+    times = interleaved(switch, lambda: fwd_bwd(loss_fn, emb, labels), repeats_for(b))
     print(ratio_row(f"{name} loss, B = {b}", times), flush=True)
     torch.manual_seed(0)
     model = Conv4Embedder(dim)
@@ -364,18 +371,18 @@ def ablate_one(path: str, name: str, b: int, dim: int, k: int) -> None:
         loss_fn(model(images), labels).backward()
         optimizer.step()
 
-    times = interleaved(path, train_step, 5)
+    times = interleaved(switch, train_step, 5)
     print(ratio_row(f"{name} training step (Conv-4), B = {b}", times), flush=True)
 
 
-def ablate(path: str, losses: list[str], batch_sizes: list[int], dim: int, k: int) -> None:
-    print(f"## --ablate {path}: with / without the path, ms median (min)")
+def ablate(switch: str, losses: list[str], batch_sizes: list[int], dim: int, k: int) -> None:
+    print(f"## --ablate {switch}: with / without it, ms median (min)")
     print("| what | with | without | with / without |")
     print("|---|---:|---:|---:|")
     for name in losses:
         for b in batch_sizes:
             if name != "floor":
-                ablate_one(path, name, b, dim, k)
+                ablate_one(switch, name, b, dim, k)
 
 
 def main() -> None:
@@ -388,7 +395,7 @@ def main() -> None:
     parser.add_argument("--no-pml", action="store_true")
     parser.add_argument("--profile", choices=list(OURS), help="profile ours only, then exit")
     parser.add_argument(
-        "--ablate", choices=SPECIAL_PATHS, help="time ours with and without a special path"
+        "--ablate", choices=ABLATIONS, help="time ours with and without one switch, then exit"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -32,8 +32,9 @@ samples>)`` materialised with ``list(iter(...))``. Median over epochs.
     PYTHONPATH=src .venv/bin/python benchmarks/xbm.py [--steps 25] [--quick]
     PYTHONPATH=src .venv/bin/python benchmarks/xbm.py --ablate sparse_grad   # ours only
 
-``--ablate PATH`` times deepmetric's step alone with one special path of its losses switched on
-and off step by step (contrastive, multi-similarity, batch-hard triplet, modified lifted).
+``--ablate NAME`` times deepmetric's step alone with one special path of its losses (or the
+unit-norm check) switched on and off step by step (contrastive, multi-similarity, batch-hard
+triplet, modified lifted).
 """
 
 from __future__ import annotations
@@ -214,9 +215,9 @@ def time_samplers(epochs: int) -> dict:
     }
 
 
-def time_ablation(path: str, loss_name: str, size: int, dim: int, steps: int) -> dict:
-    """deepmetric's XBM step with the special path ``path`` on and off, alternating step by
-    step on one memory (see benchmarks/losses.py, ``set_special_path``)."""
+def time_ablation(name: str, loss_name: str, size: int, dim: int, steps: int) -> dict:
+    """deepmetric's XBM step with the switch ``name`` on and off, alternating step by step on
+    one memory (see benchmarks/losses.py, ``ablation_switches``)."""
     from losses import interleaved
 
     gen = torch.Generator().manual_seed(0)
@@ -227,19 +228,19 @@ def time_ablation(path: str, loss_name: str, size: int, dim: int, steps: int) ->
         x, y = make_batch(classes, dim, gen)
         one_step(xbm, x, y)
 
-    return interleaved(path, step, steps)
+    return interleaved(name, step, steps)
 
 
-def ablate(path: str, sizes: list[int], dims: list[int], steps: int) -> None:
+def ablate(name: str, sizes: list[int], dims: list[int], steps: int) -> None:
     from losses import ratio_row
 
-    print(f"## --ablate {path}: XBM step with / without the path, ms median (min)")
+    print(f"## --ablate {name}: XBM step with / without it, ms median (min)")
     print("| what | with | without | with / without |")
     print("|---|---:|---:|---:|")
     for loss_name in OUR_LOSSES:
         for size in sizes:
             for dim in dims:
-                times = time_ablation(path, loss_name, size, dim, steps)
+                times = time_ablation(name, loss_name, size, dim, steps)
                 print(ratio_row(f"{loss_name}, M = {size}, d = {dim}", times), flush=True)
 
 
@@ -252,7 +253,7 @@ def main() -> None:
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument(
         "--ablate",
-        choices=["sparse_grad", "exp_floor"],
+        choices=["sparse_grad", "exp_floor", "norm_check"],
         help="time deepmetric's step with and without a special path of its losses, then exit",
     )
     args = parser.parse_args()

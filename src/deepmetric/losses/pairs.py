@@ -212,6 +212,11 @@ def check_values(
         check_unit_norms("ref_emb", *values[3:5])
 
 
+def row_norms(x: Tensor) -> Tensor:
+    """(N, d) -> (N,) Euclidean norms of the rows, detached: one pass over x."""
+    return torch.linalg.vector_norm(x.detach(), dim=1)
+
+
 def check_unit_norms(name: str, low: float, high: float) -> None:
     """Raise ValueError when the row norms of ``name``, in [low, high], are not all 1 (within
     NORM_TOLERANCE), saying how to normalise."""
@@ -244,14 +249,14 @@ def build_pairs(
     in_batch = ref_emb is None
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         anchors = embeddings.to(dtype)
-        norms = torch.linalg.vector_norm(anchors.detach(), dim=1)
+        norms = row_norms(anchors)
         if in_batch:
             sim = gram(anchors)
             ref_labels, ref_norms = labels, None
         else:
             refs = ref_emb.to(dtype)
             sim = cross_similarity(anchors, refs)
-            ref_norms = torch.linalg.vector_norm(refs.detach(), dim=1)
+            ref_norms = row_norms(refs)
     check_values(sim, norms, ref_norms, self_index)
     rows = torch.arange(embeddings.shape[0], device=embeddings.device)
     if in_batch:
