@@ -10,8 +10,9 @@ from the torch backend's in the last bit (another summation order).
 For the exact index the candidate set is checked too: an item faiss did not return has a
 faiss score at most that of the last one returned, and faiss's and the recomputed float32
 scores of one pair differ by at most ``2 * gamma_d * |q| * |g|`` (gamma_d = d u / (1 - d u),
-u = 2^-24, the bound on any order of summing d products). Rows where that margin does not separate the
-k-th recomputed score from everything not returned are searched again with a longer list.
+u = 2^-24, the bound on any order of summing d products). Rows where that margin does not
+separate the k-th recomputed score from everything not returned are searched again with a
+longer list.
 """
 
 from __future__ import annotations
@@ -91,10 +92,10 @@ class FaissSearcher:
         self.index = index
         self.backend = backend
         self.exact = backend == "faiss"
-        unit_roundoff = dim * 2.0**-24
-        self.error_per_norm = (
-            2 * unit_roundoff / (1 - unit_roundoff) * float(self.gallery.norm(dim=1).max())
-        )
+        d_u = dim * 2.0**-24  # d times the float32 unit roundoff
+        gamma = d_u / (1 - d_u)
+        # bound on |faiss score - recomputed score| of any pair, per unit of query norm
+        self.error_per_norm = 2 * gamma * float(self.gallery.norm(dim=1).max())
 
     def search(
         self, query: Tensor, k: int, self_index: Tensor | None = None

@@ -100,18 +100,13 @@ def evaluate(
     wants_ranks = per_class or any(m in metrics for m in RANK_METRICS)
     wants_lists = per_class or any(m in metrics for m in LIST_METRICS)
     if wants_ranks or wants_lists:
+        # Recall@K needs each query's first-positive rank below max K, Precision@1 below 1
+        rank_limit = max(recall_at) if "recall" in metrics else int(wants_ranks)
         per_query = retrieval_per_query(
-            query,
-            query_labels,
-            gallery,
-            gallery_labels,
-            self_index,
-            wants_lists,
-            max(recall_at) if "recall" in metrics else 1 if wants_ranks else 0,
-            backend,
-            memory_budget_bytes,
-            index_options,
-        )
+            query, query_labels, gallery, gallery_labels, self_index,
+            wants_lists=wants_lists, rank_limit=rank_limit, backend=backend,
+            budget=memory_budget_bytes, index_options=index_options,
+        )  # fmt: skip
         result.update(average(per_query, query_labels, recall_at, metrics, per_class))
     if "nmi" in metrics:
         result["nmi"] = nmi(query, query_labels, seed=seed)
@@ -124,6 +119,7 @@ def retrieval_per_query(
     gallery: Tensor | None,
     gallery_labels: Tensor,
     self_index: Tensor | None,
+    *,
     wants_lists: bool,
     rank_limit: int,
     backend: str,
