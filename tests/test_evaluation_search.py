@@ -9,6 +9,7 @@ import doctest
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import deepmetric.evaluation.faiss_index as faiss_index_module
 import deepmetric.evaluation.metrics as metrics_module
@@ -103,6 +104,24 @@ def test_faiss_searches_again_when_the_cut_is_not_separated(monkeypatch):
     for k in (1, 3, 9):
         _, fi = searcher.search(torch.from_numpy(q), k)
         np.testing.assert_array_equal(fi.numpy(), ref_knn(q, q, k, False)[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_copies_tie_in_narrow_products(backend):
+    # MKL multiplies products with a few gallery columns by kernels that can score two copies
+    # of one vector differently by their column (15 of these 60 cases before the padding)
+    gen = torch.Generator().manual_seed(0)
+    for dim in (64, 512):
+        for size in (3, 5, 10, 20, 40):
+            for num_query in (1, 3, 8, 64):
+                base = F.normalize(torch.randn(size, dim, generator=gen), dim=1)
+                query = F.normalize(torch.randn(num_query, dim, generator=gen), dim=1)
+                values, indices = knn(query, torch.cat([base, base]), 2 * size, backend=backend)
+                assert torch.equal(values[:, 0::2], values[:, 1::2])  # each pair of copies ties
+                assert torch.equal(indices[:, 1::2], indices[:, 0::2] + size)  # in index order
+    x = torch.cat([base, base])  # the set against itself, one narrow block
+    values, indices = knn(x, None, 2 * size - 1, exclude_self=True, backend=backend)
+    assert torch.equal(indices[:, 0], (torch.arange(2 * size) + size) % (2 * size))
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Exact search with torch, in bounded memory: the three ways :func:`~.neighbours.search` runs it.
+"""Exact search with torch, in bounded memory: the ways :func:`~.neighbours.search` runs it.
 
 Scores are float32 inner products ``query_rows @ gallery.T``; no function here holds a
 Q x G matrix. Lists follow the tie rule (score descending, then gallery index ascending).
@@ -6,14 +6,17 @@ Q x G matrix. Lists follow the tie rule (score descending, then gallery index as
 - :func:`search_rows`: chunks of query rows against the whole gallery. Each chunk's c x G
   scores give its top-k lists and, for the rows whose first same-label item is not in the
   list, that item's rank by counting on the same scores (:func:`count_first_positive`).
-- :func:`knn_self`: a set searched against itself. S = X X^T is symmetric, so only the blocks
-  on and above the diagonal are multiplied, each reduced along its rows and its columns.
+- :func:`search_self` / :func:`knn_self`: a set searched against itself. S = X X^T is
+  symmetric, so only the blocks on and above the diagonal are multiplied, each reduced along
+  its rows and its columns; ranks beyond the lists are counted on recomputed rows.
 - :func:`knn_torch`: query chunks against gallery blocks, merged into running top lists, for
   budgets too small for whole gallery rows.
 
-Chunks and blocks are cut into nearly equal parts (:func:`even_ranges`): a ragged sliver of a
-few rows or columns can be multiplied by another kernel of the BLAS and round differently,
-which would split exact duplicates of a gallery item.
+Exact copies of a gallery vector must get equal scores (then the tie rule orders them by
+index), but a BLAS may multiply narrow products with kernels that round by position. So
+chunks and blocks are cut into nearly equal parts (:func:`even_ranges`: no sliver of a few
+rows or columns multiplied apart from the rest), and galleries narrower than ``MIN_COLUMNS``
+are padded (:func:`scores_into`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ LIST_BYTES = 48
 KEPT_LIST_BYTES = 12
 # Below this many query rows per chunk the gallery is cut into blocks (knn_torch).
 MIN_QUERY_ROWS = 16
+# Products with fewer gallery columns are padded to this many (scores_into).
+MIN_COLUMNS = 128
 # knn_self: square blocks of at most SELF_BLOCK rows, and at least MIN_SELF_BLOCK rows (below
 # that search_rows is used instead).
 SELF_BLOCK = 4096
@@ -111,9 +116,22 @@ def exact_float32(device: torch.device) -> Iterator[None]:
 
 def scores_into(query: Tensor, gallery: Tensor, buffer: Tensor) -> Tensor:
     """``query (c, d) @ gallery (g, d).T`` written into the front of a flat reusable ``buffer``;
-    returns the (c, g) view (reusing one buffer avoids page-faulting a fresh c x g block)."""
-    out = buffer[: query.shape[0] * gallery.shape[0]].view(query.shape[0], gallery.shape[0])
-    return torch.mm(query, gallery.T, out=out)
+    returns the (c, g) view (reusing one buffer avoids page-faulting a fresh c x g block).
+
+    A gallery of fewer than ``MIN_COLUMNS`` items is padded with zero rows: a BLAS multiplies
+    such narrow products with kernels that can score two copies of one vector differently by
+    their column (seen with MKL), which would break the tie rule.
+    """
+    num_query, num_gallery = query.shape[0], gallery.shape[0]
+    out = buffer[: num_query * num_gallery].view(num_query, num_gallery)
+    if num_gallery >= MIN_COLUMNS:
+        return torch.mm(query, gallery.T, out=out)
+    padded = gallery.new_zeros(MIN_COLUMNS, gallery.shape[1])
+    padded[:num_gallery] = gallery
+    rows = max(1, num_query * num_gallery // MIN_COLUMNS)  # temporaries no larger than out
+    for r0 in range(0, num_query, rows):
+        out[r0 : r0 + rows] = torch.mm(query[r0 : r0 + rows], padded.T)[:, :num_gallery]
+    return out
 
 
 def mask_self(scores: Tensor, self_index: Tensor | None, col_offset: int) -> None:
@@ -273,7 +291,7 @@ def search_self(
     rank_limit: int,
     budget: int,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The set ``x`` (N, d) searched against itself (:func:`~.exact.knn_self`); first-positive
+    """The set ``x`` (N, d) searched against itself (:func:`knn_self`); first-positive
     ranks from the lists, and for the queries whose first positive is beyond the list (when
     ``rank_limit`` > k) by counting on their rows, recomputed a chunk at a time."""
     values, indices = knn_self(x, k, exclude_self, block)
