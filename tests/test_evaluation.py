@@ -105,7 +105,8 @@ def test_knn_torch_matches_bruteforce_with_ties(exclude_self, k, block_columns):
 
 
 def test_self_search_large_blocks_with_ties_matches_bruteforce():
-    # blocks of 500 rows: off-diagonal blocks reduced along columns by the two-level top-k
+    # blocks of 512 and 476 rows: off-diagonal blocks reduced along columns by the two-level
+    # top-k
     x = with_duplicates(quantised(1500, 4, seed=31, levels=2), seed=32)
     for k in (3, 11):
         v, i = exact_module.knn_self(torch.from_numpy(x), k, True, 700)

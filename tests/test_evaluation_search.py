@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import deepmetric.evaluation.exact as exact_module
 import deepmetric.evaluation.faiss_index as faiss_index_module
 import deepmetric.evaluation.metrics as metrics_module
 import deepmetric.evaluation.retrieval as retrieval_module
@@ -35,7 +36,9 @@ def assert_same_metrics(ours: dict, ref: dict, ks=KS) -> None:
     assert ours["num_queries_without_positive"] == ref["num_queries_without_positive"]
 
 
-@pytest.mark.parametrize("module", [metrics_module, topk_module], ids=["metrics", "topk"])
+@pytest.mark.parametrize(
+    "module", [metrics_module, topk_module, exact_module], ids=["metrics", "topk", "exact"]
+)
 def test_doctests(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 2 and result.failed == 0

@@ -9,13 +9,13 @@ Q x G matrix. Lists follow the tie rule (score descending, then gallery index as
 - :func:`search_self` / :func:`knn_self`: a set searched against itself. S = X X^T is
   symmetric, so only the blocks on and above the diagonal are multiplied, each reduced along
   its rows and its columns; ranks beyond the lists are counted on recomputed rows.
-- :func:`knn_torch`: query chunks against gallery blocks, merged into running top lists, for
-  budgets too small for whole gallery rows.
+- :func:`knn_torch`: query chunks against gallery blocks of at most ``BLOCK_COLUMNS``,
+  merged into running top lists, when no rank has to be counted (or whole rows do not fit).
 
 Exact copies of a gallery vector must get equal scores (then the tie rule orders them by
 index), but a BLAS may multiply narrow products with kernels that round by position. So
 chunks and blocks are cut into nearly equal parts (:func:`even_ranges`: no sliver of a few
-rows or columns multiplied apart from the rest), and galleries narrower than ``MIN_COLUMNS``
+rows or columns multiplied apart from the rest), and products narrower than ``MIN_COLUMNS``
 are padded (:func:`scores_into`).
 """
 
@@ -40,6 +40,10 @@ LIST_BYTES = 48
 KEPT_LIST_BYTES = 12
 # Below this many query rows per chunk the gallery is cut into blocks (knn_torch).
 MIN_QUERY_ROWS = 16
+# knn_torch scores the gallery this many columns at a time, so that its query chunks can be
+# large and each gallery block is read once per chunk (benchmarks/RESULTS.md, "Retrieval
+# evaluation": 10,000 queries against 1,000,000 x 128).
+BLOCK_COLUMNS = 8192
 # Products with fewer gallery columns are padded to this many (scores_into).
 MIN_COLUMNS = 128
 # knn_self: square blocks of at most SELF_BLOCK rows, and at least MIN_SELF_BLOCK rows (below
@@ -53,10 +57,20 @@ MIN_SELF_BLOCK = 256
 
 
 def even_ranges(n: int, max_size: int) -> list[range]:
-    """range(n) cut into the fewest consecutive ranges of at most ``max_size``, of equal size
-    give or take one."""
+    """range(n) cut into the fewest consecutive ranges of at most ``max_size``: all of one
+    size but the last, a multiple of 16 where ``max_size`` allows (the BLAS multiplies such
+    widths faster), so that the last is no sliver either.
+
+    >>> even_ranges(100, 30)
+    [range(0, 25), range(25, 50), range(50, 75), range(75, 100)]
+    >>> even_ranges(1000, 400)
+    [range(0, 336), range(336, 672), range(672, 1000)]
+    """
     parts = -(-n // max(1, max_size))
-    return [range(n * p // parts, n * (p + 1) // parts) for p in range(parts)]
+    size = -(-n // parts)
+    if size > 16 and -(-size // 16) * 16 <= max_size:
+        size = -(-size // 16) * 16
+    return [range(start, min(n, start + size)) for start in range(0, n, size)]
 
 
 def plan_chunks(
@@ -84,6 +98,14 @@ def plan_chunks(
         )
     cols = (budget // rows - list_row) // SCORE_BYTES
     return int(rows), int(min(cols, num_gallery))
+
+
+def plan_blocks(num_query: int, num_gallery: int, list_size: int, budget: int) -> tuple[int, int]:
+    """Chunk sizes ``(query_rows, gallery_cols)`` for :func:`knn_torch`: planned as if the
+    gallery were ``BLOCK_COLUMNS`` wide (it is scored one block at a time), narrower blocks
+    when not even ``MIN_QUERY_ROWS`` rows fit."""
+    width = min(num_gallery, BLOCK_COLUMNS)
+    return plan_chunks(num_query, width, list_size, budget)
 
 
 def plan_self_block(num_items: int, k: int, budget: int) -> int:

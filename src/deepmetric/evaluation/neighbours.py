@@ -10,12 +10,13 @@ near-tie between different vectors can order differently across backends.
 :func:`search` chooses how to run (all return the same :class:`Neighbours`):
 
 - torch, the query set searched against itself with each query's own item excluded (or
-  kept), when its lists fit the budget: :func:`~.exact.knn_self`, each score computed once;
-  queries whose first positive is beyond their list get its rank by counting on their
+  kept), when its lists fit the budget: :func:`~.exact.search_self`, each score computed
+  once; queries whose first positive is beyond their list get its rank by counting on their
   recomputed rows (only when ``rank_limit`` asks for ranks beyond the list);
-- torch, whole gallery rows fit: :func:`~.exact.search_rows`, counting on the same scores;
-- otherwise (faiss, or a budget too small for one gallery row per query): lists of
-  max(k, rank_limit), where every rank below ``rank_limit`` can be read.
+- torch, ranks beyond the lists asked and whole gallery rows fit the budget:
+  :func:`~.exact.search_rows`, counting on the same scores;
+- otherwise: lists of max(k, rank_limit), where every rank below ``rank_limit`` can be read,
+  from :func:`~.exact.knn_torch` (gallery blocks merged into running lists) or faiss.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .exact import (
     even_ranges,
     first_positive_in_lists,
     knn_torch,
+    plan_blocks,
     plan_chunks,
     plan_self_block,
     search_rows,
@@ -132,20 +134,21 @@ def search(
     length = min(available, max(k, rank_limit))  # lists that hold every rank < rank_limit
 
     if backend == "torch":
-        extra = 0 if labels is None else 4 * int(same_label.count.max())
+        counts = labels is not None and rank_limit > k  # ranks beyond the lists are counted
+        extra = 4 * int(same_label.count.max()) if counts else 0
         rows, cols = plan_chunks(num_query, num_gallery, k, budget, extra)
-        whole_rows = cols == num_gallery  # also what counting ranks beyond the lists needs
+        whole_rows = cols == num_gallery  # what counting needs
         own_is_diagonal = self_index is None or torch.equal(
             self_index, torch.arange(num_query, device=query.device)
         )
-        symmetric = same_set and own_is_diagonal and whole_rows
+        symmetric = same_set and own_is_diagonal and (whole_rows or not counts)
         block = plan_self_block(num_query, k, budget) if symmetric else 0
         if block:
             found = search_self(query, k, self_index is not None, block, labels, rank_limit, budget)
-        elif whole_rows:
+        elif counts and whole_rows:
             found = search_rows(query, gallery, k, self_index, rows, labels, rank_limit)
         else:
-            rows, cols = plan_chunks(num_query, num_gallery, length, budget)
+            rows, cols = plan_blocks(num_query, num_gallery, length, budget)
 
             def find(part: slice) -> tuple[Tensor, Tensor]:
                 own = None if self_index is None else self_index[part]
