@@ -143,10 +143,10 @@ class FaissSearcher:
         where the index is -1, as elementwise products summed over d: the same arithmetic for
         every candidate, wherever it sits (a BLAS matmul of small shapes is not: it can score
         two copies of one vector differently by their column). Groups of rows hold at most
-        about 2^24 products (64 MiB)."""
+        about 2^22 products (16 MiB, twice: gathered rows and products)."""
         num, length = indices.shape
         values = torch.empty(num, length)
-        group = max(1, 2**24 // (length * query.shape[1]))
+        group = max(1, 2**22 // (length * query.shape[1]))
         for rows in range(0, num, group):
             part = indices[rows : rows + group].clamp(min=0)
             products = self.gallery[part] * query[rows : rows + group, None, :]
