@@ -149,6 +149,11 @@ def test_self_index_of_the_whole_set_equals_the_query_set_search(backend):
     # without self_index each query's own copy is a gallery item like any other
     kept = evaluate(x, labels, x, labels, **kwargs)
     assert kept["num_queries_without_positive"] == 0
+    # continuous data: the symmetric self-search and the query x gallery search agree
+    y, y_labels = clustered(1000, 40, 32, seed=50, noise=1.0)
+    kwargs.pop("per_class")
+    alone = evaluate(y, y_labels, **kwargs)
+    assert evaluate(y, y_labels, y, y_labels, self_index=np.arange(1000), **kwargs) == alone
     assert_same_metrics(kept, ref_metrics(x, labels, x, labels, self_index=-np.ones(300, int)))
 
 

@@ -57,9 +57,10 @@ MIN_SELF_BLOCK = 256
 
 
 def even_ranges(n: int, max_size: int) -> list[range]:
-    """range(n) cut into the fewest consecutive ranges of at most ``max_size``: all of one
-    size but the last, a multiple of 16 where ``max_size`` allows (the BLAS multiplies such
-    widths faster), so that the last is no sliver either.
+    """range(n) cut into the fewest consecutive ranges of at most ``max_size``, all of one
+    size but the last, and the last no sliver (at least half the others). The size is a
+    multiple of 256, or else of 16, where that allows: the BLAS multiplies such widths, and
+    the two-level top-k reduces them, faster (benchmarks/RESULTS.md, "Retrieval evaluation").
 
     >>> even_ranges(100, 30)
     [range(0, 25), range(25, 50), range(50, 75), range(75, 100)]
@@ -68,8 +69,11 @@ def even_ranges(n: int, max_size: int) -> list[range]:
     """
     parts = -(-n // max(1, max_size))
     size = -(-n // parts)
-    if size > 16 and -(-size // 16) * 16 <= max_size:
-        size = -(-size // 16) * 16
+    for align in (256, 16):
+        aligned = -(-size // align) * align
+        if aligned <= max_size and n - aligned * (parts - 1) >= aligned // 2:
+            size = aligned
+            break
     return [range(start, min(n, start + size)) for start in range(0, n, size)]
 
 
