@@ -262,7 +262,8 @@ def worker(task: str, folder: Path) -> dict:
     elif task in ("scale_exact_blocks", "scale_exact_rows"):
         # the exact search of the sample, with and without gallery blocks (--ablate)
         from deepmetric.evaluation import knn
-        from deepmetric.evaluation.exact import plan_chunks, search_rows
+        from deepmetric.evaluation.blocks import plan_chunks
+        from deepmetric.evaluation.exact import search_rows
 
         generator = torch.Generator().manual_seed(0)
         sample = torch.randperm(len(x), generator=generator)[:SCALE_SAMPLES].sort().values

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepmetric.evaluation.exact import LIST_BYTES, SCORE_BYTES, plan_chunks
+from deepmetric.evaluation.blocks import LIST_BYTES, SCORE_BYTES, plan_chunks
 
 KS = (1, 2, 3, 5, 10, 50)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
+import deepmetric.evaluation.blocks as blocks_module
 import deepmetric.evaluation.exact as exact_module
 import deepmetric.evaluation.neighbours as search_module
 import deepmetric.evaluation.topk as topk_module
@@ -21,7 +22,8 @@ from deepmetric.evaluation import (
     kmeans_assign,
     knn,
 )
-from deepmetric.evaluation.exact import knn_torch, plan_chunks
+from deepmetric.evaluation.blocks import plan_chunks
+from deepmetric.evaluation.exact import knn_torch
 from evaluation_reference import (
     KS,
     budgets,
@@ -40,8 +42,8 @@ def block_columns(request, monkeypatch):
     """Run with the default self-search blocks and with blocks of 37 rows (diagonal and
     off-diagonal blocks, uneven sizes, and room in budgets where 256-row blocks do not fit)."""
     if request.param == 37:
-        monkeypatch.setattr(exact_module, "SELF_BLOCK", 37)
-        monkeypatch.setattr(exact_module, "MIN_SELF_BLOCK", 1)
+        monkeypatch.setattr(blocks_module, "SELF_BLOCK", 37)
+        monkeypatch.setattr(blocks_module, "MIN_SELF_BLOCK", 1)
     return request.param
 
 
@@ -133,11 +135,11 @@ def test_self_search_computes_each_block_once_and_plans_within_budget(monkeypatc
     # blocks of at most 30 rows, cut evenly: 4 blocks of 25; only the 10 pairs a <= b,
     # 6,250 scores of 10,000
     assert len(calls) == 10 and sum(r * c for r, c in calls) == 6250
-    assert exact_module.plan_self_block(60_502, 11, 2**30) == 4096
-    block = exact_module.plan_self_block(200_000, 100, 2**28)
+    assert blocks_module.plan_self_block(60_502, 11, 2**30) == 4096
+    block = blocks_module.plan_self_block(200_000, 100, 2**28)
     assert 256 <= block < 4096
     assert 12 * 200_000 * 100 + block * (8 * block + 96 * 101) <= 2**28
-    assert exact_module.plan_self_block(10**7, 100, 2**30) == 0  # lists alone exceed it
+    assert blocks_module.plan_self_block(10**7, 100, 2**30) == 0  # lists alone exceed it
 
 
 @pytest.mark.parametrize("dim", [0, 1])

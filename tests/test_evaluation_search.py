@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import deepmetric.evaluation.exact as exact_module
+import deepmetric.evaluation.blocks as blocks_module
 import deepmetric.evaluation.faiss_index as faiss_index_module
 import deepmetric.evaluation.metrics as metrics_module
 import deepmetric.evaluation.retrieval as retrieval_module
@@ -37,7 +37,7 @@ def assert_same_metrics(ours: dict, ref: dict, ks=KS) -> None:
 
 
 @pytest.mark.parametrize(
-    "module", [metrics_module, topk_module, exact_module], ids=["metrics", "topk", "exact"]
+    "module", [metrics_module, topk_module, blocks_module], ids=["metrics", "topk", "blocks"]
 )
 def test_doctests(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -6,8 +6,9 @@ Ranking rule in every backend: score descending, then gallery index ascending.
 
 Modules: ``retrieval`` (:func:`evaluate`), ``neighbours`` (:func:`search`, the one search entry
 point, and :func:`knn`), ``metrics`` (pure metric functions of ranked lists, NMI), ``exact``
-(torch search), ``faiss_index`` (faiss backends), ``topk`` (exact top-k under the tie rule),
-``checks`` (input validation), ``extract`` (embedding extraction).
+(torch search), ``blocks`` (chunk planning, score blocks), ``ranks`` (first-positive ranks),
+``faiss_index`` (faiss backends), ``topk`` (exact top-k under the tie rule), ``checks``
+(input validation), ``extract`` (embedding extraction).
 """
 
 from __future__ import annotations

@@ -29,20 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .blocks import LIST_BYTES, even_ranges, plan_blocks, plan_chunks, plan_self_block
 from .checks import as_embeddings, as_labels, as_self_index, check_backend, check_same_space
-from .exact import (
-    LIST_BYTES,
-    SameLabel,
-    even_ranges,
-    first_positive_in_lists,
-    knn_torch,
-    plan_blocks,
-    plan_chunks,
-    plan_self_block,
-    search_rows,
-    search_self,
-)
+from .exact import knn_torch, search_rows, search_self
 from .faiss_index import FaissSearcher
+from .ranks import SameLabel, first_positive_in_lists
 
 Array = Tensor | np.ndarray
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .blocks import LIST_BYTES, even_ranges
 from .checks import (
     as_embeddings,
     as_labels,
@@ -23,10 +24,10 @@ from .checks import (
     check_recall_at,
     check_same_space,
 )
-from .exact import LIST_BYTES, SameLabel, even_ranges
 from .faiss_index import FaissSearcher
 from .metrics import map_at_r, nmi, r_precision, recall_at_k, relevance
 from .neighbours import search
+from .ranks import SameLabel
 
 METRICS = ("recall", "precision_at_1", "map_at_r", "r_precision", "nmi")
 RANK_METRICS = ("recall", "precision_at_1")  # need each query's first-positive rank
