@@ -408,17 +408,50 @@ def test_raw_ref_emb_raise(name):
         build_loss(name)(emb, labels, refs, labels, torch.arange(8))
 
 
-def test_raw_rows_in_the_cross_batch_memory_raise():
-    """The memory term passes the memory as ref_emb: rows written there without normalisation
-    are reported as ref_emb, at the first call that reads them."""
+def test_check_ref_norms_false_skips_only_the_reference_norms():
+    """check_ref_norms=False (for a caller that checked its references when it stored them)
+    skips the norm check of ref_emb only: anchors are still checked, NaN still raises."""
+    emb = _unit(8, seed=5).detach()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    loss_fn = build_loss("contrastive")
+    with pytest.raises(ValueError, match=r"^ref_emb are not L2-normalised"):
+        loss_fn(emb, labels, 2 * emb, labels)
+    loss_fn(emb, labels, 2 * emb, labels, check_ref_norms=False)
+    with pytest.raises(ValueError, match=r"^embeddings are not L2-normalised"):
+        loss_fn(2 * emb, labels, emb, labels, check_ref_norms=False)
+    bad = emb.clone()
+    bad[1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^ref_emb contain NaN"):
+        loss_fn(emb, labels, bad, labels, check_ref_norms=False)
+
+
+def test_cross_batch_memory_checks_rows_when_written():
+    """The memory term passes the memory as ref_emb with check_ref_norms=False: every row
+    was checked when it was enqueued. Rows that are not unit vectors raise there and are not
+    written; the memory term itself raises for anchors that are not unit vectors."""
     from deepmetric.memory import CrossBatchMemory
 
     xbm = CrossBatchMemory(build_loss("multi_similarity"), size=32, dim=8)
     g = torch.Generator().manual_seed(5)
-    xbm.enqueue(3.0 * F.normalize(torch.randn(16, 8, generator=g), dim=1), torch.arange(16) % 4)
-    emb = F.normalize(torch.randn(8, 8, generator=g), dim=1)
-    with pytest.raises(ValueError, match=r"^ref_emb are not L2-normalised: row norms in \[1, 3\]"):
-        xbm(emb, torch.arange(8) % 4)
+    raw = 3.0 * F.normalize(torch.randn(16, 8, generator=g), dim=1)
+    with pytest.raises(
+        ValueError, match=r"^embeddings are not L2-normalised: row norms in \[3, 3\]"
+    ):
+        xbm.enqueue(raw, torch.arange(16) % 4)
+    assert int(xbm.filled) == 0 and int(xbm.ptr) == 0  # nothing written
+    with pytest.raises(ValueError, match=r"^embeddings are not L2-normalised"):
+        xbm(raw[:8], torch.arange(8) % 4)
+    xbm.enqueue(F.normalize(raw, dim=1), torch.arange(16) % 4)
+    calls = []
+    real_forward = xbm.loss.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("check_ref_norms", True))
+        return real_forward(*args, **kwargs)
+
+    xbm.loss.forward = spy
+    xbm(F.normalize(torch.randn(8, 8, generator=g), dim=1), torch.arange(8) % 4)
+    assert calls == [True, False]  # the in-batch term, then the memory term
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))

@@ -372,3 +372,22 @@ def test_errors() -> None:
         xbm.enqueue(bad, torch.arange(2))
     assert int(xbm.filled) == 0  # nothing written
     assert int(xbm.iteration) == 0
+
+
+def test_unit_rows_required_only_for_deepmetric_losses() -> None:
+    """With a deepmetric loss the memory refuses rows that are not unit vectors (and NaN) at
+    enqueue, writing nothing; a loss of the user's own may work on any rows."""
+    raw = 2.0 * F.normalize(torch.randn(4, DIM, generator=torch.Generator().manual_seed(13)))
+    ours = CrossBatchMemory(build_loss("contrastive"), size=8, dim=DIM)
+    assert ours.unit_rows
+    with pytest.raises(ValueError, match="not L2-normalised"):
+        ours.enqueue(raw, torch.arange(4))
+    bad = F.normalize(raw)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ours.enqueue(bad, torch.arange(4))
+    assert int(ours.filled) == 0
+    toy = CrossBatchMemory(ToyPairLoss(), size=8, dim=DIM)
+    assert not toy.unit_rows
+    toy.enqueue(raw, torch.arange(4))
+    assert int(toy.filled) == 4

@@ -23,8 +23,12 @@ nothing distributed happens in this module.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+
+from deepmetric.losses.pairs import PairLoss, check_unit_norms, row_norms
 
 
 class CrossBatchMemory(nn.Module):
@@ -34,7 +38,9 @@ class CrossBatchMemory(nn.Module):
         loss: a deepmetric pair-based loss (an ``nn.Module`` with the signature
             ``loss(embeddings, labels, ref_emb=None, ref_labels=None, self_index=None)`` and a
             ``num_active`` attribute). It becomes a child module, so ``parameters()`` includes
-            its parameters (e.g. the margin loss's learnable beta).
+            its parameters (e.g. the margin loss's learnable beta). With a deepmetric loss
+            (a ``PairLoss``) every row must be a unit vector: rows are checked as they are
+            written (see :meth:`enqueue`), not re-read at every step.
         size: M, number of memory slots (>= the batch size).
         dim: d, embedding dimension.
         start_iteration: calls before this one use the in-batch loss only and leave the memory
@@ -80,6 +86,9 @@ class CrossBatchMemory(nn.Module):
         self.start_iteration = int(start_iteration)
         self.weight = float(weight)
         self.batch_loss = bool(batch_loss)
+        # A deepmetric pair loss assumes unit vectors: each row is checked once, when it is
+        # written, and the memory term skips the loss's own check of all M rows every step.
+        self.unit_rows = isinstance(loss, PairLoss)
         self.register_buffer("memory_emb", torch.zeros(self.size, self.dim, dtype=torch.float32))
         self.register_buffer("memory_labels", torch.zeros(self.size, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
@@ -166,11 +175,21 @@ class CrossBatchMemory(nn.Module):
 
         embeddings: (B, d), any float dtype; stored detached as float32. labels: (B,) integer.
         Returns the (B,) int64 slots written, on the memory's device: ``slots[i]`` holds row i.
+        Raises ValueError, writing nothing, for NaN or inf, or (when the wrapped loss is a
+        deepmetric pair loss) rows that are not unit vectors, so that a bad batch never
+        poisons the memory for later steps.
         """
         self._check_batch(embeddings, labels)
-        if not torch.isfinite(embeddings).all():
-            # Checked here so that a bad batch never poisons the memory for later steps.
+        if self.unit_rows:
+            norms = row_norms(embeddings.to(torch.float32))
+            low, high = torch.stack(torch.aminmax(norms)).tolist()  # one host sync
+            finite = math.isfinite(low + high)
+        else:
+            finite = bool(torch.isfinite(embeddings).all())
+        if not finite:
             raise ValueError("embeddings contain NaN or inf; not written to the memory")
+        if self.unit_rows:
+            check_unit_norms("embeddings", low, high)
         b = embeddings.shape[0]
         device = self.memory_emb.device
         slots = torch.arange(self._ptr, self._ptr + b, device=device) % self.size
@@ -200,12 +219,14 @@ class CrossBatchMemory(nn.Module):
                 num_active = _active(self.loss, batch_loss)
             slots = self.enqueue(embeddings, labels)
             n = self._filled
+            checked = {"check_ref_norms": False} if self.unit_rows else {}  # see __init__
             mem_loss = self.loss(
                 embeddings,
                 labels,
                 ref_emb=self.memory_emb[:n],
                 ref_labels=self.memory_labels[:n],
                 self_index=slots,
+                **checked,
             )
             num_active = num_active + _active(self.loss, mem_loss)
             total = self.weight * mem_loss

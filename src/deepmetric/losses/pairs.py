@@ -192,8 +192,8 @@ def check_values(
     """All value checks of one loss call, read back in one host sync.
 
     sim: (B, M) similarities; NaN or inf anywhere in the inputs shows up in their sum.
-    norms: (B,) anchor row norms; ref_norms: (M,) reference row norms (None in-batch); each
-        must lie in 1 +- NORM_TOLERANCE (the losses assume unit vectors).
+    norms: (B,) anchor row norms; ref_norms: (M,) reference row norms (None: not checked, as
+        in-batch); each must lie in 1 +- NORM_TOLERANCE (the losses assume unit vectors).
     self_index: (B,) must lie in [-1, M).
     """
     stats = [sim.detach().sum(), *torch.aminmax(norms)]
@@ -236,12 +236,16 @@ def build_pairs(
     ref_emb: Tensor | None = None,
     ref_labels: Tensor | None = None,
     self_index: Tensor | None = None,
+    *,
+    check_ref_norms: bool = True,
 ) -> Pairs:
     """Similarities and the pair description of one loss call, inputs checked.
 
     embeddings: (B, d) L2-normalised anchors; labels: (B,) integer class ids.
     ref_emb, ref_labels: (M, d) L2-normalised, (M,) reference set; None = the batch itself.
     self_index: (B,) long, the reference slot holding anchor i's own copy, -1 for none.
+    check_ref_norms: False skips the unit-norm check of ref_emb's rows (one pass over M x d)
+        for a caller that checked them when it stored them (CrossBatchMemory, at enqueue).
     Raises ValueError for malformed inputs, NaN or inf, or rows that are not unit vectors.
     """
     check_inputs(embeddings, labels, ref_emb, ref_labels, self_index)
@@ -256,7 +260,7 @@ def build_pairs(
         else:
             refs = ref_emb.to(dtype)
             sim = cross_similarity(anchors, refs)
-            ref_norms = row_norms(refs)
+            ref_norms = row_norms(refs) if check_ref_norms else None
     check_values(sim, norms, ref_norms, self_index)
     rows = torch.arange(embeddings.shape[0], device=embeddings.device)
     if in_batch:
@@ -290,13 +294,17 @@ class PairLoss(torch.nn.Module):
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
         self_index: Tensor | None = None,
+        *,
+        check_ref_norms: bool = True,
     ) -> Tensor:
         """embeddings (B, d) L2-normalised, labels (B,); optional references (M, d)
         L2-normalised, (M,), and self_index (B,) (reference slot of each anchor's own copy,
         -1 = none). Returns a scalar loss (float32, or float64 for float64 input).
         Raises ValueError for malformed inputs, NaN or inf, or rows that are not unit vectors
-        (see :func:`build_pairs`)."""
-        pairs = build_pairs(embeddings, labels, ref_emb, ref_labels, self_index)
+        (see :func:`build_pairs`, which also explains ``check_ref_norms``)."""
+        pairs = build_pairs(
+            embeddings, labels, ref_emb, ref_labels, self_index, check_ref_norms=check_ref_norms
+        )
         loss, num_active = self.compute(pairs)
         self.num_active = num_active.detach()
         return loss
