@@ -291,6 +291,7 @@ def _no_norms(x: torch.Tensor) -> torch.Tensor:
 
 def ablation_switches() -> dict[str, list[tuple[object, str, object]]]:
     """Switch name -> the (object, attribute, value) settings that turn it off."""
+    from deepmetric import memory
     from deepmetric.losses import _autograd, pairs
 
     return {
@@ -298,8 +299,9 @@ def ablation_switches() -> dict[str, list[tuple[object, str, object]]]:
         "sparse_grad": [(_autograd, "SPARSE_GRAD_DENSITY", 0.0)],
         # special path: masked_logsumexp's exponents clamped at -80 before exp
         "exp_floor": [(_autograd, "exp_nonpositive_", torch.Tensor.exp_)],
-        # not a special path: the unit-norm check's row norms (its cost)
-        "norm_check": [(pairs, "row_norms", _no_norms)],
+        # not a special path: the unit-norm check's row norms (its cost), in the losses and
+        # in CrossBatchMemory.enqueue
+        "norm_check": [(pairs, "row_norms", _no_norms), (memory, "row_norms", _no_norms)],
     }
 
 
