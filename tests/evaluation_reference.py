@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from deepmetric.evaluation.blocks import LIST_BYTES, SCORE_BYTES, plan_chunks
 
@@ -141,3 +142,21 @@ def evaluate_budgets(ql, gl=None, ks=KS, rows=4) -> tuple[int, int, int]:
     search_part = rows * (2 * LIST_BYTES * (long_list + 1) + SCORE_BYTES * 40)
     gallery_chunked = search_part + min(lists, search_part)
     return 2**30, int(query_chunked), int(gallery_chunked)
+
+
+def assert_metrics_equal(ours: dict, ref: dict, ks=KS) -> None:
+    """evaluate()'s Recall@K, MAP@R, R-precision and count of queries without a positive equal
+    the reference's."""
+    for key in [f"recall@{k}" for k in ks] + ["map@r", "r_precision"]:
+        assert ours[key] == pytest.approx(ref[key], abs=1e-12), key
+    assert ours["num_queries_without_positive"] == ref["num_queries_without_positive"]
+
+
+def pml_calculator():
+    """PML's AccuracyCalculator for P@1, MAP@R and R-precision with k = the largest class
+    (the test is skipped without pytorch-metric-learning)."""
+    pml = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    return pml.AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+        k="max_bin_count",
+    )

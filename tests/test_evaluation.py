@@ -26,10 +26,12 @@ from deepmetric.evaluation.blocks import plan_chunks
 from deepmetric.evaluation.exact import knn_torch
 from evaluation_reference import (
     KS,
+    assert_metrics_equal,
     budgets,
     clustered,
     evaluate_budgets,
     load_benchmark,
+    pml_calculator,
     quantised,
     ref_knn,
     ref_metrics,
@@ -72,12 +74,6 @@ def paths(monkeypatch):
 
         monkeypatch.setattr(search_module, name, spy)
     return recorder
-
-
-def assert_metrics_equal(ours: dict, ref: dict, ks=KS) -> None:
-    for key in [f"recall@{k}" for k in ks] + ["map@r", "r_precision"]:
-        assert ours[key] == pytest.approx(ref[key], abs=1e-12), key
-    assert ours["num_queries_without_positive"] == ref["num_queries_without_positive"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -364,12 +360,8 @@ def test_default_keys_and_recall_at_table():
 
 
 def test_matches_pml_accuracy_calculator():
-    pml = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    calc = pml_calculator()
     x, labels = clustered(800, 40, 32, seed=26, noise=1.2)
-    calc = pml.AccuracyCalculator(
-        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
-        k="max_bin_count",
-    )
     theirs = calc.get_accuracy(torch.from_numpy(x), torch.from_numpy(labels))
     ours = evaluate(x, labels, recall_at=(1,), metrics=("recall", "map_at_r", "r_precision"))
     assert ours["recall@1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
