@@ -44,11 +44,19 @@ def omniglot_config(data: Path, iterations: int, seed: int, out: Path):
     """configs/omniglot.yaml with the benchmark's data path, budget, seed and run folder."""
     from deepmetric.config import load_config
 
-    return load_config(CONFIG, [
-        f"--data.root={data}", f"--train.iterations={iterations}", f"--seed={seed}",
-        f"--output.dir={out}", "--train.progress=false", "--eval.every=0",
-        "--train.checkpoint_every=0", "--output.plots=false",
-    ])
+    return load_config(
+        CONFIG,
+        [
+            f"--data.root={data}",
+            f"--train.iterations={iterations}",
+            f"--seed={seed}",
+            f"--output.dir={out}",
+            "--train.progress=false",
+            "--eval.every=0",
+            "--train.checkpoint_every=0",
+            "--output.plots=false",
+        ],
+    )
 
 
 def run_deepmetric(cfg) -> dict:
@@ -61,8 +69,11 @@ def run_deepmetric(cfg) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_s = max(r["time_s"] for r in records if "loss" in r)
     batch = cfg.sampler.p * cfg.sampler.k
-    return {"metrics": summary["final"], "train_s": train_s,
-            "images_per_s": cfg.train.iterations * batch / train_s}
+    return {
+        "metrics": summary["final"],
+        "train_s": train_s,
+        "images_per_s": cfg.train.iterations * batch / train_s,
+    }
 
 
 def run_pml(cfg, iterations: int, seed: int) -> dict:
@@ -76,16 +87,25 @@ def run_pml(cfg, iterations: int, seed: int) -> dict:
     train_ds, eval_sets = build_data(cfg)
     model = build_model_from_config(cfg)  # same seeded initialisation as deepmetric's run
     batch = cfg.sampler.p * cfg.sampler.k
-    sampler = samplers.MPerClassSampler(train_ds.labels.numpy(), m=cfg.sampler.k,
-                                        batch_size=batch,
-                                        length_before_new_iter=iterations * batch)
-    loader = DataLoader(train_ds, batch_size=batch, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers)
+    sampler = samplers.MPerClassSampler(
+        train_ds.labels.numpy(),
+        m=cfg.sampler.k,
+        batch_size=batch,
+        length_before_new_iter=iterations * batch,
+    )
+    loader = DataLoader(
+        train_ds,
+        batch_size=batch,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+    )
     p = cfg.loss.params
     loss_func = losses.MultiSimilarityLoss(alpha=p["alpha"], beta=p["beta"], base=p["base"])
     miner = miners.MultiSimilarityMiner(epsilon=p["epsilon"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
-                                 weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
     model.train()
     start = time.perf_counter()
     done = 0
@@ -103,8 +123,13 @@ def run_pml(cfg, iterations: int, seed: int) -> dict:
     es = eval_sets["val"]
     evaluator = Evaluator(cfg, {"val": es}, torch.device("cpu"), None, persistent_workers=False)
     metrics = evaluator.evaluate(model)["val"]
-    return {"metrics": metrics, "train_s": train_s, "images_per_s": done * batch / train_s,
-            "model": model, "eval_set": es}
+    return {
+        "metrics": metrics,
+        "train_s": train_s,
+        "images_per_s": done * batch / train_s,
+        "model": model,
+        "eval_set": es,
+    }
 
 
 def speed_rounds(data: Path, rounds: int, iterations: int, tmp: Path) -> dict[str, list[float]]:
@@ -115,8 +140,9 @@ def speed_rounds(data: Path, rounds: int, iterations: int, tmp: Path) -> dict[st
         cfg = omniglot_config(data, iterations, 100 + r, tmp / f"speed{r}")
         order = ("deepmetric", "PML") if r % 2 == 0 else ("PML", "deepmetric")
         for name in order:
-            result = run_deepmetric(cfg) if name == "deepmetric" else run_pml(cfg, iterations,
-                                                                              100 + r)
+            result = (
+                run_deepmetric(cfg) if name == "deepmetric" else run_pml(cfg, iterations, 100 + r)
+            )
             speeds[name].append(result["images_per_s"])
     return speeds
 
@@ -139,10 +165,12 @@ def pml_accuracy(model, es, cfg) -> dict:
     from deepmetric.engine import build_eval_loader
     from deepmetric.evaluation import extract_embeddings
 
-    emb, labels = extract_embeddings(model, build_eval_loader(cfg, es.dataset, False),
-                                     progress=False)
-    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"),
-                              k="max_bin_count")
+    emb, labels = extract_embeddings(
+        model, build_eval_loader(cfg, es.dataset, False), progress=False
+    )
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count"
+    )
     return calc.get_accuracy(emb, labels, emb, labels, ref_includes_query=True)
 
 
@@ -151,13 +179,20 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--speed-rounds", type=int, default=4,
-                        help="alternating short runs for the images/s comparison (0 = none)")
+    parser.add_argument(
+        "--speed-rounds",
+        type=int,
+        default=4,
+        help="alternating short runs for the images/s comparison (0 = none)",
+    )
     parser.add_argument("--speed-iterations", type=int, default=150)
-    parser.add_argument("--order", choices=("alternate", "deepmetric-first", "pml-first"),
-                        default="alternate",
-                        help="which pipeline runs first (alternate: deepmetric first on even "
-                        "seeds, PML first on odd ones)")
+    parser.add_argument(
+        "--order",
+        choices=("alternate", "deepmetric-first", "pml-first"),
+        default="alternate",
+        help="which pipeline runs first (alternate: deepmetric first on even "
+        "seeds, PML first on odd ones)",
+    )
     args = parser.parse_args()
     if not args.data.is_file():
         sys.exit(f"Omniglot file not found: {args.data} (see ../shared/data/omniglot/README.md)")
@@ -176,41 +211,70 @@ def main() -> None:
             from deepmetric.engine import load_model
 
             _, our_model, _ = load_model(Path(tmp) / "run")
-            check = {"deepmetric": pml_accuracy(our_model, pml["eval_set"], cfg),
-                     "PML": pml_accuracy(pml["model"], pml["eval_set"], cfg)}
+            check = {
+                "deepmetric": pml_accuracy(our_model, pml["eval_set"], cfg),
+                "PML": pml_accuracy(pml["model"], pml["eval_set"], cfg),
+            }
         for name, r in (("deepmetric", ours), ("PML", pml)):
             m = r["metrics"]
-            rows.append((seed, name, m["recall@1"], m["recall@2"], m["recall@4"], m["recall@8"],
-                         m["map@r"], check[name]["precision_at_1"],
-                         check[name]["mean_average_precision_at_r"], r["images_per_s"],
-                         r["train_s"]))
-            print(f"seed {seed} {name}: R@1 {m['recall@1']:.4f} MAP@R {m['map@r']:.4f} "
-                  f"{r['images_per_s']:.0f} img/s", file=sys.stderr, flush=True)
+            rows.append(
+                (
+                    seed,
+                    name,
+                    m["recall@1"],
+                    m["recall@2"],
+                    m["recall@4"],
+                    m["recall@8"],
+                    m["map@r"],
+                    check[name]["precision_at_1"],
+                    check[name]["mean_average_precision_at_r"],
+                    r["images_per_s"],
+                    r["train_s"],
+                )
+            )
+            print(
+                f"seed {seed} {name}: R@1 {m['recall@1']:.4f} MAP@R {m['map@r']:.4f} "
+                f"{r['images_per_s']:.0f} img/s",
+                file=sys.stderr,
+                flush=True,
+            )
     speeds: dict[str, list[float]] = {}
     if args.speed_rounds:
         with tempfile.TemporaryDirectory() as tmp:
             speeds = speed_rounds(args.data, args.speed_rounds, args.speed_iterations, Path(tmp))
 
-    print(f"Omniglot background set, train characters 0-763 (15,280 images), evaluate on "
-          f"characters 764-963 (4,000 images, each against the other 3,999); "
-          f"{args.iterations} iterations of batch 64 = 16 x 4; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}.\n")
-    print("| seed | pipeline | R@1 | R@2 | R@4 | R@8 | MAP@R | PML P@1 | PML MAP@R | "
-          "train images/s | train s |")
+    print(
+        f"Omniglot background set, train characters 0-763 (15,280 images), evaluate on "
+        f"characters 764-963 (4,000 images, each against the other 3,999); "
+        f"{args.iterations} iterations of batch 64 = 16 x 4; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}.\n"
+    )
+    print(
+        "| seed | pipeline | R@1 | R@2 | R@4 | R@8 | MAP@R | PML P@1 | PML MAP@R | "
+        "train images/s | train s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         seed, name, *vals, ips, secs = row
-        print(f"| {seed} | {name} | " + " | ".join(f"{v:.4f}" for v in vals)
-              + f" | {ips:.0f} | {secs:.1f} |")
+        print(
+            f"| {seed} | {name} | "
+            + " | ".join(f"{v:.4f}" for v in vals)
+            + f" | {ips:.0f} | {secs:.1f} |"
+        )
     if speeds:
-        print(f"\nTraining speed in {args.speed_rounds} alternating runs of "
-              f"{args.speed_iterations} iterations (images/s, median [min, max]):\n")
+        print(
+            f"\nTraining speed in {args.speed_rounds} alternating runs of "
+            f"{args.speed_iterations} iterations (images/s, median [min, max]):\n"
+        )
         print("| pipeline | images/s | runs |")
         print("|---|---|---|")
         for name, values in speeds.items():
             v = sorted(values)
-            print(f"| {name} | {v[len(v) // 2]:.0f} [{v[0]:.0f}, {v[-1]:.0f}] | "
-                  + ", ".join(f"{x:.0f}" for x in values) + " |")
+            print(
+                f"| {name} | {v[len(v) // 2]:.0f} [{v[0]:.0f}, {v[-1]:.0f}] | "
+                + ", ".join(f"{x:.0f}" for x in values)
+                + " |"
+            )
 
 
 if __name__ == "__main__":

@@ -8,8 +8,15 @@ import numpy as np
 from PIL import Image
 from scipy.io import savemat
 
-CARS_ANNOS_FIELDS = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class",
-                     "test")
+CARS_ANNOS_FIELDS = (
+    "relative_im_path",
+    "bbox_x1",
+    "bbox_y1",
+    "bbox_x2",
+    "bbox_y2",
+    "class",
+    "test",
+)
 CARS_DEVKIT_FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")
 
 
@@ -55,7 +62,8 @@ def make_cub(tmp: Path, per_class: dict[int, int]) -> Path:
     (base / "classes.txt").write_text("\n".join(classes) + "\n")
     # The classification split, which must be ignored: mark every image as training.
     (base / "train_test_split.txt").write_text(
-        "\n".join(f"{i} 1" for i in range(1, image_id + 1)) + "\n")
+        "\n".join(f"{i} 1" for i in range(1, image_id + 1)) + "\n"
+    )
     return tmp
 
 
@@ -65,8 +73,11 @@ def _struct_array(rows: list[dict], fields: tuple[str, ...]) -> np.ndarray:
     for k, row in enumerate(rows):
         for f in fields:
             value = row[f]
-            arr[0, k][f] = np.array([value]) if isinstance(value, str) else np.array(
-                [[value]], dtype=np.uint16 if f.startswith("bbox") else np.uint8)
+            arr[0, k][f] = (
+                np.array([value])
+                if isinstance(value, str)
+                else np.array([[value]], dtype=np.uint16 if f.startswith("bbox") else np.uint8)
+            )
     return arr
 
 
@@ -88,20 +99,26 @@ def make_cars_annos(tmp: Path, per_class: dict[int, int]) -> Path:
     names = np.empty((1, 196), dtype=object)
     for c in range(196):
         names[0, c] = f"Car model {c + 1}"
-    savemat(tmp / "cars_annos.mat", {"annotations": _struct_array(rows, CARS_ANNOS_FIELDS),
-                                     "class_names": names})
+    savemat(
+        tmp / "cars_annos.mat",
+        {"annotations": _struct_array(rows, CARS_ANNOS_FIELDS), "class_names": names},
+    )
     return tmp
 
 
-def make_cars_devkit(tmp: Path, train: dict[int, int], test: dict[int, int],
-                     test_annos_in_devkit: bool = False) -> Path:
+def make_cars_devkit(
+    tmp: Path, train: dict[int, int], test: dict[int, int], test_annos_in_devkit: bool = False
+) -> Path:
     """Layout B: cars_train/, cars_test/, devkit/cars_train_annos.mat and
     cars_test_annos_withlabels.mat (at the root, or in devkit/)."""
     (tmp / "devkit").mkdir(parents=True, exist_ok=True)
     for folder, per_class, mat in (
         ("cars_train", train, tmp / "devkit" / "cars_train_annos.mat"),
-        ("cars_test", test,
-         tmp / ("devkit" if test_annos_in_devkit else ".") / "cars_test_annos_withlabels.mat"),
+        (
+            "cars_test",
+            test,
+            tmp / ("devkit" if test_annos_in_devkit else ".") / "cars_test_annos_withlabels.mat",
+        ),
     ):
         rows = []
         n = 0

@@ -19,9 +19,15 @@ from deepmetric.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 TINY = [
-    "--data.transform_options.size=16", "--model.embedding_dim=16", "--sampler.p=5", "--sampler.k=2",
-    "--train.iterations=6", "--train.progress=false", "--train.threads=1",
-    "--eval.at_start=false", "--eval.batch_size=512",
+    "--data.transform_options.size=16",
+    "--model.embedding_dim=16",
+    "--sampler.p=5",
+    "--sampler.k=2",
+    "--train.iterations=6",
+    "--train.progress=false",
+    "--train.threads=1",
+    "--eval.at_start=false",
+    "--eval.batch_size=512",
 ]
 
 
@@ -52,19 +58,33 @@ def test_help(capsys) -> None:
     out = capsys.readouterr().out
     for command in ("train", "eval", "embed", "datasets"):
         assert command in out
-    for argv in (["train", "--help"], ["eval", "--help"], ["embed", "--help"],
-                 ["datasets", "check", "--help"]):
+    for argv in (
+        ["train", "--help"],
+        ["eval", "--help"],
+        ["embed", "--help"],
+        ["datasets", "check", "--help"],
+    ):
         assert main(argv) == 0
         assert "usage: deepmetric" in capsys.readouterr().out
     assert main([]) == 2  # no command: help, usage status
 
 
 def test_python_dash_m_help_and_version() -> None:
-    done = subprocess.run([sys.executable, "-m", "deepmetric", "--help"], env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "deepmetric", "--help"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "embed" in done.stdout
-    done = subprocess.run([sys.executable, "-m", "deepmetric", "--version"], env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "deepmetric", "--version"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and done.stdout.startswith("deepmetric ")
 
 
@@ -75,8 +95,10 @@ def test_train_prints_summary_and_writes_run(run_dir: Path, capsys) -> None:
 
 def test_eval_prints_and_writes_json(run_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "metrics.json"
-    assert main(["eval", "--checkpoint", str(run_dir), "--out", str(out),
-                 "--eval.recall_at=[1, 2]"]) == 0
+    assert (
+        main(["eval", "--checkpoint", str(run_dir), "--out", str(out), "--eval.recall_at=[1, 2]"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "recall@1" in printed and str(out) in printed
     result = json.loads(out.read_text())
@@ -112,8 +134,20 @@ def _write_images(folder: Path, n: int) -> list[Path]:
 def test_embed_folder_and_list(run_dir: Path, tmp_path: Path, capsys) -> None:
     paths = _write_images(tmp_path / "imgs", 7)
     out = tmp_path / "emb.npy"
-    assert main(["embed", "--checkpoint", str(run_dir), "--images", str(tmp_path / "imgs"),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--checkpoint",
+                str(run_dir),
+                "--images",
+                str(tmp_path / "imgs"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     emb = np.load(out)
     assert emb.shape == (7, 16) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
@@ -122,10 +156,23 @@ def test_embed_folder_and_list(run_dir: Path, tmp_path: Path, capsys) -> None:
     # a list file (relative paths, optional labels), in its own order
     order = [paths[3], paths[0], paths[5]]
     (tmp_path / "list.txt").write_text(
-        "".join(f"{p.relative_to(tmp_path)} {i}\n" for i, p in enumerate(order)))
+        "".join(f"{p.relative_to(tmp_path)} {i}\n" for i, p in enumerate(order))
+    )
     out2 = tmp_path / "emb2.npy"
-    assert main(["embed", "--checkpoint", str(run_dir), "--images", str(tmp_path / "list.txt"),
-                 "--out", str(out2)]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--checkpoint",
+                str(run_dir),
+                "--images",
+                str(tmp_path / "list.txt"),
+                "--out",
+                str(out2),
+            ]
+        )
+        == 0
+    )
     emb2 = np.load(out2)
     np.testing.assert_allclose(emb2, emb[[listed.index(str(p)) for p in order]], atol=1e-6)
     assert "embedded 3 images" in capsys.readouterr().out
@@ -143,11 +190,23 @@ def test_user_errors_exit_2_with_one_line(run_dir: Path, tmp_path: Path, capsys)
         (["train", "--config", str(tmp_path / "missing.yaml")], "config file not found"),
         (["train", "--config", DEMO, "--optim.lrr=3"], "optim.lrr"),
         (["train", "--config", DEMO, "--loss.margn=3"], "loss.margn"),
-        (["train", "--config", DEMO, "--data.name=nope", "--output.dir", str(tmp_path / "r")],
-         "unknown data set"),
+        (
+            ["train", "--config", DEMO, "--data.name=nope", "--output.dir", str(tmp_path / "r")],
+            "unknown data set",
+        ),
         (["eval", "--checkpoint", str(tmp_path / "nothing")], "checkpoint not found"),
-        (["embed", "--checkpoint", str(run_dir), "--images", str(tmp_path / "none"),
-          "--out", str(tmp_path / "e.npy")], "no such folder or list file"),
+        (
+            [
+                "embed",
+                "--checkpoint",
+                str(run_dir),
+                "--images",
+                str(tmp_path / "none"),
+                "--out",
+                str(tmp_path / "e.npy"),
+            ],
+            "no such folder or list file",
+        ),
         (["train", "--config", DEMO, "--output.dir", str(run_dir)], "already holds a run"),
     ]
     for argv, expected in cases:
@@ -160,11 +219,17 @@ def test_user_errors_exit_2_with_one_line(run_dir: Path, tmp_path: Path, capsys)
 def test_config_error_in_subprocess_has_no_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {iterations: ten}\n")
-    done = subprocess.run([sys.executable, "-m", "deepmetric", "train", "--config", str(bad)],
-                          env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "deepmetric", "train", "--config", str(bad)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"deepmetric: error: {bad}: train.iterations: expected an integer, got 'ten' (str)"]
+        f"deepmetric: error: {bad}: train.iterations: expected an integer, got 'ten' (str)"
+    ]
 
 
 def test_internal_errors_show_traceback(monkeypatch, capsys) -> None:

@@ -35,16 +35,35 @@ def test_every_preset_loads_and_round_trips(preset: Path) -> None:
 
 def test_presets_exist() -> None:
     names = {p.name for p in PRESETS}
-    assert {"demo.yaml", "omniglot.yaml", "deep_metric_bninception_cub.yaml", "ms_bninception_cub.yaml",
-            "xbm_cub.yaml", "xbm_cars196.yaml", "xbm_sop.yaml", "xbm_inshop.yaml"} <= names
+    assert {
+        "demo.yaml",
+        "omniglot.yaml",
+        "deep_metric_bninception_cub.yaml",
+        "ms_bninception_cub.yaml",
+        "xbm_cub.yaml",
+        "xbm_cars196.yaml",
+        "xbm_sop.yaml",
+        "xbm_inshop.yaml",
+    } <= names
 
 
 def test_overrides_both_forms_and_yaml_values(tmp_path: Path) -> None:
     cfg = load_config(
         write(tmp_path, "optim: {lr: 1.0e-3}\n"),
-        ["--optim.lr=1e-4", "--data.root", "/data/cub", "--eval.recall_at=[1, 2]",
-         "--loss.neg_margin", "0.3", "--loss.name=contrastive", "--data.options.classes=[0, 3]",
-         "--train.amp", "bf16", "--model.pretrained", "null"],
+        [
+            "--optim.lr=1e-4",
+            "--data.root",
+            "/data/cub",
+            "--eval.recall_at=[1, 2]",
+            "--loss.neg_margin",
+            "0.3",
+            "--loss.name=contrastive",
+            "--data.options.classes=[0, 3]",
+            "--train.amp",
+            "bf16",
+            "--model.pretrained",
+            "null",
+        ],
     )
     assert cfg.optim.lr == 1e-4  # "1e-4" is a string for YAML 1.1: still a float here
     assert cfg.data.root == "/data/cub"
@@ -75,8 +94,11 @@ def test_wrong_type_names_key_and_expected(tmp_path: Path) -> None:
     assert "'many'" in str(e.value)
     with pytest.raises(ConfigError, match=r"train.amp: expected one of 'none', 'bf16', 'fp16'"):
         load_config(None, ["--train.amp=fp8"])
-    with pytest.raises(ConfigError, match=r"command line \(--xbm.enabled\): xbm.enabled: expected "
-                                          r"true or false"):
+    with pytest.raises(
+        ConfigError,
+        match=r"command line \(--xbm.enabled\): xbm.enabled: expected "
+        r"true or false",
+    ):
         load_config(None, ["--xbm.enabled=yes please"])
 
 
@@ -138,19 +160,37 @@ OMNIGLOT = ROOT / "configs" / "omniglot.yaml"
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("--data.options.clases=[0, 3]", r"data\.options\.clases: not an option of data set "
-         r"'digits' \(did you mean 'classes'\?\)"),
-        ("--data.test_options.invert=true", r"data\.test_options\.invert: not an option of "
-         r"data set 'digits'"),
-        ("--data.options.size=16", r"data\.options\.size: the image size is set by "
-         r"data\.transform_options\.size"),
-        ("--data.transform_options.sise=16", r"data\.transform_options\.sise: not an option of "
-         r"the 'small' transform \(did you mean 'size'\?\)"),
+        (
+            "--data.options.clases=[0, 3]",
+            r"data\.options\.clases: not an option of data set "
+            r"'digits' \(did you mean 'classes'\?\)",
+        ),
+        (
+            "--data.test_options.invert=true",
+            r"data\.test_options\.invert: not an option of "
+            r"data set 'digits'",
+        ),
+        (
+            "--data.options.size=16",
+            r"data\.options\.size: the image size is set by "
+            r"data\.transform_options\.size",
+        ),
+        (
+            "--data.transform_options.sise=16",
+            r"data\.transform_options\.sise: not an option of "
+            r"the 'small' transform \(did you mean 'size'\?\)",
+        ),
         ("--data.transform_options.scale=[0.5, 1]", r"transform_options\.scale: not an option"),
-        ("--model.options.embedding_dim=8", r"model\.options\.embedding_dim: set "
-         r"model\.embedding_dim instead"),
-        ("--model.options.drop_rate=0.1", r"model\.options\.drop_rate: not an option of "
-         r"build_model; expected one of: in_chans"),
+        (
+            "--model.options.embedding_dim=8",
+            r"model\.options\.embedding_dim: set "
+            r"model\.embedding_dim instead",
+        ),
+        (
+            "--model.options.drop_rate=0.1",
+            r"model\.options\.drop_rate: not an option of "
+            r"build_model; expected one of: in_chans",
+        ),
         ("--data.name=cubb", r"data\.name: unknown data set 'cubb'"),
         ("--data.transform=imagenett", r"data\.transform: unknown preset 'imagenett'"),
     ],
@@ -164,9 +204,15 @@ def test_option_mappings_checked_against_the_functions_they_feed(override, messa
 
 
 def test_option_mappings_accept_what_the_functions_take(tmp_path: Path) -> None:
-    cfg = load_config(DEMO, ["--data.options.classes=[0, 3]", "--data.transform=imagenet",
-                             "--data.transform_options={size: 64, scale: [0.5, 1.0]}",
-                             "--model.options.in_chans=3"])
+    cfg = load_config(
+        DEMO,
+        [
+            "--data.options.classes=[0, 3]",
+            "--data.transform=imagenet",
+            "--data.transform_options={size: 64, scale: [0.5, 1.0]}",
+            "--model.options.in_chans=3",
+        ],
+    )
     assert cfg.data.transform_options == {"size": 64, "scale": [0.5, 1.0]}
     # a file's own mistake names the file
     path = write(tmp_path, "data: {name: digits, options: {invert: true}}\n")
@@ -205,14 +251,19 @@ def test_new_loss_name_starts_from_its_defaults_and_says_what_it_dropped() -> No
         assert cfg.loss.name == "contrastive" and cfg.loss.params == {}
         assert len(cfg.notes) == 1 and "dropped loss.alpha, loss.beta, loss.base" in cfg.notes[0]
     # hyper-parameters given on the command line stay, before or after the name
-    for overrides in (["--loss.name=contrastive", "--loss.neg_margin=0.3"],
-                      ["--loss.neg_margin=0.3", "--loss.name=contrastive"],
-                      ["--loss={name: contrastive, neg_margin: 0.3}"]):
+    for overrides in (
+        ["--loss.name=contrastive", "--loss.neg_margin=0.3"],
+        ["--loss.neg_margin=0.3", "--loss.name=contrastive"],
+        ["--loss={name: contrastive, neg_margin: 0.3}"],
+    ):
         assert load_config(OMNIGLOT, overrides).loss.params == {"neg_margin": 0.3}, overrides
     # the same name: nothing dropped
     same = load_config(OMNIGLOT, ["--loss.name=multi_similarity", "--loss.beta=40"])
     assert same.loss.params["beta"] == 40 and same.loss.params["alpha"] == 2.0 and not same.notes
     # a hyper-parameter of the old loss given for the new one is still an error
-    with pytest.raises(ConfigError, match=r"loss\.alpha: not a hyper-parameter of loss "
-                                          r"'contrastive'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"loss\.alpha: not a hyper-parameter of loss "
+        r"'contrastive'",
+    ):
         load_config(OMNIGLOT, ["--loss.name=contrastive", "--loss.alpha=2"])

@@ -62,8 +62,11 @@ def test_npz_class_range_invert_and_resize(tmp_path: Path) -> None:
     assert small[0][0].shape == (1, 4, 4) and len(small) == 18
 
     # (N, H, W, 3) uint8 with (N,) labels
-    np.savez(tmp_path / "rgb.npz", x=rng.integers(0, 255, (4, 5, 5, 3), dtype=np.uint8),
-             y=np.array([3, 1, 3, 1]))
+    np.savez(
+        tmp_path / "rgb.npz",
+        x=rng.integers(0, 255, (4, 5, 5, 3), dtype=np.uint8),
+        y=np.array([3, 1, 3, 1]),
+    )
     rgb = build_dataset("npz", tmp_path / "rgb.npz", images_key="x", labels_key="y")
     assert rgb[0][0].shape == (3, 5, 5) and rgb.class_ids.tolist() == [1, 3]
 
@@ -109,8 +112,7 @@ def test_presets_shapes_and_normalisation() -> None:
     imagenet = build_transform("imagenet", train=False)(red)
     assert imagenet.shape == (3, 224, 224)
     assert abs(float(imagenet[0, 5, 5]) - (1 - 0.485) / 0.229) < 1e-4
-    assert build_transform("imagenet", train=True, size=64, scale=(0.5, 1))(im).shape == (3, 64,
-                                                                                         64)
+    assert build_transform("imagenet", train=True, size=64, scale=(0.5, 1))(im).shape == (3, 64, 64)
     assert build_transform("imagenet", train=False, size=64)(im).shape == (3, 64, 64)
     with pytest.raises(ValueError, match="unknown transform preset"):
         build_transform("resnet", train=True)
@@ -176,7 +178,8 @@ def test_subset_keeps_roles(tmp_path: Path) -> None:
     for k in range(len(rows)):
         write_image(tmp_path / f"{k}.png", seed=k)
     lines = ["label,path,split,is_query,is_gallery"] + [
-        f"{lab},{k}.png,validation,{q},{1 - q}" for k, (lab, q) in enumerate(rows)]
+        f"{lab},{k}.png,validation,{q},{1 - q}" for k, (lab, q) in enumerate(rows)
+    ]
     (tmp_path / "df.csv").write_text("\n".join(lines) + "\n")
     test = build_dataset("csv", tmp_path, "test")
     sub = subset_classes(test, [1, 2])
@@ -189,8 +192,9 @@ def test_dataloader_two_workers(tmp_path: Path) -> None:
     root = make_cub(tmp_path, {1: 3, 2: 3, 3: 2})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DatasetCountWarning)
-        ds = build_dataset("cub", root, "train",
-                           transform=build_transform("imagenet", True, size=32))
+        ds = build_dataset(
+            "cub", root, "train", transform=build_transform("imagenet", True, size=32)
+        )
     loader = DataLoader(ds, batch_size=3, num_workers=2, shuffle=False)
     labels = []
     for images, batch_labels in loader:

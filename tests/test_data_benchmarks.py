@@ -88,10 +88,18 @@ def test_official_numbers() -> None:
     [
         ("cub", lambda p: make_cub(p, CUB_CLASSES), "train", {"images": 6, "classes": 3}),
         ("cub", lambda p: make_cub(p, CUB_CLASSES), "test", {"images": 5, "classes": 3}),
-        ("cars196", lambda p: make_cars_annos(p, {1: 2, 98: 1, 99: 3}), "train",
-         {"images": 3, "classes": 2}),
-        ("cars196", lambda p: make_cars_annos(p, {1: 2, 98: 1, 99: 3}), "test",
-         {"images": 3, "classes": 1}),
+        (
+            "cars196",
+            lambda p: make_cars_annos(p, {1: 2, 98: 1, 99: 3}),
+            "train",
+            {"images": 3, "classes": 2},
+        ),
+        (
+            "cars196",
+            lambda p: make_cars_annos(p, {1: 2, 98: 1, 99: 3}),
+            "test",
+            {"images": 3, "classes": 1},
+        ),
         ("sop", lambda p: make_sop(p, {1: 2, 2: 2}, {3: 2}), "train", {"images": 4, "classes": 2}),
         ("sop", lambda p: make_sop(p, {1: 2, 2: 2}, {3: 2}), "test", {"images": 2, "classes": 1}),
     ],
@@ -171,8 +179,15 @@ def test_fake_cars_mat_has_the_official_structure(tmp_path: Path) -> None:
     make_cars_annos(tmp_path, {1: 1, 99: 1})
     ann = loadmat(tmp_path / "cars_annos.mat")["annotations"]
     assert ann.shape == (1, 2)
-    assert ann.dtype.names == ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2",
-                               "class", "test")
+    assert ann.dtype.names == (
+        "relative_im_path",
+        "bbox_x1",
+        "bbox_y1",
+        "bbox_x2",
+        "bbox_y2",
+        "class",
+        "test",
+    )
     assert ann[0, 0]["relative_im_path"].shape == (1,)
     assert ann[0, 0]["class"].shape == (1, 1)
     make_cars_devkit(tmp_path, {1: 1}, {99: 1})
@@ -194,8 +209,9 @@ def test_cars_layout_a(tmp_path: Path) -> None:
 @pytest.mark.parametrize("in_devkit", [False, True])
 def test_cars_devkit_layout_merges_then_splits_by_class(tmp_path: Path, in_devkit) -> None:
     # the devkit's own split mixes every class on both sides: it must not be used
-    root = make_cars_devkit(tmp_path, {1: 2, 99: 1, 150: 1}, {1: 1, 98: 1, 99: 2},
-                            test_annos_in_devkit=in_devkit)
+    root = make_cars_devkit(
+        tmp_path, {1: 2, 99: 1, 150: 1}, {1: 1, 98: 1, 99: 2}, test_annos_in_devkit=in_devkit
+    )
     train, test = quiet("cars196", root, "train"), quiet("cars196", root, "test")
     assert train.counts() == {"images": 4, "classes": 2}
     assert test.counts() == {"images": 4, "classes": 2}
@@ -250,9 +266,15 @@ def test_sop_errors(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ In-Shop
 INSHOP_ROWS = [
-    ("id_00000001", 1, "train"), ("id_00000001", 2, "train"), ("id_00000005", 1, "train"),
-    ("id_00000002", 1, "query"), ("id_00000002", 2, "gallery"), ("id_00000002", 3, "gallery"),
-    ("id_00000009", 1, "gallery"), ("id_00000003", 1, "query"), ("id_00000003", 2, "gallery"),
+    ("id_00000001", 1, "train"),
+    ("id_00000001", 2, "train"),
+    ("id_00000005", 1, "train"),
+    ("id_00000002", 1, "query"),
+    ("id_00000002", 2, "gallery"),
+    ("id_00000002", 3, "gallery"),
+    ("id_00000009", 1, "gallery"),
+    ("id_00000003", 1, "query"),
+    ("id_00000003", 2, "gallery"),
     ("id_00000009", 2, "query"),
 ]
 
@@ -278,8 +300,14 @@ def test_inshop(tmp_path: Path, img_at_root: bool) -> None:
     assert gallery.labels.tolist() == [0, 0, 2, 1]
 
     test = quiet("inshop", root, "test")
-    assert test.counts() == {"images": 7, "classes": 3, "query_images": 3, "gallery_images": 4,
-                             "query_classes": 3, "gallery_classes": 3}
+    assert test.counts() == {
+        "images": 7,
+        "classes": 3,
+        "query_images": 3,
+        "gallery_images": 4,
+        "query_classes": 3,
+        "gallery_classes": 3,
+    }
     q2, g2 = build_query_gallery("inshop", root)
     assert q2.labels.tolist() == query.labels.tolist()
     assert g2.paths == gallery.paths
@@ -288,8 +316,11 @@ def test_inshop(tmp_path: Path, img_at_root: bool) -> None:
 
 @pytest.mark.filterwarnings("ignore::deepmetric.data.DatasetCountWarning")
 def test_inshop_joint_map_when_an_item_has_no_query(tmp_path: Path) -> None:
-    rows = [("id_00000002", 1, "query"), ("id_00000002", 2, "gallery"),
-            ("id_00000001", 1, "gallery")]
+    rows = [
+        ("id_00000002", 1, "query"),
+        ("id_00000002", 2, "gallery"),
+        ("id_00000001", 1, "gallery"),
+    ]
     root = make_inshop(tmp_path, rows)
     query, gallery = build_query_gallery("inshop", root)
     # labels index one map over both sets, never a per-set re-indexing

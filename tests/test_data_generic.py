@@ -157,8 +157,9 @@ CSV_ROWS = [
 ]
 
 
-def write_csv(root: Path, rows=CSV_ROWS, header="label,path,split,is_query,is_gallery",
-              name="df.csv") -> Path:
+def write_csv(
+    root: Path, rows=CSV_ROWS, header="label,path,split,is_query,is_gallery", name="df.csv"
+) -> Path:
     lines = [header]
     for k, row in enumerate(rows):
         write_image(root / row[1], seed=k)
@@ -177,8 +178,14 @@ def test_csv_oml_format(tmp_path: Path) -> None:
     assert test.class_ids.tolist() == [11, 12, 30]
     assert test.is_query.tolist() == [True, False, True, True, False]
     assert test.is_gallery.tolist() == [False, True, True, True, True]
-    assert test.counts() == {"images": 5, "classes": 3, "query_images": 3,
-                             "gallery_images": 4, "query_classes": 2, "gallery_classes": 3}
+    assert test.counts() == {
+        "images": 5,
+        "classes": 3,
+        "query_images": 3,
+        "gallery_images": 4,
+        "query_classes": 2,
+        "gallery_classes": 3,
+    }
     query, gallery = build_query_gallery("csv", tmp_path)
     # rows both query and gallery (1-vs-rest) are in both; one label map
     assert query.labels.tolist() == [2, 0, 0] and gallery.labels.tolist() == [2, 0, 0, 1]
@@ -200,12 +207,21 @@ def test_csv_without_split_column(tmp_path: Path) -> None:
     [
         ([(1, "a.png")], "path", r"line 1: missing columns \['label'\]"),
         ([("x", "a.png")], "label,path", r"df\.csv, line 2: label 'x' is not an integer"),
-        ([(1, "a.png", "test", "", "")], "label,path,split,is_query,is_gallery",
-         r"line 2: split 'test' is not train or validation"),
-        ([(1, "a.png", "validation", "0", "0")], "label,path,split,is_query,is_gallery",
-         r"line 2: validation row is neither query nor gallery"),
-        ([(1, "a.png", "validation", "maybe", "1")], "label,path,split,is_query,is_gallery",
-         r"line 2: is_query 'maybe' is not a boolean"),
+        (
+            [(1, "a.png", "test", "", "")],
+            "label,path,split,is_query,is_gallery",
+            r"line 2: split 'test' is not train or validation",
+        ),
+        (
+            [(1, "a.png", "validation", "0", "0")],
+            "label,path,split,is_query,is_gallery",
+            r"line 2: validation row is neither query nor gallery",
+        ),
+        (
+            [(1, "a.png", "validation", "maybe", "1")],
+            "label,path,split,is_query,is_gallery",
+            r"line 2: is_query 'maybe' is not a boolean",
+        ),
     ],
 )
 def test_csv_errors(tmp_path: Path, rows, header, message) -> None:

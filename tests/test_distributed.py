@@ -167,8 +167,14 @@ def _engine_evaluation() -> dict:
     from deepmetric.config import load_config
     from deepmetric.engine import Evaluator, build_data, build_model_from_config
 
-    cfg = load_config(DEMO, ["--eval.batch_size=64", "--data.num_workers=0",
-                             "--eval.metrics=[recall, map_at_r, r_precision, nmi]"])
+    cfg = load_config(
+        DEMO,
+        [
+            "--eval.batch_size=64",
+            "--data.num_workers=0",
+            "--eval.metrics=[recall, map_at_r, r_precision, nmi]",
+        ],
+    )
     torch.manual_seed(0)
     model = build_model_from_config(cfg)
     _, eval_sets = build_data(cfg, test_only=True)
@@ -564,13 +570,15 @@ def test_torchrun_train_and_resume(tmp_path):
 
     records = _records(straight)
     val = [r for r in records if r.get("split") == "val"]
-    single = evaluate_checkpoint(straight / "last", split="val", out=tmp_path / "v.json",
-                                 progress=False)
+    single = evaluate_checkpoint(
+        straight / "last", split="val", out=tmp_path / "v.json", progress=False
+    )
     best_iteration = max(val, key=lambda r: (r["recall@1"], -r["iteration"]))["iteration"]
     assert os.readlink(straight / "best").endswith(f"iter-{best_iteration:07d}")
     test_of_best = next(r for r in records if r.get("checkpoint") == "best")
-    single_best = evaluate_checkpoint(straight / "best", split="test", out=tmp_path / "t.json",
-                                      progress=False)
+    single_best = evaluate_checkpoint(
+        straight / "best", split="test", out=tmp_path / "t.json", progress=False
+    )
     for key in ("recall@1", "recall@2", "map@r", "r_precision", "num_queries"):
         assert val[-1][key] == single["metrics"][key], key
         assert test_of_best[key] == single_best["metrics"][key], key

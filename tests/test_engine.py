@@ -36,10 +36,19 @@ DEMO = ROOT / "configs" / "demo.yaml"
 # A small, fast version of the demo: 16 x 16 digits, 16-d, batch 10 = 5 x 2, random affine
 # augmentation on (so that per-sample augmentation seeds matter), one thread.
 TINY = [
-    "--data.transform_options.size=16", "--model.embedding_dim=16", "--sampler.p=5", "--sampler.k=2",
-    "--train.progress=false", "--train.threads=1", "--train.log_every=5",
-    "--eval.at_start=false", "--eval.every=0", "--eval.batch_size=512",
-    "--schedule.name=step", "--schedule.step_size=25", "--schedule.warmup_iterations=5",
+    "--data.transform_options.size=16",
+    "--model.embedding_dim=16",
+    "--sampler.p=5",
+    "--sampler.k=2",
+    "--train.progress=false",
+    "--train.threads=1",
+    "--train.log_every=5",
+    "--eval.at_start=false",
+    "--eval.every=0",
+    "--eval.batch_size=512",
+    "--schedule.name=step",
+    "--schedule.step_size=25",
+    "--schedule.warmup_iterations=5",
 ]
 XBM = ["--xbm.enabled=true", "--xbm.size=50", "--xbm.start_iteration=10"]
 
@@ -91,8 +100,9 @@ def test_lr_factor_schedules() -> None:
     assert lr_factor(1199, multi, 3000) == 1.0
     assert lr_factor(1200, multi, 3000) == pytest.approx(0.1)
     assert lr_factor(2999, multi, 3000) == pytest.approx(0.01)
-    cos = ScheduleConfig(name="cosine", min_factor=0.1, warmup_iterations=10,
-                         warmup_start_factor=0.0)
+    cos = ScheduleConfig(
+        name="cosine", min_factor=0.1, warmup_iterations=10, warmup_start_factor=0.0
+    )
     assert lr_factor(0, cos, 110) == 0.0
     assert lr_factor(5, cos, 110) == pytest.approx(0.5)
     assert lr_factor(10, cos, 110) == pytest.approx(1.0)
@@ -103,8 +113,14 @@ def test_lr_factor_schedules() -> None:
 def test_parameter_groups_have_real_learning_rates() -> None:
     model = build_model("conv4", embedding_dim=8, in_chans=1)
     loss = build_loss("margin")
-    cfg = OptimConfig(name="sgd", lr=0.1, weight_decay=1e-4, backbone_lr=0.01,
-                      backbone_weight_decay=0.0, loss_lr=0.5)
+    cfg = OptimConfig(
+        name="sgd",
+        lr=0.1,
+        weight_decay=1e-4,
+        backbone_lr=0.01,
+        backbone_weight_decay=0.0,
+        loss_lr=0.5,
+    )
     opt = build_optimizer(cfg, model, loss)
     groups = {g["name"]: g for g in opt.param_groups}
     assert set(groups) == {"backbone", "head", "loss"}
@@ -148,8 +164,9 @@ def test_checkpoint_roundtrip_and_crash_while_writing(tmp_path: Path, monkeypatc
     # a process killed while writing leaves a temporary folder, invisible to readers ...
     (run / "checkpoints" / ".tmp-iter-0000002-99999").mkdir()
     assert find_checkpoint(run, ("last",)).name == "iter-0000001"
-    save_checkpoint(run, 3, {"a": torch.ones(4)}, {"iteration": 3}, "seed: 0\n",
-                    links=("last", "best"))
+    save_checkpoint(
+        run, 3, {"a": torch.ones(4)}, {"iteration": 3}, "seed: 0\n", links=("last", "best")
+    )
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["iter-0000003"]  # ... and is cleaned up by the next save (old one pruned)
     assert find_checkpoint(run, ("best",)).name == "iter-0000003"
@@ -171,8 +188,13 @@ def test_torch_load_weights_only_state(tmp_path: Path) -> None:
 
 def test_train_writes_run_folder(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    summary = run_in_process(out, "--train.iterations=40", "--eval.at_start=true",
-                             "--eval.every=20", "--train.checkpoint_every=20")
+    summary = run_in_process(
+        out,
+        "--train.iterations=40",
+        "--eval.at_start=true",
+        "--eval.every=20",
+        "--train.checkpoint_every=20",
+    )
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "recall.png", "summary.json"):
         assert (out / name).is_file(), name
     assert (out / "last").is_symlink() and (out / "best_test_selected").is_symlink()
@@ -196,8 +218,14 @@ def test_train_writes_run_folder(tmp_path: Path) -> None:
 
 def test_val_protocol_selects_best_on_validation(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    summary = run_in_process(out, "--train.iterations=20", "--eval.every=10",
-                             "--eval.protocol=val", "--eval.val_fraction=0.4", "--sampler.p=3")
+    summary = run_in_process(
+        out,
+        "--train.iterations=20",
+        "--eval.every=10",
+        "--eval.protocol=val",
+        "--eval.val_fraction=0.4",
+        "--sampler.p=3",
+    )
     assert (out / "best").is_symlink() and not (out / "best_test_selected").exists()
     assert summary["best"]["split"] == "val"
     assert summary["test_of_best"]["num_queries"] == 896  # digits 5-9, the best checkpoint
@@ -213,8 +241,9 @@ def test_resume_continues_exactly_in_process(tmp_path: Path) -> None:
     args = ["--loss.name=margin", *XBM, "--train.checkpoint_every=10"]
     run_in_process(tmp_path / "straight", "--train.iterations=40", *args)
     run_in_process(tmp_path / "resumed", "--train.iterations=20", *args)
-    summary = run_in_process(tmp_path / "resumed", "--train.iterations=40",
-                             "--train.resume=auto", *args)
+    summary = run_in_process(
+        tmp_path / "resumed", "--train.iterations=40", "--train.resume=auto", *args
+    )
     assert summary["iteration"] == 40
     assert_same_state(tmp_path / "straight", tmp_path / "resumed")
     records = (tmp_path / "resumed" / "metrics.jsonl").read_text()
@@ -235,14 +264,22 @@ def _env() -> dict[str, str]:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path, workers: int) -> None:
     total, kill_after = 100, 30
-    args = [f"--train.iterations={total}", "--train.checkpoint_every=10",
-            f"--data.num_workers={workers}", *XBM]
+    args = [
+        f"--train.iterations={total}",
+        "--train.checkpoint_every=10",
+        f"--data.num_workers={workers}",
+        *XBM,
+    ]
     run_in_process(tmp_path / "straight", *args)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*args, f"--output.dir={killed}"), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _cli(*args, f"--output.dir={killed}"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:
@@ -259,14 +296,22 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path, workers: i
     stopped_at = int(os.readlink(killed / "last").rsplit("-", 1)[1])
     assert kill_after <= stopped_at < total
 
-    done = subprocess.run(_cli(*args, f"--output.dir={killed}", "--train.resume=auto"),
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        _cli(*args, f"--output.dir={killed}", "--train.resume=auto"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stdout and f"at iteration {stopped_at}" in done.stdout
     assert_same_state(tmp_path / "straight", killed)
     # metrics.jsonl of the resumed run has no duplicated iterations
-    its = [json.loads(line)["iteration"] for line in (killed / "metrics.jsonl").read_text()
-           .splitlines() if '"loss"' in line]
+    its = [
+        json.loads(line)["iteration"]
+        for line in (killed / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
     assert its == sorted(set(its)) and its[-1] == total
 
 

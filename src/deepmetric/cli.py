@@ -36,48 +36,85 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
-        "train", allow_abbrev=False, help="train a model from a YAML config",
+        "train",
+        allow_abbrev=False,
+        help="train a model from a YAML config",
         description="Train from a YAML config (presets in configs/). Writes a run folder with "
         "config.yaml, metrics.jsonl, loss/recall plots and checkpoints (last, best). Continue "
         "a run with --train.resume=auto (same --output.dir) or --train.resume=RUN_OR_CKPT. "
-        + _OVERRIDES)
+        + _OVERRIDES,
+    )
     p.add_argument("--config", required=True, metavar="FILE", help="YAML configuration file")
 
     p = sub.add_parser(
-        "eval", allow_abbrev=False, help="evaluate a checkpoint (Recall@K, MAP@R ...)",
+        "eval",
+        allow_abbrev=False,
+        help="evaluate a checkpoint (Recall@K, MAP@R ...)",
         description="Embed the test split (or the run's class-disjoint validation split) with a "
-        "checkpoint, print the retrieval metrics and write them as JSON. " + _OVERRIDES)
-    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_CKPT",
-                   help="run folder (uses best, else last) or checkpoint folder")
-    p.add_argument("--split", default="test", choices=("test", "val"),
-                   help="test split (default) or the run's validation classes")
-    p.add_argument("--out", metavar="FILE.json",
-                   help="where to write the metrics (default RUN/eval-SPLIT-iterN.json)")
+        "checkpoint, print the retrieval metrics and write them as JSON. " + _OVERRIDES,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN_OR_CKPT",
+        help="run folder (uses best, else last) or checkpoint folder",
+    )
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "val"),
+        help="test split (default) or the run's validation classes",
+    )
+    p.add_argument(
+        "--out",
+        metavar="FILE.json",
+        help="where to write the metrics (default RUN/eval-SPLIT-iterN.json)",
+    )
 
     p = sub.add_parser(
-        "embed", allow_abbrev=False, help="embed a folder or list of images into a .npy file",
+        "embed",
+        allow_abbrev=False,
+        help="embed a folder or list of images into a .npy file",
         description="Embed images with a checkpoint (test transform). Writes an N x d float32 "
         ".npy file and, beside it, a .txt file with the N image paths in the same order. "
-        + _OVERRIDES)
-    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_CKPT",
-                   help="run folder (uses best, else last) or checkpoint folder")
-    p.add_argument("--images", required=True, metavar="DIR_OR_LIST",
-                   help="folder (searched recursively) or text file with one image path a line")
+        + _OVERRIDES,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN_OR_CKPT",
+        help="run folder (uses best, else last) or checkpoint folder",
+    )
+    p.add_argument(
+        "--images",
+        required=True,
+        metavar="DIR_OR_LIST",
+        help="folder (searched recursively) or text file with one image path a line",
+    )
     p.add_argument("--out", required=True, metavar="FILE.npy", help="output .npy file")
     p.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
 
-    p = sub.add_parser("datasets", allow_abbrev=False, help="data set utilities",
-                       description="Data set utilities.")
+    p = sub.add_parser(
+        "datasets", allow_abbrev=False, help="data set utilities", description="Data set utilities."
+    )
     dsub = p.add_subparsers(dest="datasets_command", metavar="ACTION")
     c = dsub.add_parser(
-        "check", allow_abbrev=False, help="validate a data set's layout, images and counts",
+        "check",
+        allow_abbrev=False,
+        help="validate a data set's layout, images and counts",
         description="Parse the annotation files, open every image, compare the counts with "
-        "the official ones. Exit status 0 when all is well, 1 when a problem was found.")
-    c.add_argument("--dataset", required=True,
-                   help="cub, cars196, sop, inshop, list, folder, csv, npz, digits")
+        "the official ones. Exit status 0 when all is well, 1 when a problem was found.",
+    )
+    c.add_argument(
+        "--dataset", required=True, help="cub, cars196, sop, inshop, list, folder, csv, npz, digits"
+    )
     c.add_argument("--root", default=None, help="the data set's root folder (or file)")
-    c.add_argument("--split", action="append", default=None,
-                   help="split to check (repeatable; default train and test)")
+    c.add_argument(
+        "--split",
+        action="append",
+        default=None,
+        help="split to check (repeatable; default train and test)",
+    )
     return parser
 
 
@@ -113,11 +150,16 @@ def _run(argv: Sequence[str]) -> int:
         from deepmetric.engine import evaluate_checkpoint
 
         result = evaluate_checkpoint(args.checkpoint, extra, split=args.split, out=args.out)
-        print(f"{result['split']} split of {result['data']} ({result['images']:,} images), "
-              f"checkpoint {result['checkpoint']} (iteration {result['iteration']}):")
+        print(
+            f"{result['split']} split of {result['data']} ({result['images']:,} images), "
+            f"checkpoint {result['checkpoint']} (iteration {result['iteration']}):"
+        )
         for key, value in result["metrics"].items():
-            shown = f"{value:,}" if isinstance(value, int) else (
-                f"{value:.1f}" if key.endswith("_s") else f"{value:.4f}")
+            shown = (
+                f"{value:,}"
+                if isinstance(value, int)
+                else (f"{value:.1f}" if key.endswith("_s") else f"{value:.4f}")
+            )
             print(f"  {key:<30} {shown}")
         print(f"metrics written to {result['json']}")
         return 0
@@ -125,10 +167,13 @@ def _run(argv: Sequence[str]) -> int:
     if args.command == "embed":
         from deepmetric.engine import embed_images
 
-        npy, txt, shape = embed_images(args.checkpoint, args.images, args.out, extra,
-                                       batch_size=args.batch_size)
-        print(f"embedded {shape[0]:,} images -> {npy} ({shape[0]} x {shape[1]} float32), "
-              f"paths in {txt}")
+        npy, txt, shape = embed_images(
+            args.checkpoint, args.images, args.out, extra, batch_size=args.batch_size
+        )
+        print(
+            f"embedded {shape[0]:,} images -> {npy} ({shape[0]} x {shape[1]} float32), "
+            f"paths in {txt}"
+        )
         return 0
 
     if args.command == "datasets":
@@ -143,8 +188,13 @@ def _run(argv: Sequence[str]) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from deepmetric.config import ConfigError
 
-    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, NotADirectoryError,
-                                          IsADirectoryError, PermissionError]
+    errors: list[type[BaseException]] = [
+        ConfigError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    ]
     try:
         from deepmetric.data import DatasetError
 
@@ -172,8 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"deepmetric: error: {msg}", file=sys.stderr)
             return 2
         traceback.print_exc()
-        print(f"deepmetric: internal error ({type(e).__name__}); this is a bug, please report "
-              "it with the traceback above", file=sys.stderr)
+        print(
+            f"deepmetric: internal error ({type(e).__name__}); this is a bug, please report "
+            "it with the traceback above",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -334,9 +334,7 @@ def _unknown_key(key: str, valid: list[str], source: str) -> ConfigError:
     close = difflib.get_close_matches(leaf, valid, n=1)
     parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
     hint = f" (did you mean '{parent}{close[0]}'?)" if close else ""
-    return ConfigError(
-        f"{source}: unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}"
-    )
+    return ConfigError(f"{source}: unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}")
 
 
 def _show(value: Any) -> str:
@@ -466,7 +464,9 @@ def _start_from_loss_defaults(cfg: Config, old_name: str, source: str) -> None:
     """A ``loss.name`` changed on the command line: drop the hyper-parameters set elsewhere
     (those of the previous loss, from the config file), keep those given on the command
     line, and note which were dropped."""
-    dropped = [k for k in cfg.loss.params if not cfg.sources.get(f"loss.{k}", "").startswith(source)]
+    dropped = [
+        k for k in cfg.loss.params if not cfg.sources.get(f"loss.{k}", "").startswith(source)
+    ]
     for k in dropped:
         del cfg.loss.params[k]
         cfg.sources.pop(f"loss.{k}", None)
@@ -517,8 +517,10 @@ def _apply_override(cfg: Config, key: str, value: Any, source: str) -> None:
             cfg.sources[key] = source
             break
         else:
-            raise ConfigError(f"{where}: {sub_key} is {_type_name(_hints(type(obj))[part])}, "
-                              f"it has no sub-key {parts[depth + 1]!r}")
+            raise ConfigError(
+                f"{where}: {sub_key} is {_type_name(_hints(type(obj))[part])}, "
+                f"it has no sub-key {parts[depth + 1]!r}"
+            )
 
 
 # --------------------------------------------------------------------------- loading
@@ -587,11 +589,14 @@ def validate_config(cfg: Config) -> None:
     if len(cfg.optim.betas) != 2:
         raise err("optim.betas", f"expected two numbers, got {cfg.optim.betas}")
     if cfg.xbm.enabled and cfg.xbm.size < cfg.sampler.p * cfg.sampler.k:
-        raise err("xbm.size", f"must hold at least one batch ({cfg.sampler.p * cfg.sampler.k}), "
-                  f"got {cfg.xbm.size}")
+        raise err(
+            "xbm.size",
+            f"must hold at least one batch ({cfg.sampler.p * cfg.sampler.k}), got {cfg.xbm.size}",
+        )
     if cfg.eval.protocol == "val" and not 0.0 < cfg.eval.val_fraction < 1.0:
-        raise err("eval.val_fraction",
-                  f"expected a fraction in (0, 1), got {cfg.eval.val_fraction}")
+        raise err(
+            "eval.val_fraction", f"expected a fraction in (0, 1), got {cfg.eval.val_fraction}"
+        )
     if cfg.schedule.name == "step" and cfg.schedule.step_size <= 0:
         raise err("schedule.step_size", "expected > 0 with schedule.name: step")
     if cfg.schedule.name == "multistep" and not cfg.schedule.milestones:
@@ -599,8 +604,11 @@ def validate_config(cfg: Config) -> None:
     if cfg.eval.recall_at is not None and any(k < 1 for k in cfg.eval.recall_at):
         raise err("eval.recall_at", f"expected positive integers, got {cfg.eval.recall_at}")
     if cfg.train.resume not in (None, "auto") and not Path(cfg.train.resume).exists():
-        raise err("train.resume", f"expected null, 'auto' or an existing checkpoint, "
-                  f"got {cfg.train.resume!r} (not found)")
+        raise err(
+            "train.resume",
+            f"expected null, 'auto' or an existing checkpoint, "
+            f"got {cfg.train.resume!r} (not found)",
+        )
     check_options(cfg)
     check_loss(cfg)
 
@@ -637,18 +645,26 @@ def check_options(cfg: Config) -> None:
                 raise unknown(key, option, accepted, f"data set {name!r}")
     preset = cfg.data.transform or preset_for(cfg.model.backbone)
     if preset not in PRESET_OPTIONS:
-        raise ConfigError(f"{_where(cfg, 'data.transform')}: data.transform: unknown preset "
-                          f"{preset!r}; expected one of {', '.join(PRESET_OPTIONS)}")
+        raise ConfigError(
+            f"{_where(cfg, 'data.transform')}: data.transform: unknown preset "
+            f"{preset!r}; expected one of {', '.join(PRESET_OPTIONS)}"
+        )
     for option in cfg.data.transform_options:
         if option not in PRESET_OPTIONS[preset]:
-            raise unknown("data.transform_options", option, PRESET_OPTIONS[preset],
-                          f"the {preset!r} transform")
+            raise unknown(
+                "data.transform_options",
+                option,
+                PRESET_OPTIONS[preset],
+                f"the {preset!r} transform",
+            )
     model_keys = _fields(ModelConfig)
     extra = [p for p in inspect.signature(build_model).parameters if p not in model_keys]
     for option in cfg.model.options:
         if option in model_keys:
-            raise ConfigError(f"{_where(cfg, f'model.options.{option}')}: model.options."
-                              f"{option}: set model.{option} instead")
+            raise ConfigError(
+                f"{_where(cfg, f'model.options.{option}')}: model.options."
+                f"{option}: set model.{option} instead"
+            )
         if option not in extra:
             raise unknown("model.options", option, extra, "build_model")
 
@@ -663,12 +679,17 @@ def check_loss(cfg: Config) -> None:
 
     name = cfg.loss.name
     if name not in LOSSES:
-        raise ConfigError(f"{_where(cfg, 'loss.name')}: loss.name: unknown loss {name!r}; "
-                          f"expected one of {', '.join(sorted(LOSSES))}")
+        raise ConfigError(
+            f"{_where(cfg, 'loss.name')}: loss.name: unknown loss {name!r}; "
+            f"expected one of {', '.join(sorted(LOSSES))}"
+        )
     try:
         sig = inspect.signature(LOSSES[name])
-        accepted = [p.name for p in sig.parameters.values()
-                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        accepted = [
+            p.name
+            for p in sig.parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
         open_ended = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     except (TypeError, ValueError):
         accepted, open_ended = [], True

@@ -42,8 +42,10 @@ class ArrayDataset(MetricDataset):
         transform: Callable | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be a (N, C, H, W) uint8 tensor, got {images.dtype} "
-                             f"{tuple(images.shape)}")
+            raise ValueError(
+                f"images must be a (N, C, H, W) uint8 tensor, got {images.dtype} "
+                f"{tuple(images.shape)}"
+            )
         raw = [int(x) for x in np.asarray(raw_ids).reshape(-1)]
         if len(raw) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(raw)} labels")
@@ -58,9 +60,7 @@ class ArrayDataset(MetricDataset):
         return self.images[index].float().div_(255.0)
 
 
-def _select_classes(
-    labels: np.ndarray, classes: Sequence[int] | None, source: str
-) -> np.ndarray:
+def _select_classes(labels: np.ndarray, classes: Sequence[int] | None, source: str) -> np.ndarray:
     """Boolean mask of the samples whose label lies in the half-open range ``classes``."""
     if classes is None:
         return np.ones(labels.shape[0], dtype=bool)
@@ -96,8 +96,9 @@ def _resize(images: torch.Tensor, size: int | None, chunk: int = 2048) -> torch.
     parts = []
     for start in range(0, images.shape[0], chunk):
         x = images[start : start + chunk].float()
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                          align_corners=False)
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         parts.append(x.round_().clamp_(0, 255).to(torch.uint8))
     return torch.cat(parts)
 
@@ -163,8 +164,9 @@ def load_npz(
     mask = _select_classes(labels, classes, path)
     images = torch.from_numpy(np.ascontiguousarray(_to_uint8(images[mask], invert)))
     images = _resize(images, size)
-    return ArrayDataset(images, labels[mask], name=os.path.basename(path), split=split,
-                        transform=transform)
+    return ArrayDataset(
+        images, labels[mask], name=os.path.basename(path), split=split, transform=transform
+    )
 
 
 def load_digits_dataset(

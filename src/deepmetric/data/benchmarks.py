@@ -68,8 +68,9 @@ def _check_split(name: str, split: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}: unknown split {split!r}; use one of {list(allowed)}")
 
 
-def _find_root(root: str | os.PathLike | None, marker: str, subdirs: tuple[str, ...], name: str
-               ) -> str:
+def _find_root(
+    root: str | os.PathLike | None, marker: str, subdirs: tuple[str, ...], name: str
+) -> str:
     """The folder holding ``marker``: ``root`` itself or one of ``root/subdir``."""
     if root is None:
         raise ValueError(f"{name}: root is required")
@@ -77,8 +78,9 @@ def _find_root(root: str | os.PathLike | None, marker: str, subdirs: tuple[str, 
     for candidate in (root, *(os.path.join(root, s) for s in subdirs)):
         if os.path.exists(os.path.join(candidate, marker)):
             return candidate
-    tried = ", ".join(os.path.join(c, marker) for c in (root, *(os.path.join(root, s)
-                                                                for s in subdirs)))
+    tried = ", ".join(
+        os.path.join(c, marker) for c in (root, *(os.path.join(root, s) for s in subdirs))
+    )
     raise MissingFileError(f"{name}: file not found: {tried}")
 
 
@@ -93,8 +95,9 @@ def _split_pairs(path: str, ncols: int) -> list[tuple[int, list[str]]]:
     for n, text in read_lines(path):
         tokens = text.split()
         if len(tokens) != ncols:
-            raise DatasetError(f"{path}, line {n}: expected {ncols} fields, got "
-                               f"{len(tokens)}: {text!r}")
+            raise DatasetError(
+                f"{path}, line {n}: expected {ncols} fields, got {len(tokens)}: {text!r}"
+            )
         rows.append((n, tokens))
     return rows
 
@@ -144,17 +147,21 @@ def load_cub(
         class_names[parse_int(tokens[0], classes_txt, n, "class id")] = tokens[1]
     unlabelled = sorted(set(paths) - set(class_of))
     if unlabelled:
-        raise DatasetError(f"{labels_txt}: no class for {len(unlabelled)} image ids of "
-                           f"{images_txt}, e.g. {unlabelled[:5]}")
+        raise DatasetError(
+            f"{labels_txt}: no class for {len(unlabelled)} image ids of "
+            f"{images_txt}, e.g. {unlabelled[:5]}"
+        )
     unknown = sorted({c for c in class_of.values() if c not in class_names})
     if unknown:
         raise DatasetError(f"{labels_txt}: class ids {unknown[:5]} are not in {classes_txt}")
     used = set(class_of.values())
     empty = [c for c in sorted(class_names) if c not in used]
     if empty:
-        raise DatasetError(f"{classes_txt}, class {empty[0]} ({class_names[empty[0]]}): empty "
-                           f"class, no image in {labels_txt}" + (
-                               f" ({len(empty)} empty classes)" if len(empty) > 1 else ""))
+        raise DatasetError(
+            f"{classes_txt}, class {empty[0]} ({class_names[empty[0]]}): empty "
+            f"class, no image in {labels_txt}"
+            + (f" ({len(empty)} empty classes)" if len(empty) > 1 else "")
+        )
 
     lo, hi = CLASS_RANGES["cub"].get(split, (-(2**62), 2**62))
     ids = [i for i in sorted(paths) if lo <= class_of[i] <= hi]
@@ -163,8 +170,12 @@ def load_cub(
     ds = ImageDataset(
         [os.path.join(base, "images", paths[i]) for i in ids],
         [class_of[i] for i in ids],
-        name="cub", split=split, transform=transform,
-        on_bad_image=on_bad_image, verify_images=verify_images, check_files=check_files,
+        name="cub",
+        split=split,
+        transform=transform,
+        on_bad_image=on_bad_image,
+        verify_images=verify_images,
+        check_files=check_files,
     )
     ds.class_names = [class_names[int(c)] for c in ds.class_ids]
     check_counts(ds, OFFICIAL_COUNTS["cub"].get(split), strict=strict)
@@ -213,8 +224,7 @@ def _cars_class(value: Any, path: str, k: int) -> int:
     try:
         c = int(value)
     except (TypeError, ValueError) as e:
-        raise DatasetError(f"{path}: annotation {k + 1}: class {value!r} is not an integer"
-                           ) from e
+        raise DatasetError(f"{path}: annotation {k + 1}: class {value!r} is not an integer") from e
     if not 1 <= c <= 196:
         raise DatasetError(f"{path}: annotation {k + 1}: class {c} outside 1..196")
     return c
@@ -249,17 +259,22 @@ def load_cars196(
             classes.append(_cars_class(row["class"], annos, k))
     else:
         train_mat = os.path.join(root, "devkit", "cars_train_annos.mat")
-        test_candidates = [os.path.join(root, "cars_test_annos_withlabels.mat"),
-                           os.path.join(root, "devkit", "cars_test_annos_withlabels.mat")]
+        test_candidates = [
+            os.path.join(root, "cars_test_annos_withlabels.mat"),
+            os.path.join(root, "devkit", "cars_test_annos_withlabels.mat"),
+        ]
         if not os.path.isfile(train_mat):
-            raise MissingFileError(f"cars196: file not found: {annos} (layout A) or "
-                                   f"{train_mat} (devkit layout)")
+            raise MissingFileError(
+                f"cars196: file not found: {annos} (layout A) or {train_mat} (devkit layout)"
+            )
         test_mat = next((p for p in test_candidates if os.path.isfile(p)), None)
         if test_mat is None:
             raise MissingFileError(
-                "cars196: file not found: " + " or ".join(test_candidates)
+                "cars196: file not found: "
+                + " or ".join(test_candidates)
                 + " (the devkit's cars_test_annos.mat has no labels; the labelled file is "
-                "shipped separately)")
+                "shipped separately)"
+            )
         for mat, folder in ((train_mat, "cars_train"), (test_mat, "cars_test")):
             for k, row in enumerate(_mat_annotations(mat, ("fname", "class"))):
                 paths.append(os.path.join(root, folder, str(row["fname"])))
@@ -270,9 +285,14 @@ def load_cars196(
     if not keep:
         raise DatasetError(f"cars196 {split}: no image with a class id in {lo}..{hi}")
     ds = ImageDataset(
-        [paths[i] for i in keep], [classes[i] for i in keep],
-        name="cars196", split=split, transform=transform,
-        on_bad_image=on_bad_image, verify_images=verify_images, check_files=check_files,
+        [paths[i] for i in keep],
+        [classes[i] for i in keep],
+        name="cars196",
+        split=split,
+        transform=transform,
+        on_bad_image=on_bad_image,
+        verify_images=verify_images,
+        check_files=check_files,
     )
     check_counts(ds, OFFICIAL_COUNTS["cars196"].get(split), strict=strict)
     return ds
@@ -286,14 +306,17 @@ def _read_sop(path: str) -> tuple[list[str], list[int], list[int]]:
     lines = read_lines(path)
     if not lines or lines[0][1].split() != SOP_HEADER:
         got = lines[0][1] if lines else "an empty file"
-        raise DatasetError(f"{path}, line 1: expected the header {' '.join(SOP_HEADER)!r}, "
-                           f"got {got!r}")
+        raise DatasetError(
+            f"{path}, line 1: expected the header {' '.join(SOP_HEADER)!r}, got {got!r}"
+        )
     rel, cls, sup = [], [], []
     for n, text in lines[1:]:
         tokens = text.split()
         if len(tokens) != 4:
-            raise DatasetError(f"{path}, line {n}: expected 4 fields "
-                               f"(image_id class_id super_class_id path), got {text!r}")
+            raise DatasetError(
+                f"{path}, line {n}: expected 4 fields "
+                f"(image_id class_id super_class_id path), got {text!r}"
+            )
         parse_int(tokens[0], path, n, "image id")
         cls.append(parse_int(tokens[1], path, n, "class id"))
         sup.append(parse_int(tokens[2], path, n, "super class id"))
@@ -324,9 +347,15 @@ def load_sop(
     if not rel:
         raise DatasetError(f"{list_file}: no images listed")
     ds = ImageDataset(
-        [os.path.join(base, p) for p in rel], cls, super_ids=sup,
-        name="sop", split=split, transform=transform,
-        on_bad_image=on_bad_image, verify_images=verify_images, check_files=check_files,
+        [os.path.join(base, p) for p in rel],
+        cls,
+        super_ids=sup,
+        name="sop",
+        split=split,
+        transform=transform,
+        on_bad_image=on_bad_image,
+        verify_images=verify_images,
+        check_files=check_files,
     )
     check_counts(ds, OFFICIAL_COUNTS["sop"].get(split), strict=strict)
     return ds
@@ -353,21 +382,27 @@ def _read_inshop(path: str) -> list[tuple[str, str, str]]:
     expected = parse_int(first.split()[0], path, n0, "image count")
     n1, header = lines[1]
     if header.split() != INSHOP_HEADER:
-        raise DatasetError(f"{path}, line {n1}: expected the header "
-                           f"{' '.join(INSHOP_HEADER)!r}, got {header!r}")
+        raise DatasetError(
+            f"{path}, line {n1}: expected the header {' '.join(INSHOP_HEADER)!r}, got {header!r}"
+        )
     rows = []
     for n, text in lines[2:]:
         tokens = text.split()
         if len(tokens) != 3:
-            raise DatasetError(f"{path}, line {n}: expected 3 fields "
-                               f"(image_name item_id evaluation_status), got {text!r}")
+            raise DatasetError(
+                f"{path}, line {n}: expected 3 fields "
+                f"(image_name item_id evaluation_status), got {text!r}"
+            )
         if tokens[2] not in ("train", "query", "gallery"):
-            raise DatasetError(f"{path}, line {n}: evaluation_status {tokens[2]!r} is not "
-                               "train, query or gallery")
+            raise DatasetError(
+                f"{path}, line {n}: evaluation_status {tokens[2]!r} is not train, query or gallery"
+            )
         rows.append((tokens[0], tokens[1], tokens[2]))
     if len(rows) != expected:
-        raise DatasetError(f"{path}: line 1 announces {expected:,} images but "
-                           f"{len(rows):,} are listed (truncated file?)")
+        raise DatasetError(
+            f"{path}: line 1 announces {expected:,} images but "
+            f"{len(rows):,} are listed (truncated file?)"
+        )
     return rows
 
 
@@ -398,34 +433,45 @@ def load_inshop(
     if root is None:
         raise ValueError("inshop: root is required")
     root = os.fspath(root)
-    partition = require_file(os.path.join(root, "Eval", "list_eval_partition.txt"),
-                             "the In-Shop root holds Eval/ and Img/")
+    partition = require_file(
+        os.path.join(root, "Eval", "list_eval_partition.txt"),
+        "the In-Shop root holds Eval/ and Img/",
+    )
     rows = _read_inshop(partition)
     image_base = os.path.join(root, "Img") if os.path.isdir(os.path.join(root, "Img")) else root
 
     def image_path(name: str) -> str:
         if highres and name.startswith("img/"):
-            name = "img_highres/" + name[len("img/"):]
+            name = "img_highres/" + name[len("img/") :]
         return os.path.join(image_base, name)
 
-    common = {"name": "inshop", "transform": transform, "id_parser": inshop_item_number,
-              "on_bad_image": on_bad_image, "verify_images": verify_images,
-              "check_files": check_files}
+    common = {
+        "name": "inshop",
+        "transform": transform,
+        "id_parser": inshop_item_number,
+        "on_bad_image": on_bad_image,
+        "verify_images": verify_images,
+        "check_files": check_files,
+    }
     if split == "train":
         train = [r for r in rows if r[2] == "train"]
         if not train:
             raise DatasetError(f"{partition}: no train rows")
-        ds = ImageDataset([image_path(r[0]) for r in train], [r[1] for r in train],
-                          split="train", **common)
+        ds = ImageDataset(
+            [image_path(r[0]) for r in train], [r[1] for r in train], split="train", **common
+        )
     else:
         test = [r for r in rows if r[2] != "train"]
         if not test:
             raise DatasetError(f"{partition}: no query or gallery rows")
         ds = ImageDataset(
-            [image_path(r[0]) for r in test], [r[1] for r in test],
+            [image_path(r[0]) for r in test],
+            [r[1] for r in test],
             is_query=[r[2] == "query" for r in test],
             is_gallery=[r[2] == "gallery" for r in test],
-            universe=[r[1] for r in test], split=split, **common,
+            universe=[r[1] for r in test],
+            split=split,
+            **common,
         )
         if split in ("query", "gallery"):
             ds = ds.role_view(split)

@@ -26,8 +26,10 @@ def _warn_query_without_gallery(ds: ImageDataset) -> None:
     lonely = query - gallery
     if lonely:
         names = [ds.class_names[i] for i in sorted(lonely)[:5]]
-        warnings.warn(f"{ds.name}: {len(lonely)} query classes have no gallery image "
-                      f"(e.g. {names})", stacklevel=3)
+        warnings.warn(
+            f"{ds.name}: {len(lonely)} query classes have no gallery image (e.g. {names})",
+            stacklevel=3,
+        )
 
 
 # ------------------------------------------------------------------------------------- lists
@@ -77,8 +79,13 @@ def load_list(
         raise ValueError("list: root or list_file is required")
     base = os.fspath(root) if root is not None else os.path.dirname(os.fspath(list_file))
     img_base = os.fspath(image_root) if image_root is not None else base
-    common = {"name": "list", "transform": transform, "on_bad_image": on_bad_image,
-              "verify_images": verify_images, "check_files": check_files}
+    common = {
+        "name": "list",
+        "transform": transform,
+        "on_bad_image": on_bad_image,
+        "verify_images": verify_images,
+        "check_files": check_files,
+    }
     if list_file is not None:
         file = _resolve(base, os.fspath(list_file))
         rel, labels = _read_list(file)
@@ -86,18 +93,21 @@ def load_list(
 
     own = os.path.join(base, f"{split}.txt")
     query_file, gallery_file = (os.path.join(base, f) for f in ("query.txt", "gallery.txt"))
-    if split in ("query", "gallery") or (split == "test" and not os.path.isfile(own)
-                                         and os.path.isfile(query_file)):
+    if split in ("query", "gallery") or (
+        split == "test" and not os.path.isfile(own) and os.path.isfile(query_file)
+    ):
         for f in (query_file, gallery_file):
             if not os.path.isfile(f):
                 raise MissingFileError(f"list {split}: file not found: {f}")
         q_rel, q_lab = _read_list(query_file)
         g_rel, g_lab = _read_list(gallery_file)
         ds = ImageDataset(
-            [_resolve(img_base, p) for p in q_rel + g_rel], q_lab + g_lab,
+            [_resolve(img_base, p) for p in q_rel + g_rel],
+            q_lab + g_lab,
             is_query=[True] * len(q_rel) + [False] * len(g_rel),
             is_gallery=[False] * len(q_rel) + [True] * len(g_rel),
-            split=split, **common,
+            split=split,
+            **common,
         )
         _warn_query_without_gallery(ds)
         return ds if split == "test" else ds.role_view(split)
@@ -129,8 +139,9 @@ def load_folder(
         base = os.path.join(base, split)
     if not os.path.isdir(base):
         raise MissingFileError(f"folder: directory not found: {base}")
-    class_dirs = sorted(e.name for e in os.scandir(base)
-                        if e.is_dir() and not e.name.startswith("."))
+    class_dirs = sorted(
+        e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith(".")
+    )
     if not class_dirs:
         raise DatasetError(f"folder: no class folder in {base}")
     numeric = all(d.isdigit() for d in class_dirs)
@@ -141,16 +152,28 @@ def load_folder(
         found = []
         for dirpath, dirnames, filenames in os.walk(os.path.join(base, d)):
             dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
-            found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+            found += [
+                os.path.join(dirpath, f)
+                for f in sorted(filenames)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+            ]
         if not found:
-            raise DatasetError(f"folder: empty class folder {os.path.join(base, d)} "
-                               f"(no {'/'.join(IMAGE_EXTENSIONS)} file)")
+            raise DatasetError(
+                f"folder: empty class folder {os.path.join(base, d)} "
+                f"(no {'/'.join(IMAGE_EXTENSIONS)} file)"
+            )
         paths += found
         raw += [int(d) if numeric else d] * len(found)
-    ds = ImageDataset(paths, raw, name="folder", split=split, transform=transform,
-                      on_bad_image=on_bad_image, verify_images=verify_images,
-                      check_files=check_files)
+    ds = ImageDataset(
+        paths,
+        raw,
+        name="folder",
+        split=split,
+        transform=transform,
+        on_bad_image=on_bad_image,
+        verify_images=verify_images,
+        check_files=check_files,
+    )
     if numeric:
         name_of = {int(d): d for d in class_dirs}
         ds.class_names = [name_of[int(c)] for c in ds.class_ids]
@@ -225,8 +248,9 @@ def load_csv(
             if has_split:
                 row_split = (row["split"] or "").strip()
                 if row_split not in ("train", "validation"):
-                    raise DatasetError(f"{file}, line {n}: split {row_split!r} is not "
-                                       "train or validation")
+                    raise DatasetError(
+                        f"{file}, line {n}: split {row_split!r} is not train or validation"
+                    )
                 if (row_split == "validation") != want_eval:
                     continue
             label = parse_int(row["label"], file, n)
@@ -237,8 +261,9 @@ def load_csv(
                 q = _parse_bool(row.get("is_query"), file, n, "is_query")
                 g = _parse_bool(row.get("is_gallery"), file, n, "is_gallery")
                 if not (q or g):
-                    raise DatasetError(f"{file}, line {n}: validation row is neither query "
-                                       "nor gallery")
+                    raise DatasetError(
+                        f"{file}, line {n}: validation row is neither query nor gallery"
+                    )
             else:
                 q = g = True
             paths.append(_resolve(img_base, path))
@@ -248,12 +273,23 @@ def load_csv(
     if not paths:
         which = "validation" if want_eval and has_split else "data"
         raise DatasetError(f"{file}: no {which} rows")
-    common = {"name": "csv", "transform": transform, "on_bad_image": on_bad_image,
-              "verify_images": verify_images, "check_files": check_files}
+    common = {
+        "name": "csv",
+        "transform": transform,
+        "on_bad_image": on_bad_image,
+        "verify_images": verify_images,
+        "check_files": check_files,
+    }
     if not want_eval:
         return ImageDataset(paths, labels, split="train", **common)
-    ds = ImageDataset(paths, labels, is_query=is_query, is_gallery=is_gallery,
-                      split="test" if split == "validation" else split, **common)
+    ds = ImageDataset(
+        paths,
+        labels,
+        is_query=is_query,
+        is_gallery=is_gallery,
+        split="test" if split == "validation" else split,
+        **common,
+    )
     _warn_query_without_gallery(ds)
     if split in ("query", "gallery"):
         return ds.role_view(split)

@@ -37,12 +37,25 @@ DATASETS: dict[str, Callable[..., MetricDataset]] = {
     "npz": load_npz,
     "digits": load_digits_dataset,
 }
-ALIASES = {"cub200": "cub", "cub-200-2011": "cub", "cars": "cars196", "in-shop": "inshop",
-           "stanford_online_products": "sop"}
+ALIASES = {
+    "cub200": "cub",
+    "cub-200-2011": "cub",
+    "cars": "cars196",
+    "in-shop": "inshop",
+    "stanford_online_products": "sop",
+}
 IMAGE_FORMATS = ("cub", "cars196", "sop", "inshop", "list", "folder", "csv")
-CHECK_SPLITS = {"cub": ("train", "test"), "cars196": ("train", "test"), "sop": ("train", "test"),
-                "inshop": ("train", "test"), "digits": ("train", "test"), "npz": ("all",),
-                "list": ("train", "test"), "folder": ("train", "test"), "csv": ("train", "test")}
+CHECK_SPLITS = {
+    "cub": ("train", "test"),
+    "cars196": ("train", "test"),
+    "sop": ("train", "test"),
+    "inshop": ("train", "test"),
+    "digits": ("train", "test"),
+    "npz": ("all",),
+    "list": ("train", "test"),
+    "folder": ("train", "test"),
+    "csv": ("train", "test"),
+}
 
 
 def canonical_name(name: str) -> str:
@@ -112,8 +125,10 @@ def build_query_gallery(
     """
     test = build_dataset(name, root, "test", transform, **options)
     if test.is_query is None or test.is_gallery is None or not isinstance(test, ImageDataset):
-        raise ValueError(f"{name}: no query/gallery roles; its test split is compared with "
-                         "itself (leave-one-out)")
+        raise ValueError(
+            f"{name}: no query/gallery roles; its test split is compared with "
+            "itself (leave-one-out)"
+        )
     return test.role_view("query"), test.role_view("gallery")
 
 

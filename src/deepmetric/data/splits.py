@@ -33,15 +33,18 @@ class ClassSubset(MetricDataset):
     """
 
     def __init__(
-        self, dataset: Dataset, classes: Sequence[int] | torch.Tensor,
+        self,
+        dataset: Dataset,
+        classes: Sequence[int] | torch.Tensor,
         transform: Callable | None = _KEEP,
     ) -> None:
         parent_labels = torch.as_tensor(dataset.labels, dtype=torch.long)
         parent_c = int(getattr(dataset, "num_classes", int(parent_labels.max()) + 1))
         keep = torch.unique(_as_long(classes))  # sorted
         if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= parent_c):
-            raise ValueError(f"classes must lie in 0..{parent_c - 1}, got "
-                             f"{int(keep.min())}..{int(keep.max())}")
+            raise ValueError(
+                f"classes must lie in 0..{parent_c - 1}, got {int(keep.min())}..{int(keep.max())}"
+            )
         self.dataset = dataset
         self.name = getattr(dataset, "name", type(dataset).__name__)
         self.split = getattr(dataset, "split", "all")
@@ -51,11 +54,15 @@ class ClassSubset(MetricDataset):
         remap[keep] = torch.arange(keep.numel())
         self.labels = remap[parent_labels[self.indices]]
         parent_ids = getattr(dataset, "class_ids", None)
-        self.class_ids = (torch.as_tensor(parent_ids)[keep] if parent_ids is not None
-                          else keep.clone())
+        self.class_ids = (
+            torch.as_tensor(parent_ids)[keep] if parent_ids is not None else keep.clone()
+        )
         parent_names = getattr(dataset, "class_names", None)
-        self.class_names = ([parent_names[int(c)] for c in keep] if parent_names is not None
-                            else [str(int(c)) for c in self.class_ids])
+        self.class_names = (
+            [parent_names[int(c)] for c in keep]
+            if parent_names is not None
+            else [str(int(c)) for c in self.class_ids]
+        )
         for attr in ("is_query", "is_gallery", "super_labels"):
             value = getattr(dataset, attr, None)
             setattr(self, attr, None if value is None else value[self.indices])
@@ -63,8 +70,7 @@ class ClassSubset(MetricDataset):
         if transform is not _KEEP and not hasattr(dataset, "load_image"):
             raise TypeError("a new transform needs a data set with load_image()")
         self._own_transform = transform is not _KEEP
-        self.transform = transform if self._own_transform else getattr(dataset, "transform",
-                                                                       None)
+        self.transform = transform if self._own_transform else getattr(dataset, "transform", None)
 
     def load_image(self, index: int) -> Any:
         return self.dataset.load_image(int(self.indices[index]))

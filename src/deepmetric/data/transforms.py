@@ -42,8 +42,17 @@ PRESET_OPTIONS: dict[str, tuple[str, ...]] = {
     "bninception": _RGB_OPTIONS,
     "imagenet": _RGB_OPTIONS,
     "inception": _RGB_OPTIONS,
-    "small": ("size", "crop", "channels", "mean", "std", "augment", "degrees", "translate",
-              "affine_scale"),
+    "small": (
+        "size",
+        "crop",
+        "channels",
+        "mean",
+        "std",
+        "augment",
+        "degrees",
+        "translate",
+        "affine_scale",
+    ),
 }
 
 
@@ -117,8 +126,9 @@ def _rgb_preset(
     if train:
         if resize:  # Deep_Metric resizes before the random crop; torchvision's recipe does not
             steps.append(v2.Resize(resize, interpolation=mode, antialias=True))
-        steps.append(v2.RandomResizedCrop(crop, scale=tuple(scale), interpolation=mode,
-                                          antialias=True))
+        steps.append(
+            v2.RandomResizedCrop(crop, scale=tuple(scale), interpolation=mode, antialias=True)
+        )
         if flip:
             steps.append(v2.RandomHorizontalFlip())
     else:
@@ -169,8 +179,9 @@ def build_transform(preset: str, train: bool, **options: Any) -> Callable:
             "crop": size,
             "scale": opts.pop("scale", (0.16, 1.0)),
             "flip": opts.pop("flip", True),
-            "mean": opts.pop("mean", [m / 255.0 for m in BNINCEPTION_MEAN_BGR] if is_bn
-                             else IMAGENET_MEAN),
+            "mean": opts.pop(
+                "mean", [m / 255.0 for m in BNINCEPTION_MEAN_BGR] if is_bn else IMAGENET_MEAN
+            ),
             "std": opts.pop("std", [1.0 / 255.0] * 3 if is_bn else IMAGENET_STD),
             "interpolation": opts.pop("interpolation", "bilinear"),
         }
@@ -193,8 +204,11 @@ def build_transform(preset: str, train: bool, **options: Any) -> Callable:
         if size:
             steps.append(v2.Resize((size, size), antialias=True))
         if train and augment:
-            steps.append(v2.RandomAffine(degrees=degrees, translate=(translate, translate),
-                                         scale=tuple(affine_scale)))
+            steps.append(
+                v2.RandomAffine(
+                    degrees=degrees, translate=(translate, translate), scale=tuple(affine_scale)
+                )
+            )
         mean_seq = [mean] * channels if isinstance(mean, (int, float)) else list(mean)
         std_seq = [std] * channels if isinstance(std, (int, float)) else list(std)
         steps.append(v2.Normalize(mean_seq, std_seq))

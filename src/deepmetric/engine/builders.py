@@ -152,11 +152,20 @@ def build_batches(cfg: Config, train_set: Any, rank: int, world_size: int) -> Se
     from deepmetric.samplers import PKSampler
 
     s = cfg.sampler
-    sampler = PKSampler(train_set.labels, s.p, s.k, seed=cfg.seed, small_classes=s.small_classes,
-                        num_replicas=world_size, rank=rank)
+    sampler = PKSampler(
+        train_set.labels,
+        s.p,
+        s.k,
+        seed=cfg.seed,
+        small_classes=s.small_classes,
+        num_replicas=world_size,
+        rank=rank,
+    )
     if len(sampler) == 0:
-        raise ConfigError(f"sampler: no batch of {s.p} classes x {s.k} can be drawn from "
-                          f"{train_set.num_classes} training classes; lower sampler.p")
+        raise ConfigError(
+            f"sampler: no batch of {s.p} classes x {s.k} can be drawn from "
+            f"{train_set.num_classes} training classes; lower sampler.p"
+        )
     return SeededBatches(sampler, cfg.seed)
 
 

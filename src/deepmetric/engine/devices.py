@@ -32,9 +32,7 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError(f"train.device: {e}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(
-                f"train.device: {name!r} but CUDA is not available (use auto or cpu)"
-            )
+            raise ConfigError(f"train.device: {name!r} but CUDA is not available (use auto or cpu)")
         torch.cuda.set_device(device)
     return device
 

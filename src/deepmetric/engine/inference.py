@@ -76,12 +76,23 @@ def evaluate_checkpoint(
         _, sets = build_data(cfg)
     else:
         raise ConfigError(f"--split: expected test or val, got {split!r}")
-    evaluator = Evaluator(cfg, {split: sets[split]}, device, amp_dtype(cfg.train.amp, device),
-                          persistent_workers=False)
+    evaluator = Evaluator(
+        cfg,
+        {split: sets[split]},
+        device,
+        amp_dtype(cfg.train.amp, device),
+        persistent_workers=False,
+    )
     metrics = evaluator.evaluate(model, progress=progress)[split]
     iteration = checkpoint_iteration(ckpt)
-    result = {"checkpoint": str(ckpt), "iteration": iteration, "split": split,
-              "data": cfg.data.name, "images": len(sets[split].dataset), "metrics": metrics}
+    result = {
+        "checkpoint": str(ckpt),
+        "iteration": iteration,
+        "split": split,
+        "data": cfg.data.name,
+        "images": len(sets[split].dataset),
+        "metrics": metrics,
+    }
     path = Path(out) if out else ckpt.parent.parent / f"eval-{split}-iter{iteration}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -96,8 +107,9 @@ def list_images(source: str | os.PathLike) -> list[Path]:
     folder when they do not exist from the working directory)."""
     src = Path(source)
     if src.is_dir():
-        paths = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                       and p.is_file())
+        paths = sorted(
+            p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
         if not paths:
             raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {src}")
         return paths
@@ -169,11 +181,20 @@ def embed_images(
     paths = list_images(images)
     _, test_tf = build_transforms(cfg)
     invert = bool(cfg.data.options.get("invert", False))
-    loader = DataLoader(ImageFiles(paths, test_tf, invert),
-                        batch_size=batch_size or cfg.eval.batch_size, shuffle=False,
-                        num_workers=cfg.data.num_workers)
-    emb, _ = extract_embeddings(model, loader, device=device, flip=cfg.eval.flip,
-                                amp_dtype=amp_dtype(cfg.train.amp, device), progress=progress)
+    loader = DataLoader(
+        ImageFiles(paths, test_tf, invert),
+        batch_size=batch_size or cfg.eval.batch_size,
+        shuffle=False,
+        num_workers=cfg.data.num_workers,
+    )
+    emb, _ = extract_embeddings(
+        model,
+        loader,
+        device=device,
+        flip=cfg.eval.flip,
+        amp_dtype=amp_dtype(cfg.train.amp, device),
+        progress=progress,
+    )
     out = Path(out)
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")

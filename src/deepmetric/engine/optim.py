@@ -39,9 +39,12 @@ def build_optimizer(
     loss = _trainable(criterion.parameters()) if criterion is not None else []
     lr, wd = cfg.lr, cfg.weight_decay
     spec = [
-        ("backbone", backbone,
-         cfg.backbone_lr if cfg.backbone_lr is not None else lr,
-         cfg.backbone_weight_decay if cfg.backbone_weight_decay is not None else wd),
+        (
+            "backbone",
+            backbone,
+            cfg.backbone_lr if cfg.backbone_lr is not None else lr,
+            cfg.backbone_weight_decay if cfg.backbone_weight_decay is not None else wd,
+        ),
         ("head", head, lr, wd),
         ("loss", loss, cfg.loss_lr if cfg.loss_lr is not None else lr, cfg.loss_weight_decay),
     ]

@@ -102,8 +102,11 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard not installed
-                warnings.warn("output.tensorboard is true but the tensorboard package is not "
-                              "installed (pip install tensorboard); skipping it", stacklevel=2)
+                warnings.warn(
+                    "output.tensorboard is true but the tensorboard package is not "
+                    "installed (pip install tensorboard); skipping it",
+                    stacklevel=2,
+                )
             else:
                 self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 

@@ -138,15 +138,26 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
     stream = _batches_from(state, loader, batches)
     model.train()
     meter = LossMeter(device)
-    bar = tqdm(total=total, initial=state.iteration, desc="train", dynamic_ncols=True,
-               disable=not (main and cfg.train.progress), file=sys.stderr)
+    bar = tqdm(
+        total=total,
+        initial=state.iteration,
+        desc="train",
+        dynamic_ncols=True,
+        disable=not (main and cfg.train.progress),
+        file=sys.stderr,
+    )
     last_metrics: dict[str, dict[str, float]] = {}
     while state.iteration < total:
         images, labels = next(stream)
         loss = train_step(
-            ddp_model, criterion, optimizer, scaler,
-            images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
-            lr_scale=lr_factor(state.iteration, cfg.schedule, total), amp=amp,
+            ddp_model,
+            criterion,
+            optimizer,
+            scaler,
+            images.to(device, non_blocking=True),
+            labels.to(device, non_blocking=True),
+            lr_scale=lr_factor(state.iteration, cfg.schedule, total),
+            amp=amp,
             grad_clip=cfg.optim.grad_clip,
         )
         state.iteration += 1
@@ -190,19 +201,31 @@ def _resume(state: TrainState, checkpoint: Path, cfg: Config, log: RunLog) -> No
     settings that changed since."""
     changes = config_changes(state.load(checkpoint), cfg)
     log.truncate(state.iteration)
-    log.log({"iteration": state.iteration, "event": "resume", "checkpoint": str(checkpoint),
-             "config_changes": changes})
-    say(f"resumed from {checkpoint} at iteration {state.iteration} (epoch {state.epoch}, "
-        f"batch {state.batch_in_epoch})")
+    log.log(
+        {
+            "iteration": state.iteration,
+            "event": "resume",
+            "checkpoint": str(checkpoint),
+            "config_changes": changes,
+        }
+    )
+    say(
+        f"resumed from {checkpoint} at iteration {state.iteration} (epoch {state.epoch}, "
+        f"batch {state.batch_in_epoch})"
+    )
     for line in changes:
         say(f"  config changed on resume: {line}")
 
 
 def _log_training(log: RunLog, bar: Any, state: TrainState, window: dict[str, float]) -> None:
     """One metrics.jsonl training record (loss and speed over the window since the last)."""
-    record = {"iteration": state.iteration, "epoch": state.epoch, **window,
-              "num_active": int(getattr(state.criterion, "num_active", -1)),
-              "lr": _head_lr(state.optimizer)}
+    record = {
+        "iteration": state.iteration,
+        "epoch": state.epoch,
+        **window,
+        "num_active": int(getattr(state.criterion, "num_active", -1)),
+        "lr": _head_lr(state.optimizer),
+    }
     log.log(record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
 
@@ -217,22 +240,39 @@ def _evaluate(evaluator: Evaluator, model: nn.Module, iteration: int, log: RunLo
     return results
 
 
-def _say_start(cfg: Config, run_dir: Path, train_set: Any, eval_sets: dict, world_size: int,
-               device: torch.device) -> None:
+def _say_start(
+    cfg: Config,
+    run_dir: Path,
+    train_set: Any,
+    eval_sets: dict,
+    world_size: int,
+    device: torch.device,
+) -> None:
     say(f"run folder: {run_dir}")
     sets = ", ".join(f"{name} {len(es.dataset):,} images" for name, es in eval_sets.items())
     ranks = f" x {world_size} ranks" if world_size > 1 else ""
-    say(f"training {len(train_set):,} images of {train_set.num_classes:,} classes, {sets}; "
+    say(
+        f"training {len(train_set):,} images of {train_set.num_classes:,} classes, {sets}; "
         f"batch {cfg.sampler.p * cfg.sampler.k * world_size} = {cfg.sampler.p} x "
-        f"{cfg.sampler.k}{ranks}; device {device}")
+        f"{cfg.sampler.k}{ranks}; device {device}"
+    )
     if cfg.eval.protocol == "test":
-        say("eval.protocol=test: metrics are on the test split; a 'best_test_selected' "
+        say(
+            "eval.protocol=test: metrics are on the test split; a 'best_test_selected' "
             "checkpoint is selected on TEST (the papers' protocol, optimistic). Use "
-            "eval.protocol=val for a class-disjoint validation split.")
+            "eval.protocol=val for a class-disjoint validation split."
+        )
 
 
-def _finish(cfg: Config, state: TrainState, evaluator: Evaluator, log: RunLog, run_dir: Path,
-            last_metrics: dict, resumed: bool) -> dict[str, Any]:
+def _finish(
+    cfg: Config,
+    state: TrainState,
+    evaluator: Evaluator,
+    log: RunLog,
+    run_dir: Path,
+    last_metrics: dict,
+    resumed: bool,
+) -> dict[str, Any]:
     """Final numbers (after selection on validation: the best checkpoint on the test split),
     summary.json and the printed summary."""
     if not last_metrics and resumed and state.iteration == cfg.train.iterations:
@@ -245,10 +285,18 @@ def _finish(cfg: Config, state: TrainState, evaluator: Evaluator, log: RunLog, r
         _, test_sets = build_data(cfg, test_only=True)
         tester = Evaluator(cfg, test_sets, evaluator.device, evaluator.amp_dtype, False)
         test_of_best = tester.evaluate(state.model)["test"]
-        log.log({"iteration": state.best["iteration"], "split": "test", "checkpoint": "best",
-                 **test_of_best})
-        say(f"test split, best-on-val checkpoint (iteration {state.best['iteration']}): "
-            f"{format_metrics(test_of_best)}")
+        log.log(
+            {
+                "iteration": state.best["iteration"],
+                "split": "test",
+                "checkpoint": "best",
+                **test_of_best,
+            }
+        )
+        say(
+            f"test split, best-on-val checkpoint (iteration {state.best['iteration']}): "
+            f"{format_metrics(test_of_best)}"
+        )
     best_link = "best" if cfg.eval.protocol == "val" else "best_test_selected"
     summary = {
         "run_dir": str(run_dir),
@@ -282,6 +330,8 @@ def _say_summary(summary: dict[str, Any], cfg: Config) -> None:
     if summary["best"]:
         b = summary["best"]
         label = "selected on validation" if b["split"] == "val" else "selected on TEST"
-        say(f"best checkpoint ({label}): {b['metric']} {b['value']:.4f} at iteration "
-            f"{b['iteration']} -> {summary['best_checkpoint']}")
+        say(
+            f"best checkpoint ({label}): {b['metric']} {b['value']:.4f} at iteration "
+            f"{b['iteration']} -> {summary['best_checkpoint']}"
+        )
     say(f"run written to {summary['run_dir']}")
