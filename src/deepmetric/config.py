@@ -472,8 +472,8 @@ def _start_from_loss_defaults(cfg: Config, old_name: str, source: str) -> None:
         cfg.sources.pop(f"loss.{k}", None)
     if dropped:
         cfg.notes.append(
-            f"loss.name {old_name!r} -> {cfg.loss.name!r}: starting from {cfg.loss.name!r}'s "
-            f"defaults; dropped {', '.join('loss.' + k for k in dropped)} (set for {old_name!r})"
+            f"loss.name {old_name!r} -> {cfg.loss.name!r}: starting from the defaults of "
+            f"{cfg.loss.name!r}; dropped {', '.join('loss.' + k for k in dropped)} (set for {old_name!r})"
         )
 
 
