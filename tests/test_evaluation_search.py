@@ -177,6 +177,33 @@ def test_self_index_query_subset_of_a_larger_gallery_with_missing_entries(backen
         assert not (i == torch.from_numpy(own)[:, None]).any()
 
 
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_self_index_mixed_entries_keep_whole_lists(backend):
+    """A query without an own copy can retrieve all G items: its MAP@R list is not cut to
+    G - 1 because other queries exclude theirs (one class: every metric is 1)."""
+    x = F.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = torch.zeros(6, dtype=torch.long)
+    own = torch.tensor([-1, 1, 2, 3, 4, 5])
+    ours = evaluate(
+        x,
+        labels,
+        x,
+        labels,
+        recall_at=(1, 2),
+        metrics=ALL_RETRIEVAL,
+        self_index=own,
+        backend=backend,
+    )
+    assert ours["map@r"] == ours["r_precision"] == ours["recall@1"] == 1.0
+    rng = np.random.default_rng(47)
+    g, gl = quantised(90, 5, seed=48, levels=2), rng.integers(0, 3, 90)
+    own = np.where(rng.random(90) < 0.5, np.arange(90), -1)
+    ours = evaluate(
+        g, gl, g, gl, recall_at=KS, metrics=ALL_RETRIEVAL, self_index=own, backend=backend
+    )
+    assert_metrics_equal(ours, ref_metrics(g, gl, g, gl, self_index=own))
+
+
 def test_self_index_matches_pml_ref_includes_query():
     calc = pml_calculator()
     x, labels = clustered(700, 35, 32, seed=46, noise=1.2)

@@ -103,11 +103,28 @@ def evaluate(
     if wants_ranks or wants_lists:
         # Recall@K needs each query's first-positive rank below max K, Precision@1 below 1
         rank_limit = max(recall_at) if "recall" in metrics else int(wants_ranks)
-        per_query = retrieval_per_query(
-            query, query_labels, gallery, gallery_labels, self_index,
-            wants_lists=wants_lists, rank_limit=rank_limit, backend=backend,
-            budget=memory_budget_bytes, index_options=index_options,
-        )  # fmt: skip
+        options = {
+            "wants_lists": wants_lists,
+            "rank_limit": rank_limit,
+            "backend": backend,
+            "budget": memory_budget_bytes,
+            "index_options": index_options,
+        }
+        own = None if self_index is None else self_index >= 0
+        if own is not None and bool(own.any()) and not bool(own.all()):
+            # queries with and without an own copy can retrieve G - 1 and G items: two searches
+            per_query = {}
+            for rows, index in ((own, self_index[own]), (~own, None)):
+                part = retrieval_per_query(
+                    query[rows], query_labels[rows], gallery, gallery_labels, index, **options
+                )
+                for name, values in part.items():
+                    merged = per_query.setdefault(name, values.new_empty(query.shape[0]))
+                    merged[rows.cpu()] = values
+        else:
+            per_query = retrieval_per_query(
+                query, query_labels, gallery, gallery_labels, self_index, **options
+            )
         result.update(average(per_query, query_labels, recall_at, metrics, per_class))
     if "nmi" in metrics:
         result["nmi"] = nmi(query, query_labels, seed=seed)
