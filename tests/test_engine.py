@@ -349,3 +349,26 @@ def test_embedded_image_files_are_inverted_like_the_training_arrays(tmp_path: Pa
     np.testing.assert_array_equal(plain, pixels)
     np.testing.assert_array_equal(inverted, 255 - pixels)
     assert label == -1
+
+
+def test_user_mistakes_are_config_errors(tmp_path: Path) -> None:
+    """A transform value a preset rejects, a Config built in Python with a wrong option, and
+    a resume whose model no longer fits the checkpoint: ConfigError naming the cause."""
+    with pytest.raises(ConfigError, match=r"data\.transform_options \(small\): give either size"):
+        run_in_process(tmp_path / "a", "--train.iterations=1", "--data.transform_options.crop=20")
+    cfg = load_config(DEMO, [*TINY, f"--output.dir={tmp_path / 'b'}"])
+    cfg.model.options["in_chan"] = 1  # set in Python: train() checks the options too
+    with pytest.raises(ConfigError, match=r"model\.options\.in_chan: not an option"):
+        train(cfg)
+    run_in_process(tmp_path / "c", "--train.iterations=2")
+    with pytest.raises(
+        ConfigError,
+        match=r"does not fit the configured model.*settings changed "
+        r"since: model\.embedding_dim: 16 -> 32",
+    ):
+        run_in_process(
+            tmp_path / "c",
+            "--train.iterations=4",
+            "--train.resume=auto",
+            "--model.embedding_dim=32",
+        )

@@ -84,11 +84,6 @@ def _find_root(
     raise MissingFileError(f"{name}: file not found: {tried}")
 
 
-def _common(options: dict[str, Any]) -> dict[str, Any]:
-    """ImageDataset keyword options shared by every loader."""
-    return {k: options[k] for k in ("on_bad_image", "verify_images", "check_files")}
-
-
 def _split_pairs(path: str, ncols: int) -> list[tuple[int, list[str]]]:
     """(line number, tokens) of a whitespace-separated file with ``ncols`` columns."""
     rows = []

@@ -161,6 +161,14 @@ def build_transform(preset: str, train: bool, **options: Any) -> Callable:
 
     A user's own callable can be passed as ``transform=`` to any data set instead.
     """
+    if preset not in PRESET_OPTIONS:
+        raise ValueError(f"unknown transform preset {preset!r}; use one of {list(PRESETS)}")
+    unknown = sorted(set(options) - set(PRESET_OPTIONS[preset]))
+    if unknown:
+        raise TypeError(
+            f"transform preset {preset!r}: unknown options {unknown}; expected "
+            f"some of {list(PRESET_OPTIONS[preset])}"
+        )
     opts = dict(options)
     if preset == "inception":
         opts.setdefault("mean", (0.5, 0.5, 0.5))
@@ -187,7 +195,6 @@ def build_transform(preset: str, train: bool, **options: Any) -> Callable:
         }
         if not train and not kwargs["resize"]:
             kwargs["resize"] = resize
-        _no_leftovers(preset, opts)
         return _rgb_preset(train, bgr=is_bn, **kwargs)
     if preset == "small":
         size = opts.pop("size", opts.pop("crop", None))
@@ -199,7 +206,6 @@ def build_transform(preset: str, train: bool, **options: Any) -> Callable:
         degrees = opts.pop("degrees", 10.0)
         translate = opts.pop("translate", 0.1)
         affine_scale = opts.pop("affine_scale", (0.9, 1.1))
-        _no_leftovers(preset, opts)
         steps: list[Callable] = [ToFloatImage(channels)]
         if size:
             steps.append(v2.Resize((size, size), antialias=True))
@@ -214,8 +220,3 @@ def build_transform(preset: str, train: bool, **options: Any) -> Callable:
         steps.append(v2.Normalize(mean_seq, std_seq))
         return v2.Compose(steps)
     raise ValueError(f"unknown transform preset {preset!r}; use one of {list(PRESETS)}")
-
-
-def _no_leftovers(preset: str, opts: dict[str, Any]) -> None:
-    if opts:
-        raise TypeError(f"transform preset {preset!r}: unknown options {sorted(opts)}")

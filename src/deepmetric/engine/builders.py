@@ -55,7 +55,10 @@ def build_transforms(cfg: Config) -> tuple[Callable, Callable]:
 
     preset = cfg.data.transform or preset_for(cfg.model.backbone)
     options = cfg.data.transform_options
-    return build_transform(preset, True, **options), build_transform(preset, False, **options)
+    try:
+        return build_transform(preset, True, **options), build_transform(preset, False, **options)
+    except ValueError as e:  # an option value the preset rejects (keys were checked)
+        raise ConfigError(f"data.transform_options ({preset}): {e}") from None
 
 
 def _build_split(cfg: Config, split: str, transform: Callable, options: dict[str, Any]) -> Any:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from deepmetric import distributed as dist
-from deepmetric.config import Config
+from deepmetric.config import Config, ConfigError
 from deepmetric.engine.builders import EvalSet, build_eval_loader, recall_at
 
 __all__ = ["Evaluator", "retrieval_metrics"]
@@ -59,6 +59,12 @@ class Evaluator:
     ) -> None:
         self.cfg, self.eval_sets = cfg, eval_sets
         self.device, self.amp_dtype = device, amp_dtype
+        for name, es in eval_sets.items():
+            if len(es.dataset) < dist.get_world_size():
+                raise ConfigError(
+                    f"the {name} set holds {len(es.dataset)} images, fewer than the "
+                    f"{dist.get_world_size()} ranks that share its evaluation"
+                )
         self.shards = {name: dist.shard_indices(len(es.dataset)) for name, es in eval_sets.items()}
         self.loaders = {
             name: build_eval_loader(cfg, Subset(es.dataset, self.shards[name]), persistent_workers)

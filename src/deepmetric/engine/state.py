@@ -14,7 +14,16 @@ from deepmetric.config import ConfigError
 from deepmetric.engine.checkpoint import load_checkpoint, save_checkpoint
 from deepmetric.engine.reproducibility import capture_rng_state, restore_rng_state
 
-__all__ = ["TrainState"]
+__all__ = ["CheckpointMismatch", "TrainState"]
+
+
+class CheckpointMismatch(ConfigError):
+    """The checkpoint's tensors do not fit the configured model, loss or optimizer;
+    ``config_text`` is the checkpoint's config (to tell the user what changed)."""
+
+    def __init__(self, message: str, config_text: str) -> None:
+        super().__init__(message)
+        self.config_text = config_text
 
 
 @dataclass
@@ -72,9 +81,17 @@ class TrainState:
                 f"{path}: the checkpoint's state.pt lacks {', '.join(missing)} (written by "
                 "another version of deepmetric); start a new run or resume with that version"
             )
-        self.model.load_state_dict(weights)
-        for name in self.OBJECTS:
-            getattr(self, name).load_state_dict(state[name])
+        try:
+            self.model.load_state_dict(weights)
+            for name in self.OBJECTS:
+                getattr(self, name).load_state_dict(state[name])
+        except (RuntimeError, ValueError, KeyError) as e:  # load_state_dict's shape/key errors
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointMismatch(
+                f"{path}: the checkpoint does not fit the configured model, loss or optimizer "
+                f"({first})",
+                config_text,
+            ) from None
         for name in self.COUNTERS:
             setattr(self, name, state[name])
         restore_rng_state(state["rng"])

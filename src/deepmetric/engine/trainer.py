@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from deepmetric import distributed as dist
-from deepmetric.config import Config, dump_config
+from deepmetric.config import Config, ConfigError, dump_config, validate_config
 from deepmetric.engine.builders import (
     build_batches,
     build_criterion,
@@ -44,7 +44,7 @@ from deepmetric.engine.optim import build_optimizer, lr_factor, set_lr
 from deepmetric.engine.reproducibility import SeededBatches, seed_everything
 from deepmetric.engine.run_folder import config_changes, resolve_run_dir, resume_checkpoint
 from deepmetric.engine.runlog import LossMeter, RunLog, format_metrics, say
-from deepmetric.engine.state import TrainState
+from deepmetric.engine.state import CheckpointMismatch, TrainState
 
 __all__ = ["train", "train_step"]
 
@@ -98,6 +98,7 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     # ---- process, device, seeds
+    validate_config(cfg)  # also for a Config built in Python: option keys, loss parameters
     rank, world_size, _ = dist.init_distributed()
     device = resolve_device(cfg.train.device)
     amp = amp_dtype(cfg.train.amp, device)
@@ -107,7 +108,7 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
     main = dist.is_main_process()
 
     # ---- data, model, loss (+ memory), optimizer, run folder
-    run_dir = resolve_run_dir(cfg, config_name)
+    run_dir = Path(dist.broadcast_object(str(resolve_run_dir(cfg, config_name))))  # rank 0's
     resume_from = resume_checkpoint(cfg, run_dir)
     train_set, eval_sets = build_data(cfg)
     batches = build_batches(cfg, train_set, rank, world_size)
@@ -199,7 +200,11 @@ def _batches_from(
 def _resume(state: TrainState, checkpoint: Path, cfg: Config, log: RunLog) -> None:
     """Restore ``state`` from ``checkpoint``; drop log records after it; log and print the
     settings that changed since."""
-    changes = config_changes(state.load(checkpoint), cfg)
+    try:
+        changes = config_changes(state.load(checkpoint), cfg)
+    except CheckpointMismatch as e:
+        changes = config_changes(e.config_text, cfg)
+        raise ConfigError(f"{e}; settings changed since: {'; '.join(changes) or 'none'}") from None
     log.truncate(state.iteration)
     log.log(
         {
