@@ -26,6 +26,15 @@ _OVERRIDES = (
 )
 
 
+def _add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN_OR_CKPT",
+        help="run folder (uses best, else last) or checkpoint folder",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepmetric",
@@ -53,12 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Embed the test split (or the run's class-disjoint validation split) with a "
         "checkpoint, print the retrieval metrics and write them as JSON. " + _OVERRIDES,
     )
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN_OR_CKPT",
-        help="run folder (uses best, else last) or checkpoint folder",
-    )
+    _add_checkpoint_argument(p)
     p.add_argument(
         "--split",
         default="test",
@@ -79,12 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         ".npy file and, beside it, a .txt file with the N image paths in the same order. "
         + _OVERRIDES,
     )
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN_OR_CKPT",
-        help="run folder (uses best, else last) or checkpoint folder",
-    )
+    _add_checkpoint_argument(p)
     p.add_argument(
         "--images",
         required=True,

@@ -86,6 +86,12 @@ def _head_lr(optimizer: torch.optim.Optimizer) -> float:
     return next((g["lr"] for g in groups if g["name"] == "head"), groups[0]["lr"])
 
 
+def _best_link(protocol: str) -> str:
+    """The run folder's link to the best checkpoint: "best" when selected on validation,
+    "best_test_selected" when selected on the test split (the papers' protocol)."""
+    return "best" if protocol == "val" else "best_test_selected"
+
+
 def _due(iteration: int, every: int, total: int) -> bool:
     """Every ``every`` iterations (0: never) and at the last one."""
     return (every > 0 and iteration % every == 0) or iteration == total
@@ -135,7 +141,7 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
 
     # ---- the loop
     total, split = cfg.train.iterations, cfg.eval.protocol
-    best_link = "best" if split == "val" else "best_test_selected"
+    best_link = _best_link(split)
     stream = _batches_from(state, loader, batches)
     model.train()
     meter = LossMeter(device)
@@ -302,7 +308,7 @@ def _finish(
             f"test split, best-on-val checkpoint (iteration {state.best['iteration']}): "
             f"{format_metrics(test_of_best)}"
         )
-    best_link = "best" if cfg.eval.protocol == "val" else "best_test_selected"
+    best_link = _best_link(cfg.eval.protocol)
     summary = {
         "run_dir": str(run_dir),
         "iteration": state.iteration,
