@@ -105,9 +105,12 @@ def test_eval_prints_and_writes_json(run_dir: Path, tmp_path: Path, capsys) -> N
     assert result["split"] == "test" and result["iteration"] == 6
     assert set(result["metrics"]) >= {"recall@1", "recall@2", "map@r"}
     assert result["metrics"]["num_queries"] == 896
-    # default location, validation classes of the run's training split
-    assert main(["eval", "--checkpoint", str(run_dir / "last"), "--split", "val"]) == 0
-    assert (run_dir / "eval-val-iter6.json").is_file()
+    # a run trained with the test protocol has no validation split: its classes were trained on
+    assert main(["eval", "--checkpoint", str(run_dir / "last"), "--split", "val"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with eval.protocol=test, without a validation split" in err
+    assert err.count("\n") == 1 and "--split test" in err
+    assert not (run_dir / "eval-val-iter6.json").exists()
 
 
 def test_eval_matches_training_evaluation(run_dir: Path, tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ def test_list_file(tmp_path: Path) -> None:
     # research-ms-loss style "path,label" and an explicit file elsewhere
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "mine.csv").write_text("a/1.jpg,4\nb/1.png,5\n")
-    mine = build_dataset("list", tmp_path, list_file="lists/mine.csv")
+    mine = build_dataset("list", tmp_path, "all", list_file="lists/mine.csv")
     assert mine.class_ids.tolist() == [4, 5]
 
 
@@ -80,9 +80,9 @@ def test_missing_list_and_images(tmp_path: Path) -> None:
         build_dataset("list", tmp_path, "train")
     (tmp_path / "train.txt").write_text("a/1.jpg 1\na/2.jpg 1\n")
     write_image(tmp_path / "a" / "1.jpg")
-    with pytest.raises(MissingFileError, match=r"1 of 2 images missing, e\.g\. .*a/2\.jpg"):
+    with pytest.raises(MissingFileError, match=r"1 of 2 images .* are missing: .*a/2\.jpg"):
         build_dataset("list", tmp_path, "train")
-    with pytest.warns(UserWarning, match="skipped 1 missing images of 2"):
+    with pytest.warns(UserWarning, match=r"skipped 1 of 2 images .*on_bad_image=skip"):
         ds = build_dataset("list", tmp_path, "train", on_bad_image="skip")
     assert len(ds) == 1
     with pytest.raises(ValueError, match="on_bad_image"):
@@ -102,10 +102,11 @@ def test_truncated_and_unreadable_images(tmp_path: Path) -> None:
         ds[1]
     assert ds[2][1] == 1
     assert not ImageFile.LOAD_TRUNCATED_IMAGES  # nothing global was changed
-    with pytest.raises(DatasetError, match=r"2 of 3 images unreadable"):
-        build_dataset("list", tmp_path, "train", verify_images=True)
-    with pytest.warns(UserWarning, match="skipped 2 unreadable images of 3"):
-        ds = build_dataset("list", tmp_path, "train", on_bad_image="skip")
+    for level in ("header", "decode"):
+        with pytest.raises(DatasetError, match=r"2 of 3 images .* cannot be used: .*cut\.jpg"):
+            build_dataset("list", tmp_path, "train", validate=level)
+    with pytest.warns(UserWarning, match="skipped 2 of 3 images"):
+        ds = build_dataset("list", tmp_path, "train", validate="header", on_bad_image="skip")
     assert len(ds) == 1 and ds.class_ids.tolist() == [1] and ds.labels.tolist() == [0]
     assert {p for p, _ in ds.bad_images} == {str(truncated), str(garbage)}
     with pytest.raises(MissingFileError, match=r"nope\.jpg"):
@@ -117,7 +118,7 @@ def test_folder_per_class(tmp_path: Path) -> None:
     make_folder(tmp_path, {"zebra": 2, "ant": 3})
     (tmp_path / "ant" / "notes.txt").write_text("not an image")
     write_image(tmp_path / "ant" / "deeper" / "x.JPG")
-    ds = build_dataset("folder", tmp_path)
+    ds = build_dataset("folder", tmp_path, "all")
     assert ds.class_names == ["ant", "zebra"]
     assert ds.class_ids.tolist() == [0, 1]
     assert ds.counts() == {"images": 6, "classes": 2}
@@ -196,10 +197,12 @@ def test_csv_oml_format(tmp_path: Path) -> None:
 
 def test_csv_without_split_column(tmp_path: Path) -> None:
     write_csv(tmp_path, [(1, "a.png"), (4, "b.png")], header="label,path", name="mine.csv")
-    ds = build_dataset("csv", tmp_path, csv_file="mine.csv")
+    ds = build_dataset("csv", tmp_path, "all", csv_file="mine.csv")
     assert ds.class_ids.tolist() == [1, 4]
-    test = build_dataset("csv", tmp_path / "mine.csv", "test")  # every row: 1-vs-rest
-    assert test.is_query.all() and test.is_gallery.all()
+    train = build_dataset("csv", tmp_path, csv_file="mine.csv")  # half the classes each
+    test = build_dataset("csv", tmp_path / "mine.csv", "test")
+    assert len(train.class_ids) == len(test.class_ids) == 1
+    assert set(train.class_ids.tolist()) | set(test.class_ids.tolist()) == {1, 4}
 
 
 @pytest.mark.parametrize(
@@ -215,7 +218,7 @@ def test_csv_without_split_column(tmp_path: Path) -> None:
         (
             [(1, "a.png", "validation", "0", "0")],
             "label,path,split,is_query,is_gallery",
-            r"line 2: validation row is neither query nor gallery",
+            r"line 2: row is neither query nor gallery",
         ),
         (
             [(1, "a.png", "validation", "maybe", "1")],

@@ -4,6 +4,7 @@
     deepmetric eval --checkpoint runs/x [--split test|val] [--out FILE.json] [--data.root PATH]
     deepmetric embed --checkpoint runs/x --images DIR_OR_LIST --out emb.npy
     deepmetric datasets check --dataset sop --root ~/data/Stanford_Online_Products
+    deepmetric datasets check --config configs/folder.yaml --data.root ~/photos
 
 Exit status: 0 on success; 2 for a user error (bad config or override, missing file or
 data set problem: one line on stderr, no traceback); 1 for a failed data-set check or an
@@ -100,14 +101,27 @@ def _parser() -> argparse.ArgumentParser:
     c = dsub.add_parser(
         "check",
         allow_abbrev=False,
-        help="validate a data set's layout, images and counts",
-        description="Parse the annotation files, open every image, compare the counts with "
-        "the official ones. Exit status 0 when all is well, 1 when a problem was found.",
+        help="audit a data set: layout, images, duplicates, leakage, counts",
+        description="Parse the annotation files; check that no image is listed twice or with "
+        "two labels, that every image exists and is readable (--validate), that no "
+        "byte-identical file is in both train and test (sha256 of every file); compare the "
+        "counts with the official ones and summarise each split (images per class, "
+        "single-image classes, sizes, modes). Data without a split of its own is split as a "
+        "run would split it (--data.test_classes, --data.split_by, --data.split_seed). Exit "
+        "status 0 when all is well (warnings allowed), 1 when a problem was found.",
+    )
+    c.add_argument("--dataset", help="cub, cars196, sop, inshop, list, folder, csv, npz, digits")
+    c.add_argument("--root", default=None, help="the data set's root folder (or file)")
+    c.add_argument(
+        "--config", metavar="FILE", help="take the data section of a YAML config (a preset)"
     )
     c.add_argument(
-        "--dataset", required=True, help="cub, cars196, sop, inshop, list, folder, csv, npz, digits"
+        "--validate",
+        default="header",
+        choices=("none", "header", "decode"),
+        help="header: headers and end markers, no truncated JPEG/PNG (default); decode: "
+        "every pixel; none: the files exist",
     )
-    c.add_argument("--root", default=None, help="the data set's root folder (or file)")
     c.add_argument(
         "--split",
         action="append",
@@ -115,6 +129,45 @@ def _parser() -> argparse.ArgumentParser:
         help="split to check (repeatable; default train and test)",
     )
     return parser
+
+
+def _check_data(args: argparse.Namespace, extra: list[str]) -> int:
+    """``deepmetric datasets check``: the data section of --config (or the defaults) with
+    --dataset, --root and --data.* overrides."""
+    from deepmetric.config import ConfigError, check_options, load_config
+    from deepmetric.data import canonical_name, check_dataset
+
+    if args.dataset is None and args.config is None:
+        raise ConfigError("datasets check: give --dataset NAME (and --root PATH) or --config FILE")
+    not_data = [a for a in extra if a.startswith("--") and not a.startswith("--data.")]
+    if not_data:
+        raise ConfigError(f"datasets check: only --data.* overrides apply, got {not_data[0]}")
+    overrides = list(extra)
+    if args.dataset is not None:
+        try:
+            canonical_name(args.dataset)
+        except ValueError as e:
+            raise ConfigError(f"--dataset: {e}") from None
+        overrides += ["--data.name", args.dataset]
+    if args.root is not None:
+        overrides += ["--data.root", args.root]
+    cfg = load_config(args.config, overrides, validate=False)
+    check_options(cfg)
+    d = cfg.data
+    report = check_dataset(
+        d.name,
+        d.root,
+        splits=args.split,
+        validate=args.validate,
+        progress=True,
+        test_classes=d.test_classes,
+        test_images=d.test_images,
+        split_by=d.split_by,
+        split_seed=d.split_seed,
+        **d.options,
+    )
+    print(report)
+    return 0 if report.ok else 1
 
 
 def _run(argv: Sequence[str]) -> int:
@@ -130,8 +183,6 @@ def _run(argv: Sequence[str]) -> int:
         return 2
     if args.command == "datasets" and args.datasets_command is None:
         parser.parse_args(["datasets", "--help"])
-    if extra and args.command == "datasets":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.command == "train":
         from deepmetric import distributed
@@ -176,11 +227,7 @@ def _run(argv: Sequence[str]) -> int:
         return 0
 
     if args.command == "datasets":
-        from deepmetric.data import check_dataset
-
-        report = check_dataset(args.dataset, args.root, splits=args.split)
-        print(report)
-        return 0 if report.ok else 1
+        return _check_data(args, extra)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

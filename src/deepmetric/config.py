@@ -76,6 +76,21 @@ class DataConfig:
     val_options: dict[str, Any] | None = None
     train_split: str = "train"
     test_split: str = "test"
+    # Data without a train/test split of its own (a flat folder of class folders, a CSV
+    # without a split column, one list file): split_by "classes" holds out test_classes
+    # classes (a fraction in (0, 1) or a count; null = half) for zero-shot testing;
+    # split_by "images" (closed-set) holds out test_images of each class's images instead.
+    # The split is printed and written to the run folder as split.csv (reusable with
+    # --data.name=csv --data.root=RUN/split.csv). An error for data that has a split.
+    test_classes: int | float | None = None
+    split_by: Literal["classes", "images"] = "classes"
+    test_images: float = 0.5
+    split_seed: int = 0
+    # Image files checked before the first step: "header" (headers parse, no truncated
+    # JPEG/PNG), "decode" (every pixel), "none" (they exist); bad files raise naming them,
+    # or are dropped with on_bad_image: skip
+    validate: Literal["none", "header", "decode"] = "header"
+    on_bad_image: Literal["raise", "skip"] = "raise"
     transform: str | None = None  # bninception, imagenet, small; None: the backbone's preset
     # build_transform options; ``size`` = side of the square images the network sees, for
     # image files and array data alike (arrays are resized once, at load time)
@@ -598,6 +613,22 @@ def validate_config(cfg: Config) -> None:
         raise err(
             "eval.val_fraction", f"expected a fraction in (0, 1), got {cfg.eval.val_fraction}"
         )
+    test_classes = cfg.data.test_classes
+    if test_classes is not None:
+        if cfg.data.split_by == "images":
+            raise err(
+                "data.test_classes",
+                "applies to data.split_by=classes; with split_by=images set data.test_images",
+            )
+        if isinstance(test_classes, int) and test_classes < 1:
+            raise err("data.test_classes", f"expected a count >= 1, got {test_classes}")
+        if isinstance(test_classes, float) and not 0.0 < test_classes < 1.0:
+            raise err(
+                "data.test_classes",
+                f"expected a fraction in (0, 1) or a count of classes, got {test_classes}",
+            )
+    if not 0.0 < cfg.data.test_images < 1.0:
+        raise err("data.test_images", f"expected a fraction in (0, 1), got {cfg.data.test_images}")
     if cfg.schedule.name == "step" and cfg.schedule.step_size <= 0:
         raise err("schedule.step_size", "expected > 0 with schedule.name: step")
     if cfg.schedule.name == "multistep" and not cfg.schedule.milestones:
@@ -634,6 +665,7 @@ def check_options(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"{_where(cfg, 'data.name')}: data.name: {e}") from None
     accepted = [o for o in loader_options(name) if o != "size"]
+    data_keys = _fields(DataConfig)
     for key in ("data.options", "data.train_options", "data.test_options", "data.val_options"):
         for option in getattr(cfg.data, key.split(".")[1]) or {}:
             if option == "size":
@@ -641,6 +673,11 @@ def check_options(cfg: Config) -> None:
                     f"{_where(cfg, f'{key}.size')}: {key}.size: the image size is set by "
                     "data.transform_options.size for every data set (array data are resized "
                     "once at load time to it)"
+                )
+            if option in data_keys:
+                raise ConfigError(
+                    f"{_where(cfg, f'{key}.{option}')}: {key}.{option}: set data.{option} "
+                    f"instead (--data.{option}=...), the same for every data set"
                 )
             if option not in accepted:
                 raise unknown(key, option, accepted, f"data set {name!r}")

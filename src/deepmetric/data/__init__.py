@@ -22,6 +22,7 @@ from .base import (
 )
 from .benchmarks import OFFICIAL_COUNTS, load_cars196, load_cub, load_inshop, load_sop
 from .generic import IMAGE_EXTENSIONS, load_csv, load_folder, load_list
+from .integrity import VALIDATE_LEVELS, inspect_image, inspect_images, validate_images
 from .registry import (
     DATASETS,
     CheckReport,
@@ -32,7 +33,14 @@ from .registry import (
     is_array_format,
     loader_options,
 )
-from .splits import ClassSubset, class_disjoint_split, subset_classes
+from .splits import (
+    ClassSubset,
+    class_disjoint_split,
+    describe_split,
+    split_unsplit,
+    subset_classes,
+    write_split_csv,
+)
 from .transforms import BNINCEPTION_MEAN_BGR, PRESET_OPTIONS, PRESETS, build_transform
 
 __all__ = [
@@ -42,6 +50,7 @@ __all__ = [
     "OFFICIAL_COUNTS",
     "PRESETS",
     "PRESET_OPTIONS",
+    "VALIDATE_LEVELS",
     "ArrayDataset",
     "CheckReport",
     "ClassSubset",
@@ -57,6 +66,9 @@ __all__ = [
     "check_counts",
     "check_dataset",
     "class_disjoint_split",
+    "describe_split",
+    "inspect_image",
+    "inspect_images",
     "is_array_format",
     "load_cars196",
     "load_csv",
@@ -69,5 +81,8 @@ __all__ = [
     "load_sop",
     "loader_options",
     "open_image",
+    "split_unsplit",
     "subset_classes",
+    "validate_images",
+    "write_split_csv",
 ]

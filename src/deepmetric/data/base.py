@@ -22,7 +22,6 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -41,8 +40,6 @@ __all__ = [
     "open_image",
     "to_tensor",
 ]
-
-ON_BAD_IMAGE = ("raise", "skip")
 
 
 class DatasetError(ValueError):
@@ -78,15 +75,6 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise MissingFileError(f"image file not found: {path}") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-
-
-def _check_image(path: str) -> str | None:
-    """Return None if ``path`` opens and decodes, else the reason it does not."""
-    try:
-        open_image(path)
-    except DatasetError as e:
-        return str(e)
-    return None
 
 
 def encode_labels(
@@ -224,11 +212,10 @@ def to_tensor(image: Any) -> torch.Tensor:
 class ImageDataset(MetricDataset):
     """Images on disk, given as a list of paths and their original class ids.
 
-    At construction every listed file must exist (``check_files``); with ``verify_images``
-    (implied by ``on_bad_image="skip"``) every image is also opened and decoded once. Bad
-    images either raise a :class:`DatasetError` naming them or, with ``on_bad_image="skip"``,
-    are dropped with a warning giving their number (the list stays in ``bad_images``). By
-    default images are only decoded in ``__getitem__``, where a bad one raises naming the file.
+    Construction opens no file: :func:`deepmetric.data.build_dataset` checks the files
+    (``validate``: existence, headers, or a full decode) after the loader, see
+    :mod:`deepmetric.data.integrity`. A file that turns out unreadable later raises a
+    :class:`DatasetError` naming it.
 
     Args:
         paths: N image paths.
@@ -239,11 +226,10 @@ class ImageDataset(MetricDataset):
         super_ids: optional N original super-class ids (kept as ``super_labels``).
         universe: ids to build the label map from (joint query/gallery map); default raw_ids.
         id_parser: str id -> int class id (see :func:`encode_labels`).
-        on_bad_image: "raise" or "skip".
-        verify_images: decode every image at construction.
-        check_files: check at construction that every file exists.
-        num_workers: threads used to verify images.
     """
+
+    # How deepmetric split data that had no split of its own (see splits.split_unsplit)
+    generated_split: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -258,76 +244,23 @@ class ImageDataset(MetricDataset):
         super_ids: Sequence[int] | None = None,
         universe: Sequence[Any] | None = None,
         id_parser: Callable[[str], int] | None = None,
-        on_bad_image: str = "raise",
-        verify_images: bool = False,
-        check_files: bool = True,
-        num_workers: int = 8,
     ) -> None:
-        if on_bad_image not in ON_BAD_IMAGE:
-            raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
         if len(paths) != len(raw_ids):
             raise ValueError(f"{len(paths)} paths but {len(raw_ids)} labels")
-        self.name, self.split, self.transform = name, split, transform
-        paths = [os.fspath(p) for p in paths]
-        keep = np.ones(len(paths), dtype=bool)
-        self.bad_images: list[tuple[str, str]] = []
-
-        if check_files or verify_images or on_bad_image == "skip":
-            missing = [i for i, p in enumerate(paths) if not os.path.isfile(p)]
-            self._handle_bad(
-                [(i, "missing file") for i in missing], paths, keep, on_bad_image, "missing"
-            )
-        if verify_images or on_bad_image == "skip":
-            todo = np.flatnonzero(keep).tolist()
-            with ThreadPoolExecutor(max(1, num_workers)) as pool:
-                reasons = list(pool.map(_check_image, [paths[i] for i in todo]))
-            bad = [(i, r) for i, r in zip(todo, reasons) if r is not None]
-            self._handle_bad(bad, paths, keep, on_bad_image, "unreadable")
-
-        idx = np.flatnonzero(keep)
-        self.paths = [paths[i] for i in idx]
-        raw_kept = [raw_ids[i] for i in idx]
-        if not self.paths:
+        if not paths:
             raise DatasetError(f"{name} {split}: no images")
-        if universe is not None:
-            universe = sorted(set(universe) & set(raw_kept)) if self.bad_images else universe
+        self.name, self.split, self.transform = name, split, transform
+        self.paths = [os.fspath(p) for p in paths]
+        self.bad_images: list[tuple[str, str]] = []  # (path, reason) dropped by validation
         self.labels, self.class_ids, self.class_names = encode_labels(
-            raw_kept, universe=universe, id_parser=id_parser
+            list(raw_ids), universe=universe, id_parser=id_parser
         )
         if is_query is not None:
-            self.is_query = torch.as_tensor(np.asarray(is_query, dtype=bool)[idx])
+            self.is_query = torch.as_tensor(np.asarray(is_query, dtype=bool))
         if is_gallery is not None:
-            self.is_gallery = torch.as_tensor(np.asarray(is_gallery, dtype=bool)[idx])
+            self.is_gallery = torch.as_tensor(np.asarray(is_gallery, dtype=bool))
         if super_ids is not None:
-            self.super_labels, self.super_class_ids, _ = encode_labels(
-                [int(super_ids[i]) for i in idx]
-            )
-
-    def _handle_bad(
-        self,
-        bad: list[tuple[int, str]],
-        paths: list[str],
-        keep: np.ndarray,
-        on_bad_image: str,
-        what: str,
-    ) -> None:
-        if not bad:
-            return
-        examples = "; ".join(f"{paths[i]} ({r})" for i, r in bad[:5])
-        if on_bad_image == "raise":
-            cls = MissingFileError if what == "missing" else DatasetError
-            raise cls(
-                f"{self.name} {self.split}: {len(bad):,} of {len(paths):,} images {what}, "
-                f"e.g. {examples}; pass on_bad_image='skip' to drop them"
-            )
-        for i, r in bad:
-            keep[i] = False
-            self.bad_images.append((paths[i], r))
-        warnings.warn(
-            f"{self.name} {self.split}: skipped {len(bad):,} {what} images of {len(paths):,} "
-            f"(e.g. {examples})",
-            stacklevel=4,
-        )
+            self.super_labels, self.super_class_ids, _ = encode_labels([int(s) for s in super_ids])
 
     def load_image(self, index: int) -> Image.Image:
         """The PIL RGB image ``index`` (raises :class:`DatasetError` naming a bad file)."""
@@ -347,6 +280,20 @@ class ImageDataset(MetricDataset):
             value = getattr(self, attr)
             if value is not None:
                 setattr(new, attr, value[t_idx])
+        return new
+
+    def compact(self) -> ImageDataset:
+        """A copy whose labels are re-indexed to the classes present (``class_ids`` and
+        ``class_names`` follow); ``self`` when every class of the map is present."""
+        present = torch.unique(self.labels)
+        if present.numel() == self.num_classes:
+            return self
+        new = self.select(torch.ones(len(self), dtype=torch.bool))
+        remap = torch.full((self.num_classes,), -1, dtype=torch.long)
+        remap[present] = torch.arange(present.numel())
+        new.labels = remap[self.labels]
+        new.class_ids = self.class_ids[present]
+        new.class_names = [self.class_names[int(c)] for c in present]
         return new
 
     def role_view(self, role: str) -> ImageDataset:

@@ -104,9 +104,6 @@ def load_cub(
     transform: Callable | None = None,
     *,
     strict: bool = False,
-    on_bad_image: str = "raise",
-    verify_images: bool = False,
-    check_files: bool = True,
 ) -> ImageDataset:
     """CUB-200-2011 (``root`` = ``CUB_200_2011/`` or its parent).
 
@@ -168,9 +165,6 @@ def load_cub(
         name="cub",
         split=split,
         transform=transform,
-        on_bad_image=on_bad_image,
-        verify_images=verify_images,
-        check_files=check_files,
     )
     ds.class_names = [class_names[int(c)] for c in ds.class_ids]
     check_counts(ds, OFFICIAL_COUNTS["cub"].get(split), strict=strict)
@@ -231,9 +225,6 @@ def load_cars196(
     transform: Callable | None = None,
     *,
     strict: bool = False,
-    on_bad_image: str = "raise",
-    verify_images: bool = False,
-    check_files: bool = True,
 ) -> ImageDataset:
     """Stanford Cars 196, split by class: "train" = classes 1-98, "test" = 99-196, "all".
 
@@ -285,9 +276,6 @@ def load_cars196(
         name="cars196",
         split=split,
         transform=transform,
-        on_bad_image=on_bad_image,
-        verify_images=verify_images,
-        check_files=check_files,
     )
     check_counts(ds, OFFICIAL_COUNTS["cars196"].get(split), strict=strict)
     return ds
@@ -325,9 +313,6 @@ def load_sop(
     transform: Callable | None = None,
     *,
     strict: bool = False,
-    on_bad_image: str = "raise",
-    verify_images: bool = False,
-    check_files: bool = True,
 ) -> ImageDataset:
     """Stanford Online Products (``root`` = ``Stanford_Online_Products/`` or its parent).
 
@@ -348,9 +333,6 @@ def load_sop(
         name="sop",
         split=split,
         transform=transform,
-        on_bad_image=on_bad_image,
-        verify_images=verify_images,
-        check_files=check_files,
     )
     check_counts(ds, OFFICIAL_COUNTS["sop"].get(split), strict=strict)
     return ds
@@ -408,9 +390,6 @@ def load_inshop(
     *,
     highres: bool = False,
     strict: bool = False,
-    on_bad_image: str = "raise",
-    verify_images: bool = False,
-    check_files: bool = True,
 ) -> ImageDataset:
     """In-Shop Clothes Retrieval (DeepFashion): ``Eval/list_eval_partition.txt`` + images.
 
@@ -444,9 +423,6 @@ def load_inshop(
         "name": "inshop",
         "transform": transform,
         "id_parser": inshop_item_number,
-        "on_bad_image": on_bad_image,
-        "verify_images": verify_images,
-        "check_files": check_files,
     }
     if split == "train":
         train = [r for r in rows if r[2] == "train"]

@@ -6,6 +6,7 @@ import csv
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .base import DatasetError, ImageDataset, MissingFileError, parse_int, read_lines
 
@@ -16,6 +17,32 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 def _resolve(base: str, path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(base, path)
+
+
+Where = tuple[str, int]  # (file, 1-based line) a row was read from
+
+
+def _check_listed_once(paths: list[str], labels: list[int], where: list[Where]) -> None:
+    """Each image is listed once: a repeated path is a DatasetError naming both lines (and
+    both labels when they differ). Duplicated evaluation rows would inflate the metrics."""
+    first: dict[str, tuple[int, Where]] = {}
+    for path, label, here in zip(paths, labels, where):
+        key = os.path.normcase(os.path.normpath(path))
+        if key not in first:
+            first[key] = (label, here)
+            continue
+        label0, there = first[key]
+        lines = (
+            f"{here[0]}, lines {there[1]} and {here[1]}"
+            if here[0] == there[0]
+            else f"{there[0]}, line {there[1]} and {here[0]}, line {here[1]}"
+        )
+        if label0 != label:
+            raise DatasetError(
+                f"{lines}: {path} is listed with two labels, {label0} and {label}; an image "
+                "belongs to one class"
+            )
+        raise DatasetError(f"{lines}: {path} is listed twice; remove one of the rows")
 
 
 def _warn_query_without_gallery(ds: ImageDataset) -> None:
@@ -33,10 +60,10 @@ def _warn_query_without_gallery(ds: ImageDataset) -> None:
 
 
 # ------------------------------------------------------------------------------------- lists
-def _read_list(path: str) -> tuple[list[str], list[int]]:
+def _read_list(path: str) -> tuple[list[str], list[int], list[Where]]:
     """Read ``relative/path label`` lines: the label is the last whitespace-separated token
     (the path may contain spaces); lines without whitespace may use ``path,label``."""
-    paths, labels = [], []
+    paths, labels, where = [], [], []
     for n, text in read_lines(path):
         if len(text.split()) >= 2:
             rel, label = text.rsplit(maxsplit=1)
@@ -49,9 +76,10 @@ def _read_list(path: str) -> tuple[list[str], list[int]]:
             raise DatasetError(f"{path}, line {n}: empty path in {text!r}")
         labels.append(parse_int(label, path, n))
         paths.append(rel)
+        where.append((path, n))
     if not paths:
         raise DatasetError(f"{path}: no images listed")
-    return paths, labels
+    return paths, labels, where
 
 
 def load_list(
@@ -61,35 +89,37 @@ def load_list(
     *,
     list_file: str | os.PathLike | None = None,
     image_root: str | os.PathLike | None = None,
-    on_bad_image: str = "raise",
-    verify_images: bool = False,
-    check_files: bool = True,
 ) -> ImageDataset:
-    """A list file of ``relative/path label`` lines (Deep_Metric's format; labels are ints).
+    """List files of ``relative/path label`` lines (Deep_Metric's format; labels are ints).
+
+    With ``root/train.txt`` and ``root/test.txt`` (or ``query.txt`` + ``gallery.txt``) those
+    are the splits. A single ``list_file`` has no split: the data set comes back as split
+    "all" (``build_dataset`` then holds out classes for testing, see ``test_classes``).
+    An image listed twice (also once in query.txt and once in gallery.txt) is an error
+    naming both lines.
 
     Args:
-        root: folder holding ``{split}.txt`` (e.g. train.txt, test.txt; query.txt and
-            gallery.txt for split "query"/"gallery"/"test"); image paths are relative to it.
+        root: folder holding ``{split}.txt``; image paths are relative to it.
         split: "train", "test", "query", "gallery" (query and gallery read both files and share
             one label map; "test" without test.txt = query + gallery with role masks).
-        list_file: an explicit list file (relative to root, or absolute); overrides ``split``'s.
+        list_file: one list file (relative to root, or absolute) with every image.
         image_root: folder the image paths are relative to (default: root).
     """
     if root is None and list_file is None:
         raise ValueError("list: root or list_file is required")
     base = os.fspath(root) if root is not None else os.path.dirname(os.fspath(list_file))
     img_base = os.fspath(image_root) if image_root is not None else base
-    common = {
-        "name": "list",
-        "transform": transform,
-        "on_bad_image": on_bad_image,
-        "verify_images": verify_images,
-        "check_files": check_files,
-    }
+    common = {"name": "list", "transform": transform}
+
+    def read(file: str) -> tuple[list[str], list[int], list[Where]]:
+        rel, labels, where = _read_list(file)
+        paths = [_resolve(img_base, p) for p in rel]
+        _check_listed_once(paths, labels, where)
+        return paths, labels, where
+
     if list_file is not None:
-        file = _resolve(base, os.fspath(list_file))
-        rel, labels = _read_list(file)
-        return ImageDataset([_resolve(img_base, p) for p in rel], labels, split=split, **common)
+        paths, labels, _ = read(_resolve(base, os.fspath(list_file)))
+        return ImageDataset(paths, labels, split="all", **common)
 
     own = os.path.join(base, f"{split}.txt")
     query_file, gallery_file = (os.path.join(base, f) for f in ("query.txt", "gallery.txt"))
@@ -99,20 +129,21 @@ def load_list(
         for f in (query_file, gallery_file):
             if not os.path.isfile(f):
                 raise MissingFileError(f"list {split}: file not found: {f}")
-        q_rel, q_lab = _read_list(query_file)
-        g_rel, g_lab = _read_list(gallery_file)
+        q_paths, q_lab, q_where = read(query_file)
+        g_paths, g_lab, g_where = read(gallery_file)
+        _check_listed_once(q_paths + g_paths, q_lab + g_lab, q_where + g_where)
         ds = ImageDataset(
-            [_resolve(img_base, p) for p in q_rel + g_rel],
+            q_paths + g_paths,
             q_lab + g_lab,
-            is_query=[True] * len(q_rel) + [False] * len(g_rel),
-            is_gallery=[False] * len(q_rel) + [True] * len(g_rel),
+            is_query=[True] * len(q_paths) + [False] * len(g_paths),
+            is_gallery=[False] * len(q_paths) + [True] * len(g_paths),
             split=split,
             **common,
         )
         _warn_query_without_gallery(ds)
         return ds if split == "test" else ds.role_view(split)
-    rel, labels = _read_list(own)
-    return ImageDataset([_resolve(img_base, p) for p in rel], labels, split=split, **common)
+    paths, labels, _ = read(own)
+    return ImageDataset(paths, labels, split=split, **common)
 
 
 # ----------------------------------------------------------------------------------- folders
@@ -120,14 +151,12 @@ def load_folder(
     root: str | os.PathLike | None,
     split: str = "train",
     transform: Callable | None = None,
-    *,
-    on_bad_image: str = "raise",
-    verify_images: bool = False,
-    check_files: bool = True,
 ) -> ImageDataset:
     """A folder per class: ``root/<split>/<class>/*.jpg`` when ``root/<split>`` exists, else
-    ``root/<class>/*.jpg`` (any split). Images are searched recursively inside each class
-    folder (extensions: :data:`IMAGE_EXTENSIONS`, any case); other files are ignored.
+    ``root/<class>/*.jpg``, a folder without a split, which comes back as split "all"
+    (``build_dataset`` then holds out classes for testing, see ``test_classes``). Images are
+    searched recursively inside each class folder (extensions: :data:`IMAGE_EXTENSIONS`,
+    any case); other files are ignored.
 
     Class ids: the folder names as ints when they all are integers, else their ranks in sorted
     order; ``class_names`` = the folder names. An empty class folder is an error.
@@ -135,8 +164,15 @@ def load_folder(
     if root is None:
         raise ValueError("folder: root is required")
     base = os.fspath(root)
+    split_dirs = [d for d in ("train", "test") if os.path.isdir(os.path.join(base, d))]
     if os.path.isdir(os.path.join(base, split)):
         base = os.path.join(base, split)
+    elif split_dirs:
+        raise MissingFileError(
+            f"folder: {base} has {'/, '.join(split_dirs)}/ but no {split}/ folder"
+        )
+    else:
+        split = "all"
     if not os.path.isdir(base):
         raise MissingFileError(f"folder: directory not found: {base}")
     class_dirs = sorted(
@@ -170,9 +206,6 @@ def load_folder(
         name="folder",
         split=split,
         transform=transform,
-        on_bad_image=on_bad_image,
-        verify_images=verify_images,
-        check_files=check_files,
     )
     if numeric:
         name_of = {int(d): d for d in class_dirs}
@@ -201,19 +234,18 @@ def load_csv(
     *,
     csv_file: str | os.PathLike | None = None,
     image_root: str | os.PathLike | None = None,
-    on_bad_image: str = "raise",
-    verify_images: bool = False,
-    check_files: bool = True,
 ) -> ImageDataset:
     """A CSV file in OML's format: columns ``label`` (int) and ``path``; optional ``split``
     (``train`` / ``validation``), ``is_query``, ``is_gallery`` (0/1, empty on train rows).
-    Other columns (``category``, bbox ...) are ignored.
+    Other columns (``class_name``, ``category``, bbox ...) are ignored.
 
     Splits: "train" = train rows; "test" (or "validation") = validation rows with
     ``is_query`` / ``is_gallery`` masks (a row that is both means 1-vs-rest, self excluded at
     evaluation; without the two columns every row is both); "query" / "gallery" = those rows,
-    with the label map of all validation rows. Without a ``split`` column every row belongs
-    to every split (use one file per split).
+    with the label map of all validation rows. Without a ``split`` column the file has no
+    split: every row comes back as split "all" (``build_dataset`` then holds out classes for
+    testing, see ``test_classes``). A path listed twice (in any split) is an error naming
+    both lines.
 
     Args:
         root: the CSV file, or its folder (then ``csv_file``, default ``df.csv``).
@@ -221,7 +253,7 @@ def load_csv(
     """
     if root is None:
         raise ValueError("csv: root is required")
-    allowed = ("train", "test", "validation", "query", "gallery")
+    allowed = ("train", "test", "validation", "query", "gallery", "all")
     if split not in allowed:
         raise ValueError(f"csv: unknown split {split!r}; use one of {list(allowed)}")
     root = os.fspath(root)
@@ -229,7 +261,52 @@ def load_csv(
     if not os.path.isfile(file):
         raise MissingFileError(f"csv: file not found: {file}")
     img_base = os.fspath(image_root) if image_root is not None else os.path.dirname(file)
+    rows, has_split, has_roles = _read_csv(file, img_base)
+    _check_listed_once([r.path for r in rows], [r.label for r in rows], [r.where for r in rows])
 
+    common = {"name": "csv", "transform": transform}
+    if not has_split or split == "all":
+        roles = {"is_query": [r.query for r in rows], "is_gallery": [r.gallery for r in rows]}
+        return ImageDataset(
+            [r.path for r in rows],
+            [r.label for r in rows],
+            split="all",
+            **(roles if has_roles else {}),
+            **common,
+        )
+    want_eval = split != "train"
+    rows = [r for r in rows if (r.split == "validation") == want_eval]
+    if not rows:
+        raise DatasetError(f"{file}: no {'validation' if want_eval else 'train'} rows")
+    paths, labels = [r.path for r in rows], [r.label for r in rows]
+    if not want_eval:
+        return ImageDataset(paths, labels, split="train", **common)
+    ds = ImageDataset(
+        paths,
+        labels,
+        is_query=[r.query for r in rows],
+        is_gallery=[r.gallery for r in rows],
+        split="test" if split == "validation" else split,
+        **common,
+    )
+    _warn_query_without_gallery(ds)
+    if split in ("query", "gallery"):
+        return ds.role_view(split)
+    return ds
+
+
+@dataclass
+class _CsvRow:
+    path: str
+    label: int
+    where: Where
+    split: str | None  # train / validation; None without a split column
+    query: bool
+    gallery: bool
+
+
+def _read_csv(file: str, img_base: str) -> tuple[list[_CsvRow], bool, bool]:
+    """(rows, has a split column, has role columns) of an OML-style CSV file."""
     with open(file, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
@@ -239,58 +316,29 @@ def load_csv(
             raise DatasetError(f"{file}, line 1: missing columns {missing} (have {columns})")
         has_split = "split" in columns
         has_roles = "is_query" in columns or "is_gallery" in columns
-        want_eval = split != "train"
-        paths, labels, is_query, is_gallery = [], [], [], []
+        rows = []
         for row in reader:
             n = reader.line_num
             if None in row or any(row.get(c) is None for c in ("label", "path")):
                 raise DatasetError(f"{file}, line {n}: expected {len(columns)} fields")
+            row_split = None
             if has_split:
                 row_split = (row["split"] or "").strip()
                 if row_split not in ("train", "validation"):
                     raise DatasetError(
                         f"{file}, line {n}: split {row_split!r} is not train or validation"
                     )
-                if (row_split == "validation") != want_eval:
-                    continue
             label = parse_int(row["label"], file, n)
             path = row["path"].strip()
             if not path:
                 raise DatasetError(f"{file}, line {n}: empty path")
-            if want_eval and has_roles:
+            q = g = True
+            if has_roles and row_split != "train":
                 q = _parse_bool(row.get("is_query"), file, n, "is_query")
                 g = _parse_bool(row.get("is_gallery"), file, n, "is_gallery")
                 if not (q or g):
-                    raise DatasetError(
-                        f"{file}, line {n}: validation row is neither query nor gallery"
-                    )
-            else:
-                q = g = True
-            paths.append(_resolve(img_base, path))
-            labels.append(label)
-            is_query.append(q)
-            is_gallery.append(g)
-    if not paths:
-        which = "validation" if want_eval and has_split else "data"
-        raise DatasetError(f"{file}: no {which} rows")
-    common = {
-        "name": "csv",
-        "transform": transform,
-        "on_bad_image": on_bad_image,
-        "verify_images": verify_images,
-        "check_files": check_files,
-    }
-    if not want_eval:
-        return ImageDataset(paths, labels, split="train", **common)
-    ds = ImageDataset(
-        paths,
-        labels,
-        is_query=is_query,
-        is_gallery=is_gallery,
-        split="test" if split == "validation" else split,
-        **common,
-    )
-    _warn_query_without_gallery(ds)
-    if split in ("query", "gallery"):
-        return ds.role_view(split)
-    return ds
+                    raise DatasetError(f"{file}, line {n}: row is neither query nor gallery")
+            rows.append(_CsvRow(_resolve(img_base, path), label, (file, n), row_split, q, g))
+    if not rows:
+        raise DatasetError(f"{file}: no data rows")
+    return rows, has_split, has_roles

@@ -13,6 +13,8 @@ from .arrays import load_digits_dataset, load_npz
 from .base import DatasetCountWarning, DatasetError, ImageDataset, MetricDataset
 from .benchmarks import load_cars196, load_cub, load_inshop, load_sop
 from .generic import load_csv, load_folder, load_list
+from .integrity import audit_split, identical_files, validate_images
+from .splits import describe_split, split_unsplit
 from .transforms import build_transform
 
 __all__ = [
@@ -45,6 +47,7 @@ ALIASES = {
     "stanford_online_products": "sop",
 }
 IMAGE_FORMATS = ("cub", "cars196", "sop", "inshop", "list", "folder", "csv")
+OFFICIAL_SPLIT = ("cub", "cars196", "sop", "inshop")  # splits a user cannot change
 CHECK_SPLITS = {
     "cub": ("train", "test"),
     "cars196": ("train", "test"),
@@ -84,6 +87,14 @@ def build_dataset(
     root: str | os.PathLike | None = None,
     split: str = "train",
     transform: Callable | str | None = None,
+    *,
+    validate: str = "none",
+    on_bad_image: str = "raise",
+    test_classes: float | int | None = None,
+    test_images: float = 0.5,
+    split_by: str = "classes",
+    split_seed: int = 0,
+    progress: bool = False,
     **options: Any,
 ) -> MetricDataset:
     """Build a data set by name.
@@ -92,10 +103,18 @@ def build_dataset(
         name: cub, cars196, sop, inshop, list, folder, csv, npz, digits.
         root: its folder (or file, for csv and npz); None for digits.
         split: "train", "test"; inshop, csv and list also "query" and "gallery" (one label
-            map shared by both); npz ignores it (select with ``classes=(first, end)``).
+            map shared by both); "all" for data without a split; npz ignores it (select with
+            ``classes=(first, end)``).
         transform: a callable, a preset name ("bninception", "imagenet", "small", built with
             ``train = split == "train"``), or None (plain tensors).
-        **options: passed to the loader, e.g. ``strict``, ``on_bad_image``, ``verify_images``
+        validate: image files: "none" (they exist), "header" (headers parse, no truncated
+            JPEG/PNG) or "decode" (every pixel decodes), checked in parallel threads.
+        on_bad_image: "raise" (DatasetError naming the files) or "skip" (drop, with a warning).
+        test_classes, test_images, split_by, split_seed: how data without a split of its own
+            (a flat folder, a CSV without a ``split`` column, one list file) is split, see
+            :func:`~deepmetric.data.splits.split_unsplit`; an error for data with a split.
+        progress: a progress bar while validating (large sets).
+        **options: passed to the loader, e.g. ``strict``, ``list_file``, ``csv_file``
             (image formats), ``classes``, ``invert``, ``size`` (npz / digits).
 
     Returns:
@@ -107,7 +126,28 @@ def build_dataset(
         root = os.path.expanduser(os.fspath(root))
     if isinstance(transform, str):
         transform = build_transform(transform, train=split == "train")
-    return DATASETS[key](root, split, transform, **options)
+    ds = DATASETS[key](root, split, transform, **options)
+    rule_given = test_classes is not None or split_by != "classes"
+    if isinstance(ds, ImageDataset) and ds.split == "all" and split != "all":
+        part = "test" if split in ("query", "gallery") else split  # roles: of the test part
+        ds = split_unsplit(
+            ds,
+            part,
+            test_classes=test_classes,
+            test_images=test_images,
+            split_by=split_by,
+            seed=split_seed,
+        )
+        if split in ("query", "gallery"):
+            ds = ds.role_view(split)
+    elif rule_given:
+        raise ValueError(
+            f"{key}: test_classes / split_by apply to data without a split of its own; "
+            f"{root or key} has a {split} split"
+        )
+    if isinstance(ds, ImageDataset):
+        ds = validate_images(ds, validate, on_bad_image, progress=progress)
+    return ds
 
 
 def build_query_gallery(
@@ -133,7 +173,10 @@ def build_query_gallery(
 
 
 class CheckReport(str):
-    """The text of a data-set check; ``ok`` is False when a problem was found."""
+    """The text of a data-set check; ``ok`` is False when a problem was found (unreadable
+    or missing files, conflicting or repeated rows, files shared by train and test, counts
+    that differ from the official ones). Warnings (identical files within a split, classes
+    with one image) do not make it fail."""
 
     ok: bool = True
 
@@ -143,14 +186,23 @@ def check_dataset(
     root: str | os.PathLike | None = None,
     *,
     splits: Sequence[str] | None = None,
+    validate: str = "header",
+    progress: bool = False,
+    test_classes: float | int | None = None,
+    test_images: float = 0.5,
+    split_by: str = "classes",
+    split_seed: int = 0,
     **options: Any,
 ) -> CheckReport:
-    """Validate a layout: annotation files parse, every image exists and decodes, counts match
-    the official ones. Opens every image (minutes for SOP).
+    """Audit a data set: annotation files parse, no image is listed twice or with two labels,
+    every image exists and passes ``validate`` ("header": headers and end markers, the
+    default; "decode": every pixel), no byte-identical file is in both train and test
+    (sha256 of every file), counts match the official ones; plus a summary per split (images
+    per class, single-image classes, image sizes, modes). Files are read in parallel threads.
 
     Args:
-        name: as for :func:`build_dataset`.
-        root: the data set's root.
+        name, root: as for :func:`build_dataset`; data without a split of its own is split
+            with ``test_classes`` ... ``split_seed`` as a training run would.
         splits: the splits to check, a name or a list (default: train and test; npz: all).
         **options: loader options (e.g. ``list_file``, ``csv_file``).
 
@@ -160,32 +212,72 @@ def check_dataset(
     """
     key = canonical_name(name)
     lines = [f"check {key} at {os.fspath(root) if root is not None else '(built in)'}"]
-    problems = 0
-    if key in IMAGE_FORMATS:
-        options = {**options, "on_bad_image": "skip"}
+    problems = warned = 0
+    rule = {
+        "test_classes": test_classes,
+        "test_images": test_images,
+        "split_by": split_by,
+        "split_seed": split_seed,
+    }
     if isinstance(splits, str):
         splits = [splits]
+    audits = []
     for split in splits or CHECK_SPLITS[key]:
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                ds = build_dataset(key, root, split, **options)
+                ds = build_dataset(key, root, split, **rule, **options)
             except (DatasetError, ValueError, OSError) as e:
                 lines.append(f"  {split}: ERROR {e}")
                 problems += 1
                 continue
+        rule_of = getattr(ds, "generated_split", None)
+        if rule_of and not audits:
+            lines.append(f"  no split of its own, split as a run would: {describe_split(rule_of)}")
         counts = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in ds.counts().items())
-        lines.append(f"  {split}: {counts} ({time.perf_counter() - start:.1f} s)")
+        lines.append(f"  {split}: {counts}")
         for w in caught:
             if issubclass(w.category, DatasetCountWarning):
                 lines.append(f"    counts differ from the official ones: {w.message}")
+                problems += 1
             else:
                 lines.append(f"    warning: {w.message}")
+                warned += 1
+        if not isinstance(ds, ImageDataset):
+            continue
+        audit = audit_split(split, ds, validate, progress=progress)
+        audits.append(audit)
+        for text in audit.summary():
+            lines.append(f"    {text}")
+            warned += text.startswith("warning")
+        bad = audit.bad()
+        if bad:
             problems += 1
-        for path, reason in getattr(ds, "bad_images", [])[:20]:
-            lines.append(f"    bad image: {path}: {reason}")
-    lines.append("result: OK" if problems == 0 else f"result: {problems} problem(s)")
+            lines.append(f"    {len(bad):,} unusable images:")
+            lines += [f"      {i.path}: {i.problem}" for i in bad[:20]]
+            if len(bad) > 20:
+                lines.append(f"      ... and {len(bad) - 20:,} more")
+        lines.append(f"    ({time.perf_counter() - start:.1f} s)")
+    within, across = identical_files(audits)
+    if within:
+        warned += 1
+        n_files = sum(len(g) for g in within)
+        lines.append(
+            f"  warning: {len(within):,} groups of byte-identical files within a split "
+            f"({n_files:,} files), e.g. {' = '.join(within[0][:3])}"
+        )
+    if across:
+        official = key in OFFICIAL_SPLIT
+        lines.append(
+            f"  {'warning' if official else 'LEAKAGE'}: {len(across):,} byte-identical files "
+            f"in more than one split, e.g. {' = '.join(across[0][:3])}"
+            + (" (the official split: reported, not an error)" if official else "")
+        )
+        problems += not official
+        warned += official
+    tail = f", {warned} warning(s)" if warned else ""
+    lines.append(("result: OK" if problems == 0 else f"result: {problems} problem(s)") + tail)
     report = CheckReport("\n".join(lines))
     report.ok = problems == 0
     return report

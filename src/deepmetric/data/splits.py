@@ -1,7 +1,9 @@
-"""Class subsets and class-disjoint validation splits."""
+"""Class subsets, class-disjoint validation splits, and the split of data that has none."""
 
 from __future__ import annotations
 
+import csv
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,9 +11,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .base import MetricDataset, to_tensor
+from .base import DatasetError, ImageDataset, MetricDataset, to_tensor
 
-__all__ = ["ClassSubset", "class_disjoint_split", "subset_classes"]
+__all__ = [
+    "SPLIT_BY",
+    "ClassSubset",
+    "class_disjoint_split",
+    "describe_split",
+    "split_unsplit",
+    "subset_classes",
+    "write_split_csv",
+]
+
+SPLIT_BY = ("classes", "images")
 
 _KEEP: Any = object()
 
@@ -129,3 +141,123 @@ def class_disjoint_split(
     val = torch.sort(classes[perm[:n_val]]).values
     train = torch.sort(classes[perm[n_val:]]).values
     return train, val
+
+
+def _held_out_count(test_classes: float | int, num_classes: int) -> int:
+    """Number of test classes for ``data.test_classes`` (a fraction in (0, 1) or a count)."""
+    if isinstance(test_classes, float) and not test_classes.is_integer():
+        if not 0.0 < test_classes < 1.0:
+            raise ValueError(f"test_classes: a fraction must lie in (0, 1), got {test_classes}")
+        count = min(max(round(num_classes * test_classes), 1), num_classes - 1)
+    else:
+        count = int(test_classes)
+    if not 1 <= count <= num_classes - 1:
+        raise ValueError(
+            f"test_classes={test_classes}: the data has {num_classes} classes; hold out "
+            f"between 1 and {num_classes - 1} of them (or a fraction such as 0.5)"
+        )
+    return count
+
+
+def split_unsplit(
+    ds: ImageDataset,
+    split: str,
+    *,
+    test_classes: float | int | None = None,
+    test_images: float = 0.5,
+    split_by: str = "classes",
+    seed: int = 0,
+) -> ImageDataset:
+    """The ``split`` part ("train", "test" or "all") of a data set that has no split of its
+    own (a flat folder, a CSV without a ``split`` column, a single list file).
+
+    ``split_by="classes"`` (zero-shot, the default): ``test_classes`` classes (a fraction in
+    (0, 1) or a count; default half), drawn with ``numpy.random.default_rng(seed)``, are held
+    out for testing; the two parts share no class. ``split_by="images"`` (closed-set): a
+    ``test_images`` fraction of each class's images (at least one image of each class with two
+    or more stays on each side) is held out; test classes are training classes.
+
+    Returns:
+        An :class:`ImageDataset` with labels re-indexed to its own classes in increasing
+        original order (train and test parts of one split never share a label map) and
+        ``generated_split`` describing the rule (written by the trainer into the run folder).
+    """
+    if split == "all":
+        return ds
+    if split not in ("train", "test"):
+        raise ValueError(f"{ds.name}: data without a split of its own has train and test only")
+    if split_by not in SPLIT_BY:
+        raise ValueError(f"split_by must be one of {', '.join(SPLIT_BY)}, got {split_by!r}")
+    labels = ds.labels.numpy()
+    rng = np.random.default_rng(seed)
+    if split_by == "classes":
+        if ds.num_classes < 2:
+            raise DatasetError(
+                f"{ds.name}: {ds.num_classes} class; a zero-shot split needs at least 2"
+            )
+        n_test = _held_out_count(0.5 if test_classes is None else test_classes, ds.num_classes)
+        held_out = rng.permutation(ds.num_classes)[:n_test]
+        is_test = np.isin(labels, held_out)
+        rule = {"by": "classes", "test_classes": n_test, "seed": seed}
+    else:
+        if test_classes is not None:
+            raise ValueError("test_classes applies to split_by=classes; use test_images")
+        if not 0.0 < test_images < 1.0:
+            raise ValueError(f"test_images must be a fraction in (0, 1), got {test_images}")
+        is_test = np.zeros(len(labels), dtype=bool)
+        for c in range(ds.num_classes):
+            members = np.flatnonzero(labels == c)
+            if members.size < 2:
+                continue
+            n_test = min(max(round(members.size * test_images), 1), members.size - 1)
+            is_test[rng.permutation(members)[:n_test]] = True
+        rule = {"by": "images", "test_images": test_images, "seed": seed}
+    part = ds.select(torch.as_tensor(is_test if split == "test" else ~is_test))
+    if split == "train":
+        part.is_query = part.is_gallery = None
+    part = part.compact()
+    part.split = split
+    part.generated_split = rule
+    return part
+
+
+def write_split_csv(path: str | os.PathLike, train: ImageDataset, test: ImageDataset) -> None:
+    """Write the two parts as an OML-style CSV (``label, path, split, is_query, is_gallery,
+    class_name``; absolute paths, original class ids as labels) that ``build_dataset("csv",
+    path)`` reads back into the same train and test sets, in the same order."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["label", "path", "split", "is_query", "is_gallery", "class_name"])
+        for part, name in ((train, "train"), (test, "validation")):
+            q = part.is_query if part.is_query is not None else None
+            g = part.is_gallery if part.is_gallery is not None else None
+            for i, (p, label) in enumerate(zip(part.paths, part.labels.tolist())):
+                roles = ["", ""]
+                if name == "validation":
+                    roles = [int(q is None or bool(q[i])), int(g is None or bool(g[i]))]
+                out.writerow(
+                    [
+                        int(part.class_ids[label]),
+                        os.path.abspath(p),
+                        name,
+                        *roles,
+                        part.class_names[label],
+                    ]
+                )
+    os.replace(tmp, path)
+
+
+def describe_split(rule: dict[str, Any]) -> str:
+    """One line for the ``generated_split`` rule of :func:`split_unsplit`."""
+    if rule["by"] == "classes":
+        return (
+            f"zero-shot: {rule['test_classes']} classes held out for testing, never trained on "
+            f"(data.test_classes, data.split_seed={rule['seed']})"
+        )
+    return (
+        f"CLOSED-SET: {rule['test_images']:.0%} of each class's images held out for testing; "
+        f"the test classes are training classes (data.split_by=images, "
+        f"data.split_seed={rule['seed']})"
+    )

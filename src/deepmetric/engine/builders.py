@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "build_train_loader",
     "build_transforms",
     "recall_at",
+    "write_generated_split",
 ]
 
 
@@ -61,20 +63,39 @@ def build_transforms(cfg: Config) -> tuple[Callable, Callable]:
         raise ConfigError(f"data.transform_options ({preset}): {e}") from None
 
 
-def _build_split(cfg: Config, split: str, transform: Callable, options: dict[str, Any]) -> Any:
-    """One split of ``data.name``; array data sets are resized once at load time to
-    ``data.transform_options.size`` (the transform then has nothing left to resize)."""
+def _build_split(
+    cfg: Config, split: str, transform: Callable | None, options: dict[str, Any], validate: str
+) -> Any:
+    """One split of ``data.name``, its image files checked at level ``validate``; data
+    without a split of its own split by ``data.split_by`` ...; array data sets resized once
+    at load time to ``data.transform_options.size`` (the transform has nothing left to
+    resize)."""
+    from deepmetric import distributed as dist
     from deepmetric.data import DatasetError, build_dataset, is_array_format
 
-    options = {**cfg.data.options, **options}
-    if is_array_format(cfg.data.name) and "size" in cfg.data.transform_options:
-        options["size"] = cfg.data.transform_options["size"]
+    data = cfg.data
+    options = {**data.options, **options}
+    if is_array_format(data.name) and "size" in data.transform_options:
+        options["size"] = data.transform_options["size"]
     try:
-        return build_dataset(cfg.data.name, cfg.data.root, split, transform, **options)
+        return build_dataset(
+            data.name,
+            data.root,
+            split,
+            transform,
+            validate=validate,
+            on_bad_image=data.on_bad_image,
+            test_classes=data.test_classes,
+            test_images=data.test_images,
+            split_by=data.split_by,
+            split_seed=data.split_seed,
+            progress=cfg.train.progress and dist.is_main_process(),
+            **options,
+        )
     except DatasetError:  # names the file and line itself
         raise
     except ValueError as e:  # an option value the loader rejects
-        raise ConfigError(f"data ({cfg.data.name}, split {split!r}): {e}") from None
+        raise ConfigError(f"data ({data.name}, split {split!r}): {e}") from None
 
 
 def build_data(cfg: Config, *, test_only: bool = False) -> tuple[Any, dict[str, EvalSet]]:
@@ -91,21 +112,43 @@ def build_data(cfg: Config, *, test_only: bool = False) -> tuple[Any, dict[str, 
     data = cfg.data
     train_tf, test_tf = build_transforms(cfg)
     if test_only:
-        test = _build_split(cfg, data.test_split, test_tf, data.test_options)
+        test = _build_split(cfg, data.test_split, test_tf, data.test_options, data.validate)
         return None, {"test": _eval_set("test", test)}
-    train_set = _build_split(cfg, data.train_split, train_tf, data.train_options)
+    train_set = _build_split(cfg, data.train_split, train_tf, data.train_options, data.validate)
     if cfg.eval.protocol == "test":
-        test = _build_split(cfg, data.test_split, test_tf, data.test_options)
+        test = _build_split(cfg, data.test_split, test_tf, data.test_options, data.validate)
         return train_set, {"test": _eval_set("test", test)}
     if data.val_options is not None:
         options = {**data.train_options, **data.val_options}
-        val = _build_split(cfg, data.train_split, test_tf, options)
+        val = _build_split(cfg, data.train_split, test_tf, options, data.validate)
         return train_set, {"val": _eval_set("val", val)}
     train_classes, val_classes = class_disjoint_split(
         train_set.labels, cfg.eval.val_fraction, cfg.seed
     )
     val = subset_classes(train_set, val_classes, transform=test_tf)
     return subset_classes(train_set, train_classes), {"val": _eval_set("val", val)}
+
+
+def write_generated_split(cfg: Config, path: Path) -> str | None:
+    """For data without a split of its own: write the run's train and test parts to ``path``
+    (OML-style CSV, see ``deepmetric.data.write_split_csv``) and return the line describing
+    the split; None (nothing written) for data with a split."""
+    from deepmetric.data import describe_split, write_split_csv
+
+    data = cfg.data
+    train = _build_split(cfg, data.train_split, None, data.train_options, "none")
+    rule = getattr(train, "generated_split", None)
+    if rule is None:
+        return None
+    test = _build_split(cfg, data.test_split, None, data.test_options, "none")
+    write_split_csv(path, train, test)
+    reset = " --data.test_classes=null" if data.test_classes is not None else ""
+    reset += " --data.split_by=classes" if data.split_by != "classes" else ""
+    return (
+        f"split: {describe_split(rule)}: training {len(train):,} images of "
+        f"{train.num_classes:,} classes, test {len(test):,} images of {test.num_classes:,} "
+        f"classes -> {path} (reuse: --data.name=csv --data.root={path}{reset})"
+    )
 
 
 def build_model_from_config(cfg: Config, *, pretrained: bool = True) -> nn.Module:

@@ -72,7 +72,12 @@ def evaluate_checkpoint(
     if split == "test":
         _, sets = build_data(cfg, test_only=True)
     elif split == "val":
-        cfg.eval.protocol = "val"
+        if cfg.eval.protocol != "val":
+            raise ConfigError(
+                f"--split val: {ckpt} was trained with eval.protocol={cfg.eval.protocol}, "
+                "without a validation split (every training class was trained on); "
+                "use --split test"
+            )
         _, sets = build_data(cfg)
     else:
         raise ConfigError(f"--split: expected test or val, got {split!r}")

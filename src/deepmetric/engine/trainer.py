@@ -36,6 +36,7 @@ from deepmetric.engine.builders import (
     build_data,
     build_model_from_config,
     build_train_loader,
+    write_generated_split,
 )
 from deepmetric.engine.checkpoint import find_checkpoint, load_checkpoint
 from deepmetric.engine.devices import amp_dtype, resolve_device
@@ -126,6 +127,9 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
     state = TrainState(model, optimizer, criterion, scaler)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        split_line = write_generated_split(cfg, run_dir / "split.csv")  # data without a split
+        if split_line:
+            say(split_line)
     log = RunLog(run_dir if main else None, cfg.output.tensorboard, cfg.output.plots)
     if resume_from is not None:
         _resume(state, resume_from, cfg, log)
@@ -246,9 +250,17 @@ def _evaluate(evaluator: Evaluator, model: nn.Module, iteration: int, log: RunLo
     results = evaluator.evaluate(model)
     for name, metrics in results.items():
         log.log({"iteration": iteration, "split": name, **metrics})
-        say(f"[{iteration:>6}] {name}: {format_metrics(metrics)} ({metrics['eval_time_s']:.1f} s)")
+        shown = name + _closed_set_note(evaluator.eval_sets[name].dataset)
+        say(f"[{iteration:>6}] {shown}: {format_metrics(metrics)} ({metrics['eval_time_s']:.1f} s)")
     log.plot()
     return results
+
+
+def _closed_set_note(dataset: Any) -> str:
+    """ " (CLOSED-SET ...)" for a test set of the training classes (``data.split_by:
+    images``), else ""."""
+    rule = getattr(dataset, "generated_split", None) or {}
+    return " (CLOSED-SET: classes seen in training)" if rule.get("by") == "images" else ""
 
 
 def _say_start(
@@ -260,7 +272,10 @@ def _say_start(
     device: torch.device,
 ) -> None:
     say(f"run folder: {run_dir}")
-    sets = ", ".join(f"{name} {len(es.dataset):,} images" for name, es in eval_sets.items())
+    sets = ", ".join(
+        f"{name} {len(es.dataset):,} images{_closed_set_note(es.dataset)}"
+        for name, es in eval_sets.items()
+    )
     ranks = f" x {world_size} ranks" if world_size > 1 else ""
     say(
         f"training {len(train_set):,} images of {train_set.num_classes:,} classes, {sets}; "
@@ -305,7 +320,8 @@ def _finish(
             }
         )
         say(
-            f"test split, best-on-val checkpoint (iteration {state.best['iteration']}): "
+            f"test split{_closed_set_note(test_sets['test'].dataset)}, best-on-val checkpoint "
+            f"(iteration {state.best['iteration']}): "
             f"{format_metrics(test_of_best)}"
         )
     best_link = _best_link(cfg.eval.protocol)
@@ -329,6 +345,8 @@ def _finish(
 def _say_summary(summary: dict[str, Any], cfg: Config) -> None:
     start, final = summary["start"], summary["final"]
     split = "validation" if summary["protocol"] == "val" else "test"
+    if split == "test" and cfg.data.split_by == "images":
+        split += " (CLOSED-SET: classes seen in training)"
     keys = [k for k in final if k.startswith("recall@") or k == "map@r"]
     if keys:
         width = max(len(k) for k in keys)
