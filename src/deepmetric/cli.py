@@ -262,7 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     except Exception as e:
         if isinstance(e, _user_errors()):
-            msg = str(e).strip().replace("\n", " ")
+            msg = str(e).strip()
+            if "Original Traceback" in msg:  # raised in a DataLoader worker: its last line
+                msg = msg.splitlines()[-1].split(": ", 1)[-1]
+            msg = msg.replace("\n", " ")
             if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
                 msg = f"{msg}: {e.filename}"
             print(f"deepmetric: error: {msg}", file=sys.stderr)

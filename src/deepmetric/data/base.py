@@ -263,8 +263,15 @@ class ImageDataset(MetricDataset):
             self.super_labels, self.super_class_ids, _ = encode_labels([int(s) for s in super_ids])
 
     def load_image(self, index: int) -> Image.Image:
-        """The PIL RGB image ``index`` (raises :class:`DatasetError` naming a bad file)."""
-        return open_image(self.paths[index])
+        """The PIL RGB image ``index`` (raises :class:`DatasetError` naming a bad file and
+        the flags that find and drop such files before training)."""
+        try:
+            return open_image(self.paths[index])
+        except DatasetError as e:
+            raise type(e)(
+                f"{e}; find every such file before training with --data.validate=decode "
+                "and drop them with --data.on_bad_image=skip"
+            ) from None
 
     def select(self, mask: torch.Tensor | np.ndarray) -> ImageDataset:
         """A copy restricted to the rows where ``mask`` (N,) is true, keeping the label map
