@@ -58,8 +58,14 @@ def test_npz_class_range_invert_and_resize(tmp_path: Path) -> None:
     assert first.shape == (1, 10, 10)
     assert torch.equal(first[0] > 0.5, torch.from_numpy(~images[2, 0]))  # ink is bright
 
-    small = build_dataset("npz", tmp_path, file="chars.npz", size=4)
+    small = build_dataset("npz", tmp_path, "all", file="chars.npz", size=4)
     assert small[0][0].shape == (1, 4, 4) and len(small) == 18
+    # without classes the file has no split: half the classes each, disjoint
+    train = build_dataset("npz", tmp_path, "train", file="chars.npz")
+    test = build_dataset("npz", tmp_path, "test", file="chars.npz")
+    assert train.num_classes == test.num_classes == 3 and len(train) == len(test) == 9
+    assert not set(train.class_ids.tolist()) & set(test.class_ids.tolist())
+    assert train.generated_split == {"by": "classes", "test_classes": 3, "seed": 0}
 
     # (N, H, W, 3) uint8 with (N,) labels
     np.savez(
@@ -67,7 +73,7 @@ def test_npz_class_range_invert_and_resize(tmp_path: Path) -> None:
         x=rng.integers(0, 255, (4, 5, 5, 3), dtype=np.uint8),
         y=np.array([3, 1, 3, 1]),
     )
-    rgb = build_dataset("npz", tmp_path / "rgb.npz", images_key="x", labels_key="y")
+    rgb = build_dataset("npz", tmp_path / "rgb.npz", "all", images_key="x", labels_key="y")
     assert rgb[0][0].shape == (3, 5, 5) and rgb.class_ids.tolist() == [1, 3]
 
 

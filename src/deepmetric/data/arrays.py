@@ -55,6 +55,13 @@ class ArrayDataset(MetricDataset):
         self.name, self.split, self.transform = name, split, transform
         self.labels, self.class_ids, self.class_names = encode_labels(raw)
 
+    def select(self, mask: torch.Tensor) -> ArrayDataset:
+        """A copy restricted to the rows where ``mask`` (N,) is true, keeping the label map."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.images, new.labels = self.images[mask], self.labels[mask]
+        return new
+
     def load_image(self, index: int) -> torch.Tensor:
         """Image ``index`` as a (C, H, W) float32 tensor in [0, 1]."""
         return self.images[index].float().div_(255.0)
@@ -123,7 +130,9 @@ def load_npz(
 
     Args:
         root: the ``.npz`` file, or its folder with ``file`` naming it.
-        split: a name only (selection is done by ``classes``).
+        split: a name only (selection is done by ``classes``); without ``classes`` the file
+            has no split and comes back as split "all" (``build_dataset`` then holds out
+            classes for testing, see ``test_classes``).
         transform: applied to each (C, H, W) float tensor in [0, 1].
         classes: half-open range ``(first, end)`` of original class ids to keep, e.g.
             ``(0, 764)`` for training and ``(764, 964)`` for validation on Omniglot.
@@ -165,7 +174,11 @@ def load_npz(
     images = torch.from_numpy(np.ascontiguousarray(_to_uint8(images[mask], invert)))
     images = _resize(images, size)
     return ArrayDataset(
-        images, labels[mask], name=os.path.basename(path), split=split, transform=transform
+        images,
+        labels[mask],
+        name=os.path.basename(path),
+        split=split if classes is not None else "all",
+        transform=transform,
     )
 
 

@@ -166,6 +166,8 @@ class MetricDataset(Dataset):
     super_labels: torch.Tensor | None = None
     super_class_ids: torch.Tensor | None = None
     role: str | None = None  # "query" or "gallery" for a single-role view
+    # How deepmetric split data that had no split of its own (see splits.split_unsplit)
+    generated_split: dict[str, Any] | None = None
     transform: Callable | None = None
 
     def __len__(self) -> int:
@@ -180,10 +182,28 @@ class MetricDataset(Dataset):
         image = self.transform(image) if self.transform is not None else to_tensor(image)
         return image, int(self.labels[index])
 
+    def compact(self) -> MetricDataset:
+        """A copy whose labels are re-indexed to the classes present (``class_ids`` and
+        ``class_names`` follow); ``self`` when every class of the map is present."""
+        present = torch.unique(self.labels)
+        if present.numel() == self.num_classes:
+            return self
+        new = self.select(torch.ones(len(self), dtype=torch.bool))  # a subclass's copy
+        remap = torch.full((self.num_classes,), -1, dtype=torch.long)
+        remap[present] = torch.arange(present.numel())
+        new.labels = remap[self.labels]
+        new.class_ids = self.class_ids[present]
+        new.class_names = [self.class_names[int(c)] for c in present]
+        return new
+
     @property
     def num_classes(self) -> int:
         """C, the number of classes of the label map (classes 0..C-1)."""
         return int(self.class_ids.shape[0])
+
+    def select(self, mask: torch.Tensor) -> MetricDataset:
+        """A copy restricted to the rows where ``mask`` (N,) is true, keeping the label map."""
+        raise NotImplementedError
 
     def counts(self) -> dict[str, int]:
         """Number of images and of distinct classes present (and per role when roles exist)."""
@@ -227,9 +247,6 @@ class ImageDataset(MetricDataset):
         universe: ids to build the label map from (joint query/gallery map); default raw_ids.
         id_parser: str id -> int class id (see :func:`encode_labels`).
     """
-
-    # How deepmetric split data that had no split of its own (see splits.split_unsplit)
-    generated_split: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -287,20 +304,6 @@ class ImageDataset(MetricDataset):
             value = getattr(self, attr)
             if value is not None:
                 setattr(new, attr, value[t_idx])
-        return new
-
-    def compact(self) -> ImageDataset:
-        """A copy whose labels are re-indexed to the classes present (``class_ids`` and
-        ``class_names`` follow); ``self`` when every class of the map is present."""
-        present = torch.unique(self.labels)
-        if present.numel() == self.num_classes:
-            return self
-        new = self.select(torch.ones(len(self), dtype=torch.bool))
-        remap = torch.full((self.num_classes,), -1, dtype=torch.long)
-        remap[present] = torch.arange(present.numel())
-        new.labels = remap[self.labels]
-        new.class_ids = self.class_ids[present]
-        new.class_names = [self.class_names[int(c)] for c in present]
         return new
 
     def role_view(self, role: str) -> ImageDataset:

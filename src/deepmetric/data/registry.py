@@ -128,7 +128,7 @@ def build_dataset(
         transform = build_transform(transform, train=split == "train")
     ds = DATASETS[key](root, split, transform, **options)
     rule_given = test_classes is not None or split_by != "classes"
-    if isinstance(ds, ImageDataset) and ds.split == "all" and split != "all":
+    if ds.split == "all" and split != "all":
         part = "test" if split in ("query", "gallery") else split  # roles: of the test part
         ds = split_unsplit(
             ds,

@@ -160,16 +160,17 @@ def _held_out_count(test_classes: float | int, num_classes: int) -> int:
 
 
 def split_unsplit(
-    ds: ImageDataset,
+    ds: MetricDataset,
     split: str,
     *,
     test_classes: float | int | None = None,
     test_images: float = 0.5,
     split_by: str = "classes",
     seed: int = 0,
-) -> ImageDataset:
+) -> MetricDataset:
     """The ``split`` part ("train", "test" or "all") of a data set that has no split of its
-    own (a flat folder, a CSV without a ``split`` column, a single list file).
+    own (a flat folder, a CSV without a ``split`` column, a single list file, an npz file
+    without ``classes``).
 
     ``split_by="classes"`` (zero-shot, the default): ``test_classes`` classes (a fraction in
     (0, 1) or a count; default half), drawn with ``numpy.random.default_rng(seed)``, are held
@@ -178,7 +179,7 @@ def split_unsplit(
     or more stays on each side) is held out; test classes are training classes.
 
     Returns:
-        An :class:`ImageDataset` with labels re-indexed to its own classes in increasing
+        A data set of the same type with labels re-indexed to its own classes in increasing
         original order (train and test parts of one split never share a label map) and
         ``generated_split`` describing the rule (written by the trainer into the run folder).
     """

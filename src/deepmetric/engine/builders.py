@@ -130,10 +130,10 @@ def build_data(cfg: Config, *, test_only: bool = False) -> tuple[Any, dict[str, 
 
 
 def write_generated_split(cfg: Config, path: Path) -> str | None:
-    """For data without a split of its own: write the run's train and test parts to ``path``
-    (OML-style CSV, see ``deepmetric.data.write_split_csv``) and return the line describing
-    the split; None (nothing written) for data with a split."""
-    from deepmetric.data import describe_split, write_split_csv
+    """For data without a split of its own: the line describing the run's split, after
+    writing its train and test parts to ``path`` (image files: an OML-style CSV, see
+    ``deepmetric.data.write_split_csv``); None for data with a split."""
+    from deepmetric.data import ImageDataset, describe_split, write_split_csv
 
     data = cfg.data
     train = _build_split(cfg, data.train_split, None, data.train_options, "none")
@@ -141,14 +141,17 @@ def write_generated_split(cfg: Config, path: Path) -> str | None:
     if rule is None:
         return None
     test = _build_split(cfg, data.test_split, None, data.test_options, "none")
+    line = (
+        f"split: {describe_split(rule)}: training {len(train):,} images of "
+        f"{train.num_classes:,} classes, test {len(test):,} images of {test.num_classes:,} "
+        "classes"
+    )
+    if not isinstance(train, ImageDataset):
+        return line
     write_split_csv(path, train, test)
     reset = " --data.test_classes=null" if data.test_classes is not None else ""
     reset += " --data.split_by=classes" if data.split_by != "classes" else ""
-    return (
-        f"split: {describe_split(rule)}: training {len(train):,} images of "
-        f"{train.num_classes:,} classes, test {len(test):,} images of {test.num_classes:,} "
-        f"classes -> {path} (reuse: --data.name=csv --data.root={path}{reset})"
-    )
+    return f"{line} -> {path} (reuse: --data.name=csv --data.root={path}{reset})"
 
 
 def build_model_from_config(cfg: Config, *, pretrained: bool = True) -> nn.Module:
