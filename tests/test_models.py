@@ -281,7 +281,7 @@ def test_unknown_backbone_lists_options():
 def test_download_requests_are_clear_errors(backbone, pretrained):
     with pytest.raises(ValueError, match="never downloads") as info:
         build_model(backbone, pretrained=pretrained)
-    assert "pretrained='/path/to/" in str(info.value)
+    assert "--model.pretrained=/path/to/" in str(info.value)
 
 
 def test_missing_weight_file_is_a_clear_error(tmp_path):

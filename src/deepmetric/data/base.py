@@ -147,7 +147,7 @@ def check_counts(
     if diffs:
         msg = f"{dataset.name} {dataset.split}: " + ", ".join(diffs)
         if strict:
-            raise DatasetError(msg + " (strict=True)")
+            raise DatasetError(msg + " (--data.options.strict=true)")
         warnings.warn(msg, DatasetCountWarning, stacklevel=3)
     return diffs
 

