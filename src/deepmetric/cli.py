@@ -5,6 +5,10 @@
     deepmetric embed --checkpoint runs/x --images DIR_OR_LIST --out emb.npy
     deepmetric datasets check --dataset sop --root ~/data/Stanford_Online_Products
     deepmetric datasets check --config configs/folder.yaml --data.root ~/photos
+    deepmetric index build --checkpoint runs/x --images GALLERY --out gallery.index
+    deepmetric index add|remove --index gallery.index --images MORE | --ids PATH ...
+    deepmetric search --index gallery.index --images QUERIES --k 10 [--out hits.csv]
+    deepmetric export --checkpoint runs/x --format onnx|torchscript --out model.onnx
 
 Exit status: 0 on success; 2 for a user error (bad config or override, missing file or
 data set problem: one line on stderr, no traceback); 1 for a failed data-set check or an
@@ -93,6 +97,81 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="FILE.npy", help="output .npy file")
     p.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
+
+    p = sub.add_parser(
+        "index",
+        allow_abbrev=False,
+        help="build or update a gallery index (faiss) with a model",
+        description="A gallery index: one folder with the faiss index, the items (paths, "
+        "labels) and the fingerprint of the model and preprocessing that made them.",
+    )
+    isub = p.add_subparsers(dest="index_command", metavar="ACTION")
+    b = isub.add_parser(
+        "build",
+        allow_abbrev=False,
+        help="embed a gallery and index it",
+        description="Embed every image of GALLERY (a folder, list file or CSV; labels from "
+        "class folders, the list's second column or the CSV's label column) and write an "
+        "index folder atomically. Exact search by default; --kind ivf|hnsw (above "
+        "--approximate-above items when given) builds an approximate index and prints its "
+        "recall against exact search. " + _OVERRIDES,
+    )
+    _add_checkpoint_argument(b)
+    b.add_argument("--images", required=True, metavar="GALLERY", help="folder, list or CSV")
+    b.add_argument("--out", required=True, metavar="INDEX", help="index folder to write")
+    b.add_argument("--kind", default="flat", choices=("flat", "ivf", "hnsw"))
+    b.add_argument(
+        "--approximate-above",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use --kind only for galleries of more than N items (exact below)",
+    )
+    b.add_argument("--nlist", type=int, help="ivf: number of lists (default 4 sqrt(N))")
+    b.add_argument("--nprobe", type=int, help="ivf: lists searched (default nlist / 8, >= 8)")
+    b.add_argument("--m", type=int, help="hnsw: links per node (default 32)")
+    b.add_argument("--ef-search", type=int, help="hnsw: search depth (default 128)")
+    b.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
+    for action, text in (("add", "add images"), ("remove", "remove items by id (path)")):
+        a = isub.add_parser(action, allow_abbrev=False, help=text, description=text + ".")
+        a.add_argument("--index", required=True, metavar="INDEX", help="index folder")
+        if action == "add":
+            a.add_argument("--images", required=True, metavar="IMAGES", help="folder/list/CSV")
+            a.add_argument("--batch-size", type=int, default=None)
+        else:
+            a.add_argument("--ids", nargs="+", required=True, metavar="ID", help="item paths")
+
+    p = sub.add_parser(
+        "search",
+        allow_abbrev=False,
+        help="the k nearest gallery items of query images",
+        description="Embed the query images with the checkpoint recorded in the index (checked "
+        "against its fingerprint) and print, or write as CSV / JSON, the k nearest gallery "
+        "items of each with scores and labels.",
+    )
+    p.add_argument("--index", required=True, metavar="INDEX", help="index folder")
+    p.add_argument("--images", required=True, metavar="QUERIES", help="image, folder or list")
+    p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--out", metavar="FILE.csv|FILE.json", help="write the results here")
+    p.add_argument(
+        "--checkpoint", default=None, help="embed with this checkpoint (must match the index)"
+    )
+    p.add_argument("--batch-size", type=int, default=None)
+
+    p = sub.add_parser(
+        "export",
+        allow_abbrev=False,
+        help="export the network to ONNX or TorchScript",
+        description="Export the network (preprocessed float32 batch N x C x H x W -> N x d "
+        "embeddings, dynamic batch) with its preprocessing in the file's metadata; checked "
+        "against PyTorch on real images before it is written. " + _OVERRIDES,
+    )
+    _add_checkpoint_argument(p)
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    p.add_argument("--out", required=True, metavar="FILE", help="output file")
+    p.add_argument(
+        "--images", default=None, help="images for the check (default: the run's test split)"
+    )
 
     p = sub.add_parser(
         "datasets", allow_abbrev=False, help="data set utilities", description="Data set utilities."
@@ -228,7 +307,124 @@ def _run(argv: Sequence[str]) -> int:
 
     if args.command == "datasets":
         return _check_data(args, extra)
+
+    if args.command == "index":
+        return _index(parser, args, extra)
+
+    if args.command == "search":
+        return _search(args, extra)
+
+    if args.command == "export":
+        from deepmetric.retrieval import export_model
+
+        info = export_model(
+            args.checkpoint, args.format, args.out, overrides=extra, images=args.images
+        )
+        meta = info["metadata"]
+        print(
+            f"exported {info['format']} -> {info['path']}: input {meta['input']['shape']} "
+            f"float32 NCHW -> {meta['embedding_dim']}-d embeddings"
+            + (" (L2-normalised)" if meta["l2_normalized"] else "")
+        )
+        print(f"preprocessing: {meta['preprocessing_text']}")
+        print(
+            f"checked: max |difference| from PyTorch {info['max_abs_diff']:.1e} on real images "
+            f"at batch sizes {info['batch_sizes']}"
+        )
+        return 0
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _index(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> int:
+    """``deepmetric index build|add|remove``."""
+    from deepmetric.retrieval import Retriever
+
+    if args.index_command is None:
+        parser.parse_args(["index", "--help"])
+    if extra and args.index_command != "build":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.index_command == "build":
+        options = {"nlist": args.nlist, "nprobe": args.nprobe, "m": args.m}
+        options["ef_search"] = args.ef_search
+        retriever = Retriever.build(
+            args.checkpoint,
+            args.images,
+            kind=args.kind,
+            approximate_above=args.approximate_above,
+            options=options,
+            overrides=extra,
+            batch_size=args.batch_size,
+        )
+        path = retriever.save(args.out)
+        m = retriever.manifest
+        labelled = sum(label is not None for label in retriever.items.labels)
+        print(
+            f"indexed {m['count']:,} images ({labelled:,} labelled) -> {path}: "
+            f"{m['index']['kind']} {m['index']['params'] or ''} "
+            f"{m['fingerprint']['embedding_dim']}-d, model {m['fingerprint']['checkpoint']}"
+        )
+        if "recall_vs_exact" in m:
+            r = m["recall_vs_exact"]
+            print(
+                f"recall against exact search on {r['queries']:,} gallery items: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k.startswith("recall"))
+            )
+        return 0
+    retriever = Retriever.load(args.index)
+    if args.index_command == "add":
+        count = retriever.add(args.images, batch_size=args.batch_size)
+        verb = "added"
+    else:
+        count = retriever.remove(args.ids)
+        verb = "removed"
+    retriever.save()
+    print(f"{verb} {count:,} items; {args.index} holds {len(retriever.items):,}")
+    return 0
+
+
+def _search(args: argparse.Namespace, extra: list[str]) -> int:
+    """``deepmetric search``: print or write the k nearest gallery items of each query."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from deepmetric.config import ConfigError
+    from deepmetric.retrieval import Retriever
+
+    if args.out and Path(args.out).suffix.lower() not in (".csv", ".json"):
+        raise ConfigError(f"--out {args.out}: expected a .csv or .json file name")
+    retriever = Retriever.load(args.index)
+    retriever.use_checkpoint(args.checkpoint, extra)
+    result = retriever.search(args.images, args.k, batch_size=args.batch_size)
+    rows = result.rows()
+    if args.out is None:
+        for query, paths, scores, labels in zip(
+            result.queries, result.paths, result.scores, result.labels
+        ):
+            print(query)
+            for rank, (p, s, label) in enumerate(zip(paths, scores, labels), 1):
+                print(f"  {rank:>3}. {s:.4f}  {p}" + (f"  [{label}]" if label is not None else ""))
+        return 0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if out.suffix.lower() == ".json":
+        grouped = [
+            {
+                "query": q,
+                "results": [{"path": p, "score": s, "label": lab} for p, s, lab in zip(*r)],
+            }
+            for q, *r in zip(result.queries, result.paths, result.scores, result.labels)
+        ]
+        tmp.write_text(json.dumps(grouped, indent=1) + "\n")
+    else:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["query", "rank", "path", "score", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
+    tmp.replace(out)
+    print(f"{len(result.queries):,} queries x k={args.k} -> {out}")
+    return 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -241,12 +437,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         IsADirectoryError,
         PermissionError,
     ]
-    try:
-        from deepmetric.data import DatasetError
+    from deepmetric.data import DatasetError
+    from deepmetric.retrieval.export import ExportError
+    from deepmetric.retrieval.index import IndexFileError
 
-        errors.append(DatasetError)
-    except ImportError:  # pragma: no cover
-        pass
+    errors += [DatasetError, IndexFileError, ExportError]
     return tuple(errors)
 
 

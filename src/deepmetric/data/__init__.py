@@ -41,7 +41,13 @@ from .splits import (
     subset_classes,
     write_split_csv,
 )
-from .transforms import BNINCEPTION_MEAN_BGR, PRESET_OPTIONS, PRESETS, build_transform
+from .transforms import (
+    BNINCEPTION_MEAN_BGR,
+    PRESET_OPTIONS,
+    PRESETS,
+    build_transform,
+    describe_transform,
+)
 
 __all__ = [
     "BNINCEPTION_MEAN_BGR",
@@ -67,6 +73,7 @@ __all__ = [
     "check_dataset",
     "class_disjoint_split",
     "describe_split",
+    "describe_transform",
     "inspect_image",
     "inspect_images",
     "is_array_format",

@@ -29,6 +29,7 @@ __all__ = [
     "PRESETS",
     "PRESET_OPTIONS",
     "build_transform",
+    "describe_transform",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -220,3 +221,32 @@ def build_transform(preset: str, train: bool, **options: Any) -> Callable:
         steps.append(v2.Normalize(mean_seq, std_seq))
         return v2.Compose(steps)
     raise ValueError(f"unknown transform preset {preset!r}; use one of {list(PRESETS)}")
+
+
+def describe_transform(transform: Callable) -> list[dict[str, Any]]:
+    """The steps of a deterministic (test) pipeline from :func:`build_transform`, as plain
+    data another program can re-implement: ``resize`` (``size``: an int = the shorter side,
+    a pair = (H, W); ``interpolation``), ``center_crop`` (``size``), ``to_float``
+    (``channels``; uint8 / 255), ``rgb_to_bgr``, ``normalize`` (``mean``, ``std`` per channel).
+
+    Raises:
+        ValueError: a step it cannot describe (a random augmentation, a user's callable).
+    """
+    steps = transform.transforms if isinstance(transform, v2.Compose) else [transform]
+    out: list[dict[str, Any]] = []
+    for step in steps:
+        if isinstance(step, v2.Resize):
+            size = step.size if len(step.size) > 1 else step.size[0]
+            mode = getattr(step.interpolation, "value", step.interpolation)
+            out.append({"op": "resize", "size": size, "interpolation": str(mode)})
+        elif isinstance(step, v2.CenterCrop):
+            out.append({"op": "center_crop", "size": list(step.size)})
+        elif isinstance(step, ToFloatImage):
+            out.append({"op": "to_float", "channels": step.channels, "scale": 1 / 255})
+        elif isinstance(step, RGBToBGR):
+            out.append({"op": "rgb_to_bgr"})
+        elif isinstance(step, v2.Normalize):
+            out.append({"op": "normalize", "mean": list(step.mean), "std": list(step.std)})
+        else:
+            raise ValueError(f"cannot describe the transform step {step!r}")
+    return out

@@ -28,7 +28,16 @@ from deepmetric.engine.devices import amp_dtype, resolve_device
 from deepmetric.engine.evaluator import Evaluator
 from deepmetric.engine.runlog import format_metrics
 
-__all__ = ["ImageFiles", "embed_images", "evaluate_checkpoint", "list_images", "load_model"]
+__all__ = [
+    "ImageFiles",
+    "checkpoint_digest",
+    "embed_images",
+    "embed_paths",
+    "evaluate_checkpoint",
+    "list_images",
+    "load_model",
+    "preprocessing",
+]
 
 
 def load_model(
@@ -163,6 +172,63 @@ class ImageFiles(Dataset):
         return self.transform(image), -1
 
 
+def preprocessing(cfg: Config) -> dict[str, Any]:
+    """What turns an image file into the network's input for this run: the test transform's
+    steps (``deepmetric.data.describe_transform``), the inversion of array-trained runs, and
+    test-time flip averaging."""
+    from deepmetric.data import describe_transform
+
+    _, test_tf = build_transforms(cfg)
+    return {
+        "steps": describe_transform(test_tf),
+        "invert": bool(cfg.data.options.get("invert", False)),
+        "flip": cfg.eval.flip,
+    }
+
+
+def checkpoint_digest(checkpoint: str | os.PathLike) -> str:
+    """sha256 (hex) of a checkpoint folder's model weights file."""
+    import hashlib
+
+    path = Path(checkpoint) / "model.safetensors"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def embed_paths(
+    cfg: Config,
+    model: nn.Module,
+    paths: list[Path] | list[str],
+    *,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """(N, d) float32 embeddings of image files, in order, with the run's test transform (and,
+    for a run on array data loaded with ``invert: true``, the same inversion)."""
+    from deepmetric.evaluation import extract_embeddings
+
+    device = next(model.parameters()).device
+    _, test_tf = build_transforms(cfg)
+    loader = DataLoader(
+        ImageFiles([Path(p) for p in paths], test_tf, preprocessing(cfg)["invert"]),
+        batch_size=batch_size or cfg.eval.batch_size,
+        shuffle=False,
+        num_workers=cfg.data.num_workers,
+    )
+    emb, _ = extract_embeddings(
+        model,
+        loader,
+        device=device,
+        flip=cfg.eval.flip,
+        amp_dtype=amp_dtype(cfg.train.amp, device),
+        progress=progress,
+    )
+    return emb.detach().cpu().float().numpy()
+
+
 def embed_images(
     checkpoint: str | os.PathLike,
     images: str | os.PathLike,
@@ -178,33 +244,14 @@ def embed_images(
     Writes ``out`` (N x d float32 .npy, rows in the listed order) and ``out`` with suffix
     ``.txt`` (the N paths, one a line). Returns (npy path, txt path, (N, d)).
     """
-    from deepmetric.evaluation import extract_embeddings
-
     cfg, model, _ = load_model(checkpoint, overrides)
-    device = resolve_device(cfg.train.device)
-    model.to(device)
+    model.to(resolve_device(cfg.train.device))
     paths = list_images(images)
-    _, test_tf = build_transforms(cfg)
-    invert = bool(cfg.data.options.get("invert", False))
-    loader = DataLoader(
-        ImageFiles(paths, test_tf, invert),
-        batch_size=batch_size or cfg.eval.batch_size,
-        shuffle=False,
-        num_workers=cfg.data.num_workers,
-    )
-    emb, _ = extract_embeddings(
-        model,
-        loader,
-        device=device,
-        flip=cfg.eval.flip,
-        amp_dtype=amp_dtype(cfg.train.amp, device),
-        progress=progress,
-    )
+    array = embed_paths(cfg, model, paths, batch_size=batch_size, progress=progress)
     out = Path(out)
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")
     out.parent.mkdir(parents=True, exist_ok=True)
-    array = emb.detach().cpu().float().numpy()
     np.save(out, array)
     txt = out.with_suffix(".txt")
     txt.write_text("".join(f"{p}\n" for p in paths))
