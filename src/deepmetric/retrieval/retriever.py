@@ -147,43 +147,81 @@ class Retriever:
             options: ``nlist``, ``nprobe`` (ivf), ``m``, ``ef_construction``, ``ef_search``
                 (hnsw); defaults in :func:`~deepmetric.retrieval.index.faiss_parameters`.
         """
-        if kind not in KINDS:
-            raise ConfigError(f"--kind: expected one of {', '.join(KINDS)}, got {kind!r}")
         retriever = cls({}, None, Items(np.zeros(0, dtype=np.int64), [], []))
         retriever._load_model(checkpoint, overrides)
         paths, found = _gallery(images)
         labels = list(labels) if labels is not None else found
         if len(labels) != len(paths):
             raise ValueError(f"{len(paths)} images but {len(labels)} labels")
-        _check_unique(paths, {})
+        _check_unique(paths, {})  # before spending the time to embed
         start = time.perf_counter()
         vectors = retriever._embed(paths, batch_size, progress)
         embed_seconds = time.perf_counter() - start
+        built = cls.from_embeddings(
+            vectors,
+            paths,
+            labels,
+            kind=kind,
+            approximate_above=approximate_above,
+            options=options,
+            fingerprint=retriever._fingerprint(),
+            normalized=bool(retriever._model[0].model.l2_normalize),
+        )
+        built._model, built._checkpoint = retriever._model, retriever._checkpoint
+        built.manifest["timings_s"]["embed"] = round(embed_seconds, 3)
+        return built
+
+    @classmethod
+    def from_embeddings(
+        cls,
+        embeddings: np.ndarray | torch.Tensor,
+        ids: Sequence[str | os.PathLike],
+        labels: Sequence[str | None] | None = None,
+        *,
+        kind: str = "flat",
+        approximate_above: int | None = None,
+        options: dict[str, Any] | None = None,
+        fingerprint: dict[str, Any] | None = None,
+        normalized: bool = True,
+    ) -> Retriever:
+        """Index precomputed embeddings (N, d) under ``ids`` (N item names, e.g. the paths
+        written by ``deepmetric embed``). Without a ``fingerprint`` (checkpoint, preprocessing)
+        the index can be searched with embeddings only. Arguments as for :meth:`build`."""
+        if kind not in KINDS:
+            raise ConfigError(f"--kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+        paths = [str(p) for p in ids]
+        labels = list(labels) if labels is not None else [None] * len(paths)
+        if isinstance(embeddings, torch.Tensor):
+            embeddings = embeddings.detach().cpu().float().numpy()
+        vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(paths) or len(labels) != len(paths):
+            raise ValueError(
+                f"embeddings {vectors.shape}, {len(paths)} ids, {len(labels)} labels: "
+                "expected (N, d) with N ids and N labels"
+            )
+        _check_unique(paths, {})
         count = len(paths)
         if approximate_above is not None and count <= approximate_above:
             kind = "flat"
         params = faiss_parameters(kind, count, options or {})
         start = time.perf_counter()
         index = new_faiss_index(kind, vectors.shape[1], params, vectors)
-        ids = np.arange(count, dtype=np.int64)
-        index.add_with_ids(vectors, ids)
-        cfg, _ = retriever._model
-        retriever.index = index
-        retriever.items = Items(ids, [str(p) for p in paths], list(labels))
-        retriever.manifest = {
+        index.add_with_ids(vectors, np.arange(count, dtype=np.int64))
+        manifest = {
             "format": FORMAT,
-            "fingerprint": retriever._fingerprint(),
+            "fingerprint": fingerprint or {"embedding_dim": int(vectors.shape[1])},
             "index": {"kind": kind, "params": params, "metric": "inner_product"},
             "count": count,
             "next_id": count,
-            "normalized": bool(cfg.model.l2_normalize),
+            "normalized": normalized,
             "faiss_version": _faiss_version(),
-            "timings_s": {"embed": round(embed_seconds, 3)},
+            "timings_s": {},
         }
         if kind != "flat":
-            retriever.manifest["recall_vs_exact"] = measure_recall(index, vectors)
-        retriever.manifest["timings_s"]["index"] = round(time.perf_counter() - start, 3)
-        return retriever
+            manifest["recall_vs_exact"] = measure_recall(index, vectors)
+        manifest["timings_s"]["index"] = round(time.perf_counter() - start, 3)
+        items = Items(np.arange(count, dtype=np.int64), paths, labels)
+        return cls(manifest, index, items)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Retriever:
@@ -335,7 +373,14 @@ class Retriever:
             ConfigError: another model or preprocessing than the index's, naming both.
         """
         recorded = self.manifest["fingerprint"]
+        if checkpoint is None and "checkpoint" not in recorded:
+            raise ConfigError(
+                f"{self.path or 'this index'} was built from embeddings without a model; "
+                "search it with embeddings, or pass --checkpoint"
+            )
         self._load_model(checkpoint or recorded["checkpoint"], overrides)
+        if "checkpoint" not in recorded:
+            return
         mine = self._fingerprint()
         for key, what in (
             ("checkpoint_sha256", "model weights"),
@@ -351,15 +396,11 @@ class Retriever:
                 )
 
     def _embed(self, paths: list[str], batch_size: int | None, progress: bool) -> np.ndarray:
-        from deepmetric.data import DatasetError, inspect_images
         from deepmetric.engine.inference import embed_paths
 
         if self._model is None:
             self.use_checkpoint()
-        bad = [i for i in inspect_images(paths, "header") if i.problem is not None]
-        if bad:
-            raise DatasetError(f"cannot read image {bad[0].path}: {bad[0].problem}" + _more(bad))
-        cfg, model = self._model
+        cfg, model = self._model  # an unreadable image raises DatasetError naming it
         return np.ascontiguousarray(
             embed_paths(cfg, model, paths, batch_size=batch_size, progress=progress)
         )
