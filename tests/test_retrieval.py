@@ -392,3 +392,19 @@ def test_unreadable_gallery_image_stops_the_build(runs, gallery, tmp_path) -> No
     (images / "b.jpg").write_bytes(b"\xff\xd8\xff garbage")
     with pytest.raises(DatasetError, match=r"cannot read image .*b\.jpg"):
         Retriever.build(runs[0], images)
+
+
+def test_datasets_export_writes_a_folder_the_loader_reads(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "digits"
+    assert main(["datasets", "export", "--dataset", "digits", "--out", str(out)]) == 0
+    assert "wrote 896 images of 5 classes" in capsys.readouterr().out
+    from deepmetric.data import build_dataset
+
+    back = build_dataset("folder", out, "all")
+    test = build_dataset("digits", split="test")
+    assert back.class_names == ["5", "6", "7", "8", "9"] and len(back) == 896
+    assert back.labels.tolist() == sorted(test.labels.tolist())  # written class by class
+    first = np.asarray(Image.open(out / "5" / "000000.png"), dtype=np.float64) / 255
+    np.testing.assert_allclose(first, test.load_image(0)[0].numpy(), atol=0.5 / 255)
+    assert main(["datasets", "export", "--dataset", "digits", "--out", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err

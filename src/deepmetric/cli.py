@@ -207,6 +207,18 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="split to check (repeatable; default train and test)",
     )
+    e = dsub.add_parser(
+        "export",
+        allow_abbrev=False,
+        help="write a data set's images as files, a folder per class",
+        description="Write every image of one split as OUT/<class>/<n>.png (array data sets "
+        "such as digits or an npz file become image files that index build, search and the "
+        "folder loader read).",
+    )
+    e.add_argument("--dataset", required=True, help="e.g. digits, npz")
+    e.add_argument("--root", default=None, help="the data set's root folder (or file)")
+    e.add_argument("--split", default="test", help="split to write (default test)")
+    e.add_argument("--out", required=True, help="folder to create")
     return parser
 
 
@@ -305,6 +317,16 @@ def _run(argv: Sequence[str]) -> int:
         )
         return 0
 
+    if args.command == "datasets" and args.datasets_command == "export":
+        from deepmetric.data import build_dataset, write_folder
+
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        dataset = build_dataset(args.dataset, args.root, args.split)
+        count = write_folder(dataset, args.out)
+        print(f"wrote {count:,} images of {dataset.num_classes:,} classes to {args.out}")
+        return 0
+
     if args.command == "datasets":
         return _check_data(args, extra)
 
@@ -360,8 +382,8 @@ def _index(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: lis
         labelled = sum(label is not None for label in retriever.items.labels)
         print(
             f"indexed {m['count']:,} images ({labelled:,} labelled) -> {path}: "
-            f"{m['index']['kind']} {m['index']['params'] or ''} "
-            f"{m['fingerprint']['embedding_dim']}-d, model {m['fingerprint']['checkpoint']}"
+            f"{m['index']['kind']}{' ' + str(m['index']['params']) if m['index']['params'] else ''}"
+            f", {m['fingerprint']['embedding_dim']}-d, model {m['fingerprint']['checkpoint']}"
         )
         if "recall_vs_exact" in m:
             r = m["recall_vs_exact"]

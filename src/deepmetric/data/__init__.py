@@ -21,7 +21,7 @@ from .base import (
     open_image,
 )
 from .benchmarks import OFFICIAL_COUNTS, load_cars196, load_cub, load_inshop, load_sop
-from .generic import IMAGE_EXTENSIONS, load_csv, load_folder, load_list
+from .generic import IMAGE_EXTENSIONS, load_csv, load_folder, load_list, write_folder
 from .integrity import VALIDATE_LEVELS, inspect_image, inspect_images, validate_images
 from .registry import (
     DATASETS,
@@ -91,5 +91,6 @@ __all__ = [
     "split_unsplit",
     "subset_classes",
     "validate_images",
+    "write_folder",
     "write_split_csv",
 ]

@@ -8,9 +8,16 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .base import DatasetError, ImageDataset, MissingFileError, parse_int, read_lines
+from .base import (
+    DatasetError,
+    ImageDataset,
+    MetricDataset,
+    MissingFileError,
+    parse_int,
+    read_lines,
+)
 
-__all__ = ["IMAGE_EXTENSIONS", "load_csv", "load_folder", "load_list"]
+__all__ = ["IMAGE_EXTENSIONS", "load_csv", "load_folder", "load_list", "write_folder"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -342,3 +349,26 @@ def _read_csv(file: str, img_base: str) -> tuple[list[_CsvRow], bool, bool]:
     if not rows:
         raise DatasetError(f"{file}: no data rows")
     return rows, has_split, has_roles
+
+
+def write_folder(dataset: MetricDataset, root: str | os.PathLike) -> int:
+    """Write every image of ``dataset`` as ``root/<class name>/<row>.png`` (a layout
+    :func:`load_folder` reads back; array images become 8-bit PNGs). Returns the count.
+
+    Raises:
+        DatasetError: ``root`` exists and is not empty.
+    """
+    from PIL import Image
+
+    root = os.fspath(root)
+    if os.path.isdir(root) and os.listdir(root):
+        raise DatasetError(f"{root} exists and is not empty; choose another --out")
+    for i in range(len(dataset)):
+        image = dataset.load_image(i)
+        if not isinstance(image, Image.Image):  # (C, H, W) float in [0, 1]
+            pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+        folder = os.path.join(root, dataset.class_names[int(dataset.labels[i])])
+        os.makedirs(folder, exist_ok=True)
+        image.save(os.path.join(folder, f"{i:06d}.png"))
+    return len(dataset)
