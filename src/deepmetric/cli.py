@@ -5,14 +5,24 @@
     deepmetric embed --checkpoint runs/x --images DIR_OR_LIST --out emb.npy
     deepmetric datasets check --dataset sop --root ~/data/Stanford_Online_Products
 
-Exit status: 0 on success; 2 for a user error (bad config or override, missing file or
-data set problem: one line on stderr, no traceback); 1 for a failed data-set check or an
-unexpected error (with its traceback: that is a bug); 130 when interrupted.
+Exit status:
+
+- 0: success.
+- 2: a user or environment mistake, told in one line on stderr (no traceback) that names the
+  file, key or flag and what to change: a bad config or override, a missing or damaged file
+  (a checkpoint that fails its checksums), a data set problem, P x K asking for more classes
+  than there are, images of different sizes without a resize option, a run that diverged
+  (NaN or inf), a full disk.
+- 75: ``train`` stopped by SIGTERM, SIGINT or SIGUSR1 after finishing its step and writing a
+  checkpoint (the line printed says where); continue with ``--train.resume=auto``.
+- 1: a failed ``datasets check``, or an unexpected error, with its traceback: that is a bug.
+- 130: interrupted (Ctrl-C) outside the training loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import traceback
 from collections.abc import Sequence
@@ -80,8 +90,8 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         help="embed a folder or list of images into a .npy file",
         description="Embed images with a checkpoint (test transform). Writes an N x d float32 "
-        ".npy file and, beside it, a .txt file with the N image paths in the same order. "
-        + _OVERRIDES,
+        ".npy file and, beside it, a .txt file with the N image paths in the same order (--out "
+        "a folder: FOLDER/embeddings.npy and FOLDER/embeddings.txt). " + _OVERRIDES,
     )
     _add_checkpoint_argument(p)
     p.add_argument(
@@ -90,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR_OR_LIST",
         help="folder (searched recursively) or text file with one image path a line",
     )
-    p.add_argument("--out", required=True, metavar="FILE.npy", help="output .npy file")
+    p.add_argument(
+        "--out", required=True, metavar="FILE.npy", help="output .npy file, or a folder for it"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
 
     p = sub.add_parser(
@@ -137,13 +149,14 @@ def _run(argv: Sequence[str]) -> int:
         from deepmetric import distributed
         from deepmetric.config import load_config
         from deepmetric.engine import train
+        from deepmetric.engine.preemption import EXIT_STOPPED
 
         cfg = load_config(args.config, extra)
         for note in cfg.notes:
             print(f"deepmetric: note: {note}", file=sys.stderr)
-        train(cfg, config_name=args.config)
+        summary = train(cfg, config_name=args.config)
         distributed.destroy_distributed()
-        return 0
+        return EXIT_STOPPED if summary.get("stopped_by") else 0
 
     if args.command == "eval":
         from deepmetric.engine import evaluate_checkpoint
@@ -178,17 +191,40 @@ def _run(argv: Sequence[str]) -> int:
     if args.command == "datasets":
         from deepmetric.data import check_dataset
 
+        _check_dataset_name(args.dataset)
         report = check_dataset(args.dataset, args.root, splits=args.split)
         print(report)
         return 0 if report.ok else 1
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
+def _check_dataset_name(name: str) -> None:
+    """ConfigError naming ``--dataset`` for an unknown data set name, with a near match."""
+    import difflib
+
+    from deepmetric.config import ConfigError
+    from deepmetric.data import DATASETS, canonical_name
+
+    try:
+        canonical_name(name)
+    except ValueError:
+        close = difflib.get_close_matches(name.lower(), sorted(DATASETS), n=1)
+        hint = f" (did you mean --dataset {close[0]}?)" if close else ""
+        raise ConfigError(
+            f"--dataset {name}: unknown data set{hint}; expected one of "
+            f"{', '.join(sorted(DATASETS))}"
+        ) from None
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from deepmetric.config import ConfigError
+    from deepmetric.engine.checkpoint import CheckpointError
+    from deepmetric.engine.divergence import TrainingDiverged
 
     errors: list[type[BaseException]] = [
         ConfigError,
+        CheckpointError,
+        TrainingDiverged,
         FileNotFoundError,
         NotADirectoryError,
         IsADirectoryError,
@@ -214,6 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {e.filename}" if e.filename else ""
+            print(
+                f"deepmetric: error: disk full{where} ({e.strerror}); free space", file=sys.stderr
+            )
+            return 2
         if isinstance(e, _user_errors()):
             msg = str(e).strip().replace("\n", " ")
             if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
