@@ -59,9 +59,10 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         help="train a model from a YAML config",
         description="Train from a YAML config (presets in configs/). Writes a run folder with "
-        "config.yaml, metrics.jsonl, loss/recall plots and checkpoints (last, best). Continue "
-        "a run with --train.resume=auto (same --output.dir) or --train.resume=RUN_OR_CKPT. "
-        + _OVERRIDES,
+        "config.yaml, metrics.jsonl, loss/recall plots and checkpoints (last, best). SIGTERM, "
+        "SIGINT or SIGUSR1 stop it after the current step with a checkpoint (exit status 75). "
+        "Continue a run with --train.resume=auto (same --output.dir) or "
+        "--train.resume=RUN_OR_CKPT. " + _OVERRIDES,
     )
     p.add_argument("--config", required=True, metavar="FILE", help="YAML configuration file")
 

@@ -96,8 +96,9 @@ def resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
             )
         return None
     if resume != "auto" and _is_checkpoint(Path(resume)):
-        verify_checkpoint(resume)  # the one asked for: an error naming a damaged file
-        return Path(resume).resolve()
+        ckpt = Path(resume).resolve()
+        verify_checkpoint(ckpt)  # the one asked for: an error naming a damaged file
+        return ckpt
     source = run_dir if resume == "auto" else Path(resume)
     ckpt, skipped = newest_good_checkpoint(source)
     for reason in skipped:
@@ -109,7 +110,7 @@ def resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
         if resume == "auto":
             return None  # a new run (e.g. the first attempt of a job that resumes itself)
         raise CheckpointError(f"--train.resume={resume}: no run or checkpoint there")
-    problems = "; ".join(skipped) or "no checkpoint was written"
+    problems = "; ".join(skipped) or f"none in {source / 'checkpoints'}"
     raise CheckpointError(
         f"{source} holds a run ({', '.join(held)}) but no usable checkpoint ({problems}); "
         "nothing can be resumed: start again with another --output.dir"

@@ -1,5 +1,6 @@
 """The training loop, :func:`train`, readable top to bottom: set-up, then one
-:func:`train_step` per iteration and a periodic evaluate-and-checkpoint.
+:func:`train_step` per iteration, a periodic evaluate-and-checkpoint, and a stop with a
+checkpoint when a signal asks for it (:mod:`deepmetric.engine.preemption`).
 
 One step::
 
@@ -7,8 +8,12 @@ One step::
     with autocast:  emb = model(images)                    # (B, d), L2-normalised
     emb, labels = gather_batch(emb.float(), labels)        # global batch (1 process: as is)
     loss = criterion(emb, labels)                          # loss, or CrossBatchMemory(loss)
-    backward, average_gradients(loss parameters), clip, step   (GradScaler for fp16 on CUDA)
+    backward, average_gradients(loss parameters)
+    loss and gradient norm finite? else NonFiniteStep      # one host sync (NaN guard)
+    clip, step                                             # GradScaler for fp16 on CUDA
 
+A step that is not finite stops the run or is skipped, and no NaN or inf reaches a
+checkpoint (:mod:`deepmetric.engine.divergence`).
 Exact resume: everything that changes is in :class:`~deepmetric.engine.state.TrainState`, and
 augmentations draw from per-sample seeds (:mod:`deepmetric.engine.reproducibility`).
 Under torchrun: DDP (``train.sync_bn`` for SyncBatchNorm), the loss on the gathered global
@@ -40,7 +45,7 @@ from deepmetric.engine.builders import (
 )
 from deepmetric.engine.checkpoint import find_checkpoint, load_checkpoint
 from deepmetric.engine.devices import amp_dtype, resolve_device
-from deepmetric.engine.divergence import DivergenceGuard, NonFiniteStep, TrainingDiverged
+from deepmetric.engine.divergence import DivergenceGuard, NonFiniteStep
 from deepmetric.engine.evaluator import Evaluator
 from deepmetric.engine.optim import build_optimizer, lr_factor, set_lr
 from deepmetric.engine.preemption import StopSignals
@@ -56,7 +61,7 @@ from deepmetric.engine.runlog import LossMeter, RunLog, format_metrics, say
 from deepmetric.engine.state import CheckpointMismatch, TrainState
 from deepmetric.losses import EmbeddingError
 
-__all__ = ["TrainingDiverged", "train", "train_step"]
+__all__ = ["train", "train_step"]
 
 
 def train_step(
@@ -133,7 +138,8 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
 
     Stopped by SIGTERM, SIGINT or SIGUSR1, it writes a checkpoint after the current step and
     returns ``{"run_dir", "iteration", "stopped_by": signal name, "checkpoint"}``. Raises
-    :class:`TrainingDiverged` when training produces NaN or inf (``train.on_nonfinite``).
+    :class:`~deepmetric.engine.divergence.TrainingDiverged` when training produces NaN or inf
+    (``train.on_nonfinite``).
     """
     from tqdm import tqdm
 
