@@ -201,7 +201,7 @@ def _wait_for_checkpoint(run_dir: Path, at_least: int, procs: list, timeout_s: f
 def test_ctrl_c_to_the_process_group_with_loader_workers(tmp_path: Path) -> None:
     """SIGINT to the whole process group (Ctrl-C in a terminal: the DataLoader workers get it
     too): exit 75 after a checkpoint, no traceback; resuming gives the uninterrupted run."""
-    args = ["--train.iterations=400", "--data.num_workers=2", *STATEFUL]
+    args = ["--train.iterations=200", "--data.num_workers=2", *STATEFUL]
     stopped = tmp_path / "stopped"
     proc = subprocess.Popen(
         _cli_command(*args, f"--output.dir={stopped}"),
@@ -221,7 +221,7 @@ def test_ctrl_c_to_the_process_group_with_loader_workers(tmp_path: Path) -> None
     assert proc.returncode == EXIT_STOPPED, err.decode()
     assert b"Traceback" not in err
     at = int(os.readlink(stopped / "last").rsplit("-", 1)[1])
-    assert 20 <= at < 400
+    assert 20 <= at < 200
     assert f"stopped by SIGINT after iteration {at}: checkpoint".encode() in out
 
     run(stopped, *args, "--train.resume=auto", "--data.num_workers=0")
@@ -277,7 +277,7 @@ def test_sigterm_to_one_rank_of_two_stops_both_at_the_same_step(tmp_path: Path) 
     """2 processes (gloo): SIGTERM reaches rank 1 only; both ranks stop after the same step
     (rank 0 writes that checkpoint), exit 75; resumed, the run equals an uninterrupted one
     bit for bit."""
-    args = ["--train.iterations=300", *STATEFUL, "--xbm.size=100"]
+    args = ["--train.iterations=150", *STATEFUL, "--xbm.size=100"]
     stopped, straight = tmp_path / "stopped", tmp_path / "straight"
     reference = _launch_ranks(straight, *args)  # runs alongside
     procs = _launch_ranks(stopped, *args)
@@ -289,7 +289,7 @@ def test_sigterm_to_one_rank_of_two_stops_both_at_the_same_step(tmp_path: Path) 
     for rank, (rc, output) in enumerate(results):
         assert rc == EXIT_STOPPED, f"rank {rank}:\n{output}"
     at = int(os.readlink(stopped / "last").rsplit("-", 1)[1])
-    assert 20 <= at < 300
+    assert 20 <= at < 150
     assert f"stopped by SIGTERM after iteration {at}: checkpoint" in results[0][1]
     assert all(rc == 0 for rc, _ in _finish(reference))
 
