@@ -32,6 +32,7 @@ from deepmetric.engine import load_checkpoint, save_checkpoint, train
 from deepmetric.engine.checkpoint import CheckpointError, list_checkpoints
 from deepmetric.engine.divergence import TrainingDiverged
 from deepmetric.engine.preemption import EXIT_STOPPED, StopSignals
+from deepmetric.engine.run_folder import set_aside_newer_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -380,6 +381,23 @@ def test_checkpoints_carry_a_manifest_and_the_last_n_plus_best_are_kept(tmp_path
     with pytest.raises(CheckpointError, match=r"iter-0000002/state.pt: content differs"):
         load_checkpoint(run_dir, ("best",))
     assert load_checkpoint(run_dir, ("best",), state=False)[0]["w"][0] == 2  # weights fine
+
+
+def test_checkpoints_after_the_resumed_one_are_set_aside_and_links_repaired(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    for it, links in ((1, ("last", "best")), (2, ("last",)), (3, ("last", "best"))):
+        save_checkpoint(run_dir, it, {"w": torch.ones(1)}, {}, "", links, keep_last=3)
+    set_aside_newer_checkpoints(run_dir, 2, best_iteration=1)  # resumed from 2, best at 1
+    assert [p.name for p in list_checkpoints(run_dir)] == ["iter-0000002", "iter-0000001"]
+    assert (run_dir / "checkpoints" / "superseded-iter-0000003" / "manifest.json").is_file()
+    assert os.readlink(run_dir / "last") == "checkpoints/iter-0000002"
+    assert os.readlink(run_dir / "best") == "checkpoints/iter-0000001"
+    save_checkpoint(run_dir, 3, {"w": torch.ones(1)}, {}, "", ("last", "best_test_selected"))
+    (run_dir / "checkpoints" / "iter-0000003").rename(run_dir / "checkpoints" / "x")
+    set_aside_newer_checkpoints(run_dir, 2)  # no best known: a dangling best link goes
+    assert not (run_dir / "best_test_selected").is_symlink()
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:

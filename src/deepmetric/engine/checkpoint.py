@@ -45,6 +45,7 @@ __all__ = [
     "CheckpointError",
     "checkpoint_iteration",
     "find_checkpoint",
+    "link_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "run_dir_of",
@@ -86,7 +87,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _link(run_dir: Path, name: str, target: Path) -> None:
+def link_checkpoint(run_dir: Path, name: str, target: Path) -> None:
     """Point ``run_dir/name`` at ``target`` (relative link), replacing any old link atomically."""
     tmp = run_dir / f".{name}.tmp-{os.getpid()}"
     if tmp.is_symlink() or tmp.exists():
@@ -195,7 +196,7 @@ def save_checkpoint(
     os.replace(tmp, final)  # atomic: the folder appears complete or not at all
     _fsync_dir(ckpt_root)
     for name in links:
-        _link(run_dir, name, final)
+        link_checkpoint(run_dir, name, final)
     _fsync_dir(run_dir)
     _prune(run_dir, keep_last)
     return final

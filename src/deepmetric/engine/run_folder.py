@@ -15,8 +15,10 @@ import yaml
 from deepmetric import distributed as dist
 from deepmetric.config import Config, ConfigError, config_from_dict, config_to_dict
 from deepmetric.engine.checkpoint import (
+    CHECKPOINT_LINKS,
     CheckpointError,
     checkpoint_iteration,
+    link_checkpoint,
     list_checkpoints,
     run_dir_of,
     verify_checkpoint,
@@ -131,10 +133,14 @@ def removed_if_unused(run_dir: Path) -> Iterator[None]:
         raise
 
 
-def set_aside_newer_checkpoints(run_dir: Path, iteration: int) -> None:
+def set_aside_newer_checkpoints(
+    run_dir: Path, iteration: int, best_iteration: int | None = None
+) -> None:
     """Rename the checkpoint folders of ``run_dir`` newer than ``iteration`` (damaged ones, or
     those of a future this run abandons by resuming earlier) to ``superseded-iter-N``: kept,
-    but never resumed from nor pruned. Call on rank 0 after resuming from ``iteration``."""
+    but never resumed from nor pruned. Links left pointing at nothing move back: ``last`` to
+    ``iteration``, the best links to ``best_iteration`` (removed if that folder is gone).
+    Call on rank 0 after resuming from ``iteration``."""
     for ckpt in list_checkpoints(run_dir):
         if checkpoint_iteration(ckpt) <= iteration:
             continue
@@ -144,6 +150,15 @@ def set_aside_newer_checkpoints(run_dir: Path, iteration: int) -> None:
             target = ckpt.with_name(f"superseded-{ckpt.name}-{n}")
         os.replace(ckpt, target)
         say(f"resume: moved {ckpt} (newer than the resumed iteration {iteration}) to {target}")
+    for name in CHECKPOINT_LINKS:
+        link, it = run_dir / name, iteration if name == "last" else best_iteration
+        if not link.is_symlink() or link.exists():
+            continue
+        folder = run_dir / "checkpoints" / f"iter-{it or 0:07d}"
+        if it is not None and folder.is_dir():
+            link_checkpoint(run_dir, name, folder)
+        else:
+            link.unlink()
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -311,7 +311,7 @@ def _resume(state: TrainState, checkpoint: Path, cfg: Config, log: RunLog, run_d
     log.truncate(state.iteration)
     dist.barrier()  # every rank has read the checkpoints
     if dist.is_main_process():
-        set_aside_newer_checkpoints(run_dir, state.iteration)
+        set_aside_newer_checkpoints(run_dir, state.iteration, state.best.get("iteration"))
     log.log(
         {
             "iteration": state.iteration,
