@@ -165,7 +165,13 @@ def test_checkpoint_roundtrip_and_crash_while_writing(tmp_path: Path, monkeypatc
     (run / "checkpoints" / ".tmp-iter-0000002-99999").mkdir()
     assert find_checkpoint(run, ("last",)).name == "iter-0000001"
     save_checkpoint(
-        run, 3, {"a": torch.ones(4)}, {"iteration": 3}, "seed: 0\n", links=("last", "best")
+        run,
+        3,
+        {"a": torch.ones(4)},
+        {"iteration": 3},
+        "seed: 0\n",
+        links=("last", "best"),
+        keep_last=1,
     )
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["iter-0000003"]  # ... and is cleaned up by the next save (old one pruned)

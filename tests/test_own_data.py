@@ -361,7 +361,10 @@ def test_datasets_check_conflicting_labels_and_unknown_name(tmp_path: Path, caps
     assert "lines 2 and 3" in capsys.readouterr().out
     assert main(["datasets", "check", "--dataset", "cubb"]) == 2
     err = capsys.readouterr().err
-    assert "--dataset: unknown data set 'cubb'" in err and err.count("\n") == 1
+    assert (
+        "--dataset cubb: unknown data set (did you mean --dataset cub?)" in err
+        and err.count("\n") == 1
+    )
 
 
 def test_datasets_check_splits_data_without_a_split_as_a_run_would(tmp_path: Path, capsys) -> None:

@@ -10,14 +10,24 @@
     deepmetric search --index gallery.index --images QUERIES --k 10 [--out hits.csv]
     deepmetric export --checkpoint runs/x --format onnx|torchscript --out model.onnx
 
-Exit status: 0 on success; 2 for a user error (bad config or override, missing file or
-data set problem: one line on stderr, no traceback); 1 for a failed data-set check or an
-unexpected error (with its traceback: that is a bug); 130 when interrupted.
+Exit status:
+
+- 0: success.
+- 2: a user or environment mistake, told in one line on stderr (no traceback) that names the
+  file, key or flag and what to change: a bad config or override, a missing or damaged file
+  (a checkpoint that fails its checksums), a data set problem, P x K asking for more classes
+  than there are, images of different sizes without a resize option, a run that diverged
+  (NaN or inf), a full disk.
+- 75: ``train`` stopped by SIGTERM, SIGINT or SIGUSR1 after finishing its step and writing a
+  checkpoint (the line printed says where); continue with ``--train.resume=auto``.
+- 1: a failed ``datasets check``, or an unexpected error, with its traceback: that is a bug.
+- 130: interrupted (Ctrl-C) outside the training loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import traceback
 from collections.abc import Sequence
@@ -54,9 +64,10 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         help="train a model from a YAML config",
         description="Train from a YAML config (presets in configs/). Writes a run folder with "
-        "config.yaml, metrics.jsonl, loss/recall plots and checkpoints (last, best). Continue "
-        "a run with --train.resume=auto (same --output.dir) or --train.resume=RUN_OR_CKPT. "
-        + _OVERRIDES,
+        "config.yaml, metrics.jsonl, loss/recall plots and checkpoints (last, best). SIGTERM, "
+        "SIGINT or SIGUSR1 stop it after the current step with a checkpoint (exit status 75). "
+        "Continue a run with --train.resume=auto (same --output.dir) or "
+        "--train.resume=RUN_OR_CKPT. " + _OVERRIDES,
     )
     p.add_argument("--config", required=True, metavar="FILE", help="YAML configuration file")
 
@@ -85,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         help="embed a folder or list of images into a .npy file",
         description="Embed images with a checkpoint (test transform). Writes an N x d float32 "
-        ".npy file and, beside it, a .txt file with the N image paths in the same order. "
-        + _OVERRIDES,
+        ".npy file and, beside it, a .txt file with the N image paths in the same order (--out "
+        "a folder: FOLDER/embeddings.npy and FOLDER/embeddings.txt). " + _OVERRIDES,
     )
     _add_checkpoint_argument(p)
     p.add_argument(
@@ -95,7 +106,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR_OR_LIST",
         help="folder (searched recursively) or text file with one image path a line",
     )
-    p.add_argument("--out", required=True, metavar="FILE.npy", help="output .npy file")
+    p.add_argument(
+        "--out", required=True, metavar="FILE.npy", help="output .npy file, or a folder for it"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
 
     p = sub.add_parser(
@@ -226,7 +239,7 @@ def _check_data(args: argparse.Namespace, extra: list[str]) -> int:
     """``deepmetric datasets check``: the data section of --config (or the defaults) with
     --dataset, --root and --data.* overrides."""
     from deepmetric.config import ConfigError, check_options, load_config
-    from deepmetric.data import canonical_name, check_dataset
+    from deepmetric.data import check_dataset
 
     if args.dataset is None and args.config is None:
         raise ConfigError("datasets check: give --dataset NAME (and --root PATH) or --config FILE")
@@ -235,10 +248,7 @@ def _check_data(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"datasets check: only --data.* overrides apply, got {not_data[0]}")
     overrides = list(extra)
     if args.dataset is not None:
-        try:
-            canonical_name(args.dataset)
-        except ValueError as e:
-            raise ConfigError(f"--dataset: {e}") from None
+        _check_dataset_name(args.dataset)
         overrides += ["--data.name", args.dataset]
     if args.root is not None:
         overrides += ["--data.root", args.root]
@@ -279,13 +289,14 @@ def _run(argv: Sequence[str]) -> int:
         from deepmetric import distributed
         from deepmetric.config import load_config
         from deepmetric.engine import train
+        from deepmetric.engine.preemption import EXIT_STOPPED
 
         cfg = load_config(args.config, extra)
         for note in cfg.notes:
             print(f"deepmetric: note: {note}", file=sys.stderr)
-        train(cfg, config_name=args.config)
+        summary = train(cfg, config_name=args.config)
         distributed.destroy_distributed()
-        return 0
+        return EXIT_STOPPED if summary.get("stopped_by") else 0
 
     if args.command == "eval":
         from deepmetric.engine import evaluate_checkpoint
@@ -449,22 +460,44 @@ def _search(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _check_dataset_name(name: str) -> None:
+    """ConfigError naming ``--dataset`` for an unknown data set name, with a near match."""
+    import difflib
+
+    from deepmetric.config import ConfigError
+    from deepmetric.data import DATASETS, canonical_name
+
+    try:
+        canonical_name(name)
+    except ValueError:
+        close = difflib.get_close_matches(name.lower(), sorted(DATASETS), n=1)
+        hint = f" (did you mean --dataset {close[0]}?)" if close else ""
+        raise ConfigError(
+            f"--dataset {name}: unknown data set{hint}; expected one of "
+            f"{', '.join(sorted(DATASETS))}"
+        ) from None
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from deepmetric.config import ConfigError
+    from deepmetric.data import DatasetError
+    from deepmetric.engine.checkpoint import CheckpointError
+    from deepmetric.engine.divergence import TrainingDiverged
+    from deepmetric.retrieval.export import ExportError
+    from deepmetric.retrieval.index import IndexFileError
 
-    errors: list[type[BaseException]] = [
+    return (
         ConfigError,
+        CheckpointError,
+        TrainingDiverged,
+        DatasetError,
+        IndexFileError,
+        ExportError,
         FileNotFoundError,
         NotADirectoryError,
         IsADirectoryError,
         PermissionError,
-    ]
-    from deepmetric.data import DatasetError
-    from deepmetric.retrieval.export import ExportError
-    from deepmetric.retrieval.index import IndexFileError
-
-    errors += [DatasetError, IndexFileError, ExportError]
-    return tuple(errors)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -478,6 +511,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {e.filename}" if e.filename else ""
+            print(
+                f"deepmetric: error: disk full{where} ({e.strerror}); free space", file=sys.stderr
+            )
+            return 2
         if isinstance(e, _user_errors()):
             msg = str(e).strip()
             if "Original Traceback" in msg:  # raised in a DataLoader worker: its last line

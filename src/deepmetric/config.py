@@ -195,10 +195,15 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     threads: int | None = None  # torch.set_num_threads (None: leave PyTorch's default)
     log_every: int = 10  # iterations between metrics.jsonl records
-    checkpoint_every: int = 500  # iterations between "last" checkpoints (0 = at the end only)
-    resume: str | None = None  # None, "auto" (the run dir's last checkpoint) or a path
+    checkpoint_every: int = 500  # iterations between checkpoints (0 = at the end only)
+    keep_last: int = 2  # checkpoints kept besides the best (the newest ones)
+    resume: str | None = None  # None, "auto" (the run dir's newest good checkpoint) or a path
     progress: bool = True  # tqdm progress bar
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch
+    # A step whose loss or gradients are NaN or inf: "stop" (exit 2, nothing saved after the
+    # last good checkpoint) or "skip" (no update; stop after max_nonfinite_in_row in a row)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_in_row: int = 10
 
 
 @dataclass
@@ -594,6 +599,10 @@ def validate_config(cfg: Config) -> None:
         raise err("sampler.p", f"expected at least 1 class per batch, got {cfg.sampler.p}")
     if cfg.train.iterations < 0:
         raise err("train.iterations", f"expected >= 0, got {cfg.train.iterations}")
+    for key in ("train.keep_last", "train.max_nonfinite_in_row"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise err(key, f"expected >= 1, got {getattr(getattr(cfg, section), name)}")
     for key in ("train.log_every", "train.checkpoint_every", "eval.every"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:

@@ -48,6 +48,7 @@ __all__ = [
     "init_distributed",
     "is_distributed",
     "is_main_process",
+    "max_over_ranks",
     "shard_indices",
     "unwrap_model",
     "wrap_model",
@@ -167,6 +168,17 @@ def barrier() -> None:
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier()
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` of all ranks, on every rank (one all-reduce of one integer: a
+    host sync); ``value`` itself when not distributed. E.g. "did any rank get a signal"."""
+    if not is_distributed():
+        return int(value)
+    device = _comm_device(torch.empty(0))
+    box = torch.tensor([int(value)], dtype=torch.long, device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

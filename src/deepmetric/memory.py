@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from deepmetric.losses.pairs import PairLoss, check_unit_norms, row_norms
+from deepmetric.losses.pairs import EmbeddingError, PairLoss, check_unit_norms, row_norms
 
 
 class CrossBatchMemory(nn.Module):
@@ -187,7 +187,7 @@ class CrossBatchMemory(nn.Module):
         else:
             finite = bool(torch.isfinite(embeddings).all())
         if not finite:
-            raise ValueError("embeddings contain NaN or inf; not written to the memory")
+            raise EmbeddingError("embeddings contain NaN or inf", "; not written to the memory")
         if self.unit_rows:
             check_unit_norms("embeddings", low, high)
         b = embeddings.shape[0]

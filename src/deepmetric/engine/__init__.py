@@ -3,7 +3,8 @@
 optimizer and schedule, and the inference helpers behind ``deepmetric eval`` / ``embed``.
 
 Modules, one concern each: ``trainer`` (the loop), ``state`` (TrainState), ``checkpoint``
-(atomic files and links), ``builders`` (data, model, loss, loaders from a Config),
+(atomic, checksummed files and links), ``preemption`` (stop on SIGTERM / SIGINT / SIGUSR1),
+``divergence`` (the NaN guard), ``builders`` (data, model, loss, loaders from a Config),
 ``evaluator`` (sharded evaluation), ``reproducibility`` (seeds, RNG states, seeded batches),
 ``devices`` (train.device and train.amp), ``run_folder`` (where a run writes and resumes),
 ``runlog`` (metrics.jsonl, plots, printed lines), ``optim`` (optimizer groups, schedule),
@@ -19,8 +20,9 @@ from .builders import (
     build_train_loader,
     build_transforms,
 )
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from .devices import amp_dtype, resolve_device
+from .divergence import TrainingDiverged
 from .evaluator import Evaluator, retrieval_metrics
 from .inference import embed_images, evaluate_checkpoint, list_images, load_model
 from .optim import build_optimizer, lr_factor, set_lr
@@ -30,10 +32,12 @@ from .state import TrainState
 from .trainer import train, train_step
 
 __all__ = [
+    "CheckpointError",
     "EvalSet",
     "Evaluator",
     "RunLog",
     "TrainState",
+    "TrainingDiverged",
     "amp_dtype",
     "build_criterion",
     "build_data",

@@ -11,13 +11,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from deepmetric.config import Config, ConfigError
+from deepmetric.engine.preemption import ignore_stop_signals
 from deepmetric.engine.reproducibility import SeededBatches, SeededDataset, seed_worker
 
 __all__ = [
     "EvalSet",
+    "ImageSizeError",
     "build_batches",
     "build_criterion",
     "build_data",
@@ -25,6 +27,7 @@ __all__ = [
     "build_model_from_config",
     "build_train_loader",
     "build_transforms",
+    "collate_images",
     "recall_at",
     "write_generated_split",
 ]
@@ -122,6 +125,8 @@ def build_data(cfg: Config, *, test_only: bool = False) -> tuple[Any, dict[str, 
         options = {**data.train_options, **data.val_options}
         val = _build_split(cfg, data.train_split, test_tf, options, data.validate)
         return train_set, {"val": _eval_set("val", val)}
+    if train_set.num_classes < 2:
+        raise _too_few_classes(cfg, train_set.num_classes, "the training split")
     train_classes, val_classes = class_disjoint_split(
         train_set.labels, cfg.eval.val_fraction, cfg.seed
     )
@@ -195,12 +200,43 @@ def build_criterion(cfg: Config) -> nn.Module:
     )
 
 
+def _data_name(cfg: Config) -> str:
+    """``data.name=cub at ~/data/CUB_200_2011``: the data set as the user set it."""
+    root = f" at {cfg.data.root}" if cfg.data.root else ""
+    return f"data.name={cfg.data.name}{root}"
+
+
+def _too_few_classes(cfg: Config, num_classes: int, what: str) -> ConfigError:
+    return ConfigError(
+        f"{what} of {_data_name(cfg)} has {num_classes} class"
+        f"{'' if num_classes == 1 else 'es'}; metric learning needs at least 2 (images of "
+        "another class are the negatives): use a data set with more classes"
+    )
+
+
 def build_batches(cfg: Config, train_set: Any, rank: int, world_size: int) -> SeededBatches:
     """This rank's P x K batches of ``train_set`` (``sampler``; per-sample augmentation
-    seeds from ``seed``). ConfigError when not one batch can be drawn."""
+    seeds from ``seed``). ConfigError when the training split has fewer than 2 classes,
+    fewer than P usable ones, or not one batch can be drawn."""
+    import numpy as np
+
     from deepmetric.samplers import PKSampler
 
     s = cfg.sampler
+    what = "the training split"
+    if cfg.eval.protocol == "val" and cfg.data.val_options is None:
+        what += " (what eval.protocol=val left for training)"
+    counts = np.unique(np.asarray(train_set.labels), return_counts=True)[1]
+    if len(counts) < 2:
+        raise _too_few_classes(cfg, len(counts), what)
+    usable = int((counts >= s.k).sum()) if s.small_classes == "skip" else len(counts)
+    if s.p > usable:
+        having = f" with at least k={s.k} images" if s.small_classes == "skip" else ""
+        change = "--sampler.p or --sampler.k" if s.small_classes == "skip" else "--sampler.p"
+        raise ConfigError(
+            f"--sampler.p={s.p} but {what} of {_data_name(cfg)} has {usable} classes{having}; "
+            f"lower {change} (at most --sampler.p={usable})"
+        )
     sampler = PKSampler(
         train_set.labels,
         s.p,
@@ -211,11 +247,48 @@ def build_batches(cfg: Config, train_set: Any, rank: int, world_size: int) -> Se
         rank=rank,
     )
     if len(sampler) == 0:
+        ranks = f" for each of {world_size} ranks" if world_size > 1 else ""
         raise ConfigError(
-            f"sampler: no batch of {s.p} classes x {s.k} can be drawn from "
-            f"{train_set.num_classes} training classes; lower sampler.p"
+            f"--sampler.p={s.p} --sampler.k={s.k}: not one batch can be drawn{ranks} from "
+            f"{what} of {_data_name(cfg)} ({len(counts)} classes, {len(train_set)} images); "
+            "lower --sampler.p"
         )
     return SeededBatches(sampler, cfg.seed)
+
+
+class ImageSizeError(ConfigError):
+    """Images of one batch differ in size and no option resizes them.
+
+    Raised while collating, possibly in a DataLoader worker; the DataLoader re-raises it in the
+    main process with the worker's traceback as its message, of which the last line, ours,
+    is kept."""
+
+    def __init__(self, message: str) -> None:
+        last = message.strip().splitlines()[-1]
+        super().__init__(last.split(f"{type(self).__name__}: ", 1)[-1])
+
+
+def collate_images(batch: list[tuple[Tensor, Any]]) -> Any:
+    """``default_collate`` of (image (C, H, W), label) items, after checking that the images
+    have one size (else :class:`ImageSizeError` saying which option to set)."""
+    sizes = {tuple(item[0].shape) for item in batch}
+    if len(sizes) > 1:
+        a, b = sorted(sizes, reverse=True)[:2]
+        shape = " x ".join
+        raise ImageSizeError(
+            f"images of different sizes in one batch ({shape(map(str, a))} and "
+            f"{shape(map(str, b))}) and no option resizes them: set "
+            f"--data.transform_options.size (e.g. --data.transform_options.size={max(a[1:])}) "
+            "to resize every image to that square"
+        )
+    return default_collate(batch)
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seeds (:func:`seed_worker`), and the stop signals left
+    to the main process (:func:`~deepmetric.engine.preemption.ignore_stop_signals`)."""
+    seed_worker(worker_id)
+    ignore_stop_signals()
 
 
 def build_train_loader(
@@ -226,9 +299,10 @@ def build_train_loader(
     return DataLoader(
         SeededDataset(dataset),
         batch_sampler=batches,
+        collate_fn=collate_images,
         num_workers=workers,
         persistent_workers=workers > 0,
-        worker_init_fn=seed_worker,
+        worker_init_fn=worker_init,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),
     )
@@ -241,9 +315,10 @@ def build_eval_loader(cfg: Config, dataset: Dataset, persistent: bool = True) ->
         dataset,
         batch_size=cfg.eval.batch_size,
         shuffle=False,
+        collate_fn=collate_images,
         num_workers=workers,
         persistent_workers=persistent and workers > 0,
-        worker_init_fn=seed_worker,
+        worker_init_fn=worker_init,
         generator=torch.Generator().manual_seed(0),
     )
 

@@ -22,8 +22,20 @@ from deepmetric.config import (
     validate_config,
 )
 from deepmetric.data import IMAGE_EXTENSIONS
-from deepmetric.engine.builders import build_data, build_model_from_config, build_transforms
-from deepmetric.engine.checkpoint import checkpoint_iteration, find_checkpoint, load_checkpoint
+from deepmetric.engine.builders import (
+    build_data,
+    build_model_from_config,
+    build_transforms,
+    collate_images,
+)
+from deepmetric.engine.checkpoint import (
+    CheckpointError,
+    checkpoint_iteration,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    run_dir_of,
+)
 from deepmetric.engine.devices import amp_dtype, resolve_device
 from deepmetric.engine.evaluator import Evaluator
 from deepmetric.engine.runlog import format_metrics
@@ -49,7 +61,12 @@ def load_model(
     is read and ``overrides`` (``["--data.root", PATH]``...) are applied to it.
     """
     ckpt = find_checkpoint(checkpoint, ("best", "last"))
-    weights, _, text = load_checkpoint(ckpt, state=False)
+    try:
+        weights, _, text = load_checkpoint(ckpt, state=False)
+    except CheckpointError as e:
+        others = [str(p) for p in list_checkpoints(run_dir_of(ckpt)) if p.resolve() != ckpt]
+        hint = f"; other checkpoints of the run: {', '.join(others)}" if others else ""
+        raise CheckpointError(f"{e}; pass another --checkpoint{hint}") from None
     if not text:
         raise ConfigError(f"{ckpt}: no config.yaml in the checkpoint or its run folder")
     cfg = config_from_dict(yaml.safe_load(text) or {}, f"{ckpt}/config.yaml")
@@ -216,6 +233,7 @@ def embed_paths(
         ImageFiles([Path(p) for p in paths], test_tf, preprocessing(cfg)["invert"]),
         batch_size=batch_size or cfg.eval.batch_size,
         shuffle=False,
+        collate_fn=collate_images,
         num_workers=cfg.data.num_workers,
     )
     emb, _ = extract_embeddings(
@@ -241,14 +259,17 @@ def embed_images(
     """Embed every image of a folder or list file with the run's test transform (and, for
     a run on array data loaded with ``invert: true``, the same inversion).
 
-    Writes ``out`` (N x d float32 .npy, rows in the listed order) and ``out`` with suffix
-    ``.txt`` (the N paths, one a line). Returns (npy path, txt path, (N, d)).
+    Writes ``out`` (N x d float32 .npy, rows in the listed order; ``.npy`` is added to a name
+    without it; a folder, existing or given with a trailing slash, gets ``embeddings.npy``)
+    and, beside it, the same name with suffix ``.txt`` (the N paths, one a line). Returns
+    (npy path, txt path, (N, d)).
     """
     cfg, model, _ = load_model(checkpoint, overrides)
     model.to(resolve_device(cfg.train.device))
     paths = list_images(images)
     array = embed_paths(cfg, model, paths, batch_size=batch_size, progress=progress)
-    out = Path(out)
+    folder = Path(out).is_dir() or str(out).endswith(("/", os.sep))
+    out = Path(out) / "embeddings.npy" if folder else Path(out)
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")
     out.parent.mkdir(parents=True, exist_ok=True)

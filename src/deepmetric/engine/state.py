@@ -63,18 +63,37 @@ class TrainState:
         "start_metrics",
     )
 
-    def save(self, run_dir: Path, config_text: str, links: tuple[str, ...]) -> Path:
-        """Write checkpoint ``iteration`` atomically and point ``links`` at it."""
+    def save(
+        self, run_dir: Path, config_text: str, links: tuple[str, ...], keep_last: int = 2
+    ) -> Path:
+        """Write checkpoint ``iteration`` atomically, point ``links`` at it and keep the
+        ``keep_last`` newest (see :func:`~deepmetric.engine.checkpoint.save_checkpoint`)."""
         state: dict[str, Any] = {name: getattr(self, name).state_dict() for name in self.OBJECTS}
         state.update({name: getattr(self, name) for name in self.COUNTERS})
         state["rng"] = capture_rng_state()
         weights = self.model.state_dict()
-        return save_checkpoint(run_dir, self.iteration, weights, state, config_text, links)
+        return save_checkpoint(
+            run_dir, self.iteration, weights, state, config_text, links, keep_last
+        )
+
+    def nonfinite_tensor(self) -> str | None:
+        """The name of the first model weight or buffer (BatchNorm statistics included), loss
+        tensor (memory, parameters) or optimizer moment holding NaN or inf; None when every
+        one is finite. One pass over the state (a host sync per tensor): call it before saving."""
+        named = [(f"model {k}", v) for k, v in self.model.state_dict().items()]
+        named += [(f"loss {k}", v) for k, v in self.criterion.state_dict().items()]
+        for index, moments in self.optimizer.state_dict()["state"].items():
+            named += [(f"optimizer {k} of parameter {index}", v) for k, v in moments.items()]
+        for name, value in named:
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                if not bool(torch.isfinite(value).all()):
+                    return name
+        return None
 
     def load(self, path: str | os.PathLike) -> str:
-        """Restore everything from the checkpoint at ``path`` (a run folder: its ``last``);
-        returns the checkpoint's config text."""
-        weights, state, config_text = load_checkpoint(path, ("last",))
+        """Restore everything from the checkpoint folder ``path`` (every file checked against
+        its manifest); returns the checkpoint's config text."""
+        weights, state, config_text = load_checkpoint(path, ())
         missing = [k for k in (*self.OBJECTS, *self.COUNTERS, "rng") if k not in state]
         if missing:
             raise ConfigError(

@@ -1,5 +1,6 @@
 """The training loop, :func:`train`, readable top to bottom: set-up, then one
-:func:`train_step` per iteration and a periodic evaluate-and-checkpoint.
+:func:`train_step` per iteration, a periodic evaluate-and-checkpoint, and a stop with a
+checkpoint when a signal asks for it (:mod:`deepmetric.engine.preemption`).
 
 One step::
 
@@ -7,8 +8,12 @@ One step::
     with autocast:  emb = model(images)                    # (B, d), L2-normalised
     emb, labels = gather_batch(emb.float(), labels)        # global batch (1 process: as is)
     loss = criterion(emb, labels)                          # loss, or CrossBatchMemory(loss)
-    backward, average_gradients(loss parameters), clip, step   (GradScaler for fp16 on CUDA)
+    backward, average_gradients(loss parameters)
+    loss and gradient norm finite? else NonFiniteStep      # one host sync (NaN guard)
+    clip, step                                             # GradScaler for fp16 on CUDA
 
+A step that is not finite stops the run or is skipped, and no NaN or inf reaches a
+checkpoint (:mod:`deepmetric.engine.divergence`).
 Exact resume: everything that changes is in :class:`~deepmetric.engine.state.TrainState`, and
 augmentations draw from per-sample seeds (:mod:`deepmetric.engine.reproducibility`).
 Under torchrun: DDP (``train.sync_bn`` for SyncBatchNorm), the loss on the gathered global
@@ -19,6 +24,7 @@ batch, loss-parameter gradients averaged over ranks, sharded evaluation
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,12 +46,21 @@ from deepmetric.engine.builders import (
 )
 from deepmetric.engine.checkpoint import find_checkpoint, load_checkpoint
 from deepmetric.engine.devices import amp_dtype, resolve_device
+from deepmetric.engine.divergence import DivergenceGuard, NonFiniteStep
 from deepmetric.engine.evaluator import Evaluator
 from deepmetric.engine.optim import build_optimizer, lr_factor, set_lr
+from deepmetric.engine.preemption import StopSignals
 from deepmetric.engine.reproducibility import SeededBatches, seed_everything
-from deepmetric.engine.run_folder import config_changes, resolve_run_dir, resume_checkpoint
+from deepmetric.engine.run_folder import (
+    config_changes,
+    removed_if_unused,
+    resolve_run_dir,
+    resume_checkpoint,
+    set_aside_newer_checkpoints,
+)
 from deepmetric.engine.runlog import LossMeter, RunLog, format_metrics, say
 from deepmetric.engine.state import CheckpointMismatch, TrainState
+from deepmetric.losses import EmbeddingError
 
 __all__ = ["train", "train_step"]
 
@@ -63,22 +78,41 @@ def train_step(
     grad_clip: float,
 ) -> Tensor:
     """One optimisation step on this rank's batch (B_r, C, H, W), (B_r,); returns the
-    detached loss of the global batch."""
+    detached loss of the global batch. Raises :class:`NonFiniteStep`, having updated
+    nothing, when the model's embeddings, the loss or a gradient hold NaN or inf."""
     set_lr(optimizer, lr_scale)
     with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
         emb = model(images)
     emb, labels = dist.gather_batch(emb.float(), labels)
-    loss = criterion(emb, labels)
+    try:
+        loss = criterion(emb, labels)
+    except EmbeddingError as e:  # NaN, inf or zero rows out of the model: it diverged
+        raise NonFiniteStep(f"the model's {e.problem}") from None
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     dist.average_gradients(criterion.parameters())  # outside DDP: keep the copies identical
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    _check_finite(loss, params, gradients=not scaler.is_enabled())  # fp16: the scaler's job
     if grad_clip > 0:
         scaler.unscale_(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     scaler.step(optimizer)
     scaler.update()
     return loss.detach()
+
+
+def _check_finite(loss: Tensor, params: list[Tensor], gradients: bool) -> None:
+    """Raise :class:`NonFiniteStep` when the loss or (``gradients``) the gradient norm is NaN
+    or inf: one pass over the gradients, one host sync."""
+    norm = loss.new_zeros(())
+    if gradients:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads).to(loss.device)
+    loss_value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()
+    if not math.isfinite(loss_value):
+        raise NonFiniteStep(f"the loss is {loss_value}")
+    if not math.isfinite(norm_value):
+        raise NonFiniteStep(f"the gradient norm is {norm_value} (loss {loss_value:.4g})")
 
 
 def _head_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -101,7 +135,13 @@ def _due(iteration: int, every: int, total: int) -> bool:
 def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
     """Train as configured; returns the summary (run folder, iteration, metrics at start
     and end, best checkpoint). Rank 0 writes the run folder: config.yaml, metrics.jsonl,
-    loss.png / recall.png, checkpoints, summary.json."""
+    loss.png / recall.png, checkpoints, summary.json.
+
+    Stopped by SIGTERM, SIGINT or SIGUSR1, it writes a checkpoint after the current step and
+    returns ``{"run_dir", "iteration", "stopped_by": signal name, "checkpoint"}``. Raises
+    :class:`~deepmetric.engine.divergence.TrainingDiverged` when training produces NaN or inf
+    (``train.on_nonfinite``).
+    """
     from tqdm import tqdm
 
     # ---- process, device, seeds
@@ -113,84 +153,141 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
     main = dist.is_main_process()
-
-    # ---- data, model, loss (+ memory), optimizer, run folder
     run_dir = Path(dist.broadcast_object(str(resolve_run_dir(cfg, config_name))))  # rank 0's
-    resume_from = resume_checkpoint(cfg, run_dir)
-    train_set, eval_sets = build_data(cfg)
-    batches = build_batches(cfg, train_set, rank, world_size)
-    loader = build_train_loader(cfg, train_set, batches, device)
-    model = build_model_from_config(cfg).to(device)
-    criterion = build_criterion(cfg).to(device)
-    optimizer = build_optimizer(cfg.optim, model, criterion)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    state = TrainState(model, optimizer, criterion, scaler)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        split_line = write_generated_split(cfg, run_dir / "split.csv")  # data without a split
-        if split_line:
-            say(split_line)
-    log = RunLog(run_dir if main else None, cfg.output.tensorboard, cfg.output.plots)
-    if resume_from is not None:
-        _resume(state, resume_from, cfg, log)
-    config_text = dump_config(cfg)
-    if main:
-        (run_dir / "config.yaml").write_text(config_text)
-    ddp_model = dist.wrap_model(model, sync_bn=cfg.train.sync_bn)
-    state.model = model = dist.unwrap_model(ddp_model)  # with SyncBatchNorm layers if converted
-    evaluator = Evaluator(cfg, eval_sets, device, amp)
-    _say_start(cfg, run_dir, train_set, eval_sets, world_size, device)
-    if state.iteration == 0 and cfg.eval.at_start and not state.start_metrics:
-        state.start_metrics = next(iter(_evaluate(evaluator, model, 0, log).values()), {})
 
-    # ---- the loop
-    total, split = cfg.train.iterations, cfg.eval.protocol
-    best_link = _best_link(split)
-    stream = _batches_from(state, loader, batches)
-    model.train()
-    meter = LossMeter(device)
-    bar = tqdm(
-        total=total,
-        initial=state.iteration,
-        desc="train",
-        dynamic_ncols=True,
-        disable=not (main and cfg.train.progress),
-        file=sys.stderr,
-    )
-    last_metrics: dict[str, dict[str, float]] = {}
-    while state.iteration < total:
-        images, labels = next(stream)
-        loss = train_step(
-            ddp_model,
-            criterion,
-            optimizer,
-            scaler,
-            images.to(device, non_blocking=True),
-            labels.to(device, non_blocking=True),
-            lr_scale=lr_factor(state.iteration, cfg.schedule, total),
-            amp=amp,
-            grad_clip=cfg.optim.grad_clip,
+    with removed_if_unused(run_dir):  # a set-up that fails leaves no empty run folder
+        # ---- data, model, loss (+ memory), optimizer, run folder
+        resume_from = resume_checkpoint(cfg, run_dir)
+        train_set, eval_sets = build_data(cfg)
+        batches = build_batches(cfg, train_set, rank, world_size)
+        loader = build_train_loader(cfg, train_set, batches, device)
+        model = build_model_from_config(cfg).to(device)
+        criterion = build_criterion(cfg).to(device)
+        optimizer = build_optimizer(cfg.optim, model, criterion)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+        state = TrainState(model, optimizer, criterion, scaler)
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            split_line = write_generated_split(cfg, run_dir / "split.csv")  # data without one
+            if split_line:
+                say(split_line)
+        log = RunLog(run_dir if main else None, cfg.output.tensorboard, cfg.output.plots)
+        if resume_from is not None:
+            _resume(state, resume_from, cfg, log, run_dir)
+        config_text = dump_config(cfg)
+        if main:
+            (run_dir / "config.yaml").write_text(config_text)
+        ddp_model = dist.wrap_model(model, sync_bn=cfg.train.sync_bn)
+        state.model = model = dist.unwrap_model(ddp_model)  # with SyncBatchNorm if converted
+        evaluator = Evaluator(cfg, eval_sets, device, amp)
+        _say_start(cfg, run_dir, train_set, eval_sets, world_size, device)
+        if state.iteration == 0 and cfg.eval.at_start and not state.start_metrics:
+            state.start_metrics = next(iter(_evaluate(evaluator, model, 0, log).values()), {})
+
+        # ---- the loop
+        total, split = cfg.train.iterations, cfg.eval.protocol
+        best_link = _best_link(split)
+        stream = _batches_from(state, loader, batches)
+        guard = DivergenceGuard(
+            cfg.train.on_nonfinite, cfg.train.max_nonfinite_in_row, cfg.optim.lr, resume_from
         )
-        state.iteration += 1
-        meter.add(loss, images.shape[0] * world_size)
-        bar.update(1)
-        if _due(state.iteration, max(1, cfg.train.log_every), total):
-            _log_training(log, bar, state, meter.record())
+        model.train()
+        meter = LossMeter(device)
+        bar = tqdm(
+            total=total,
+            initial=state.iteration,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not (main and cfg.train.progress),
+            file=sys.stderr,
+        )
+        last_metrics: dict[str, dict[str, float]] = {}
+        with StopSignals() as stop:  # SIGTERM, SIGINT, SIGUSR1: stop after the step, saved
+            while state.iteration < total:
+                images, labels = next(stream)
+                guard.before_step(model)
+                try:
+                    loss = train_step(
+                        ddp_model,
+                        criterion,
+                        optimizer,
+                        scaler,
+                        images.to(device, non_blocking=True),
+                        labels.to(device, non_blocking=True),
+                        lr_scale=lr_factor(state.iteration, cfg.schedule, total),
+                        amp=amp,
+                        grad_clip=cfg.optim.grad_clip,
+                    )
+                    meter.add(loss, images.shape[0] * world_size)
+                    guard.step_applied()
+                except NonFiniteStep as problem:  # "stop": raises TrainingDiverged
+                    _drop_step(guard, state.iteration + 1, problem, model, log)
+                state.iteration += 1
+                bar.update(1)
+                if _due(state.iteration, max(1, cfg.train.log_every), total):
+                    _log_training(log, bar, state, meter.record())
 
-        links: list[str] = []
-        evaluated = _due(state.iteration, cfg.eval.every, total)
-        if evaluated:
-            last_metrics = _evaluate(evaluator, model, state.iteration, log)
-            if state.update_best(last_metrics[split], cfg.eval.select_metric, split):
-                links.append(best_link)
-        if _due(state.iteration, cfg.train.checkpoint_every, total):
-            links.append("last")
-        if links and main:
-            state.save(run_dir, config_text, tuple(links))
-        if links or evaluated:
-            meter.restart_clock()  # evaluating and saving are not training speed
-    bar.close()
-    return _finish(cfg, state, evaluator, log, run_dir, last_metrics, resumed=bool(resume_from))
+                stop_signal = stop.requested()  # the same on every rank
+                links: list[str] = []
+                evaluated = _due(state.iteration, cfg.eval.every, total)
+                if evaluated:
+                    last_metrics = _evaluate(evaluator, model, state.iteration, log)
+                    if state.update_best(last_metrics[split], cfg.eval.select_metric, split):
+                        links.append(best_link)
+                if links or stop_signal or _due(state.iteration, cfg.train.checkpoint_every, total):
+                    guard.last_good = _save(
+                        state, guard, run_dir, config_text, (*links, "last"), cfg
+                    )
+                if stop_signal:
+                    bar.close()
+                    return _stopped(stop_signal, state, guard.last_good, run_dir, log)
+                if links or evaluated:
+                    meter.restart_clock()  # evaluating and saving are not training speed
+        bar.close()
+        return _finish(cfg, state, evaluator, log, run_dir, last_metrics, bool(resume_from))
+
+
+def _drop_step(
+    guard: DivergenceGuard, iteration: int, problem: NonFiniteStep, model: nn.Module, log: RunLog
+) -> None:
+    """A step that was not applied: stop (:class:`TrainingDiverged`) or log the skip."""
+    guard.step_dropped(iteration, problem, model)
+    log.log({"iteration": iteration, "event": "nonfinite_step_skipped", "problem": str(problem)})
+    say(f"[{iteration:>6}] skipped a step: {problem}")
+
+
+def _save(
+    state: TrainState,
+    guard: DivergenceGuard,
+    run_dir: Path,
+    config_text: str,
+    links: tuple[str, ...],
+    cfg: Config,
+) -> Path:
+    """Check the state for NaN and inf on every rank (:class:`TrainingDiverged`), then write
+    the checkpoint on rank 0; returns its folder."""
+    guard.check_state(state.nonfinite_tensor(), state.iteration)
+    if dist.is_main_process():
+        return state.save(run_dir, config_text, links, cfg.train.keep_last)
+    return run_dir / "checkpoints" / f"iter-{state.iteration:07d}"
+
+
+def _stopped(
+    signal_name: str, state: TrainState, checkpoint: Path | None, run_dir: Path, log: RunLog
+) -> dict[str, Any]:
+    """The end of a run stopped by a signal, its checkpoint written: log, say where, return."""
+    log.log({"iteration": state.iteration, "event": "stopped", "signal": signal_name})
+    log.close()
+    say(
+        f"stopped by {signal_name} after iteration {state.iteration}: checkpoint {checkpoint}; "
+        f"continue with --train.resume=auto --output.dir={run_dir}"
+    )
+    return {
+        "run_dir": str(run_dir),
+        "iteration": state.iteration,
+        "stopped_by": signal_name,
+        "checkpoint": str(checkpoint),
+    }
 
 
 def _batches_from(
@@ -207,15 +304,18 @@ def _batches_from(
         batches.set_epoch(state.epoch)
 
 
-def _resume(state: TrainState, checkpoint: Path, cfg: Config, log: RunLog) -> None:
-    """Restore ``state`` from ``checkpoint``; drop log records after it; log and print the
-    settings that changed since."""
+def _resume(state: TrainState, checkpoint: Path, cfg: Config, log: RunLog, run_dir: Path) -> None:
+    """Restore ``state`` from ``checkpoint``; drop the log records and set aside the
+    checkpoints after it; log and print the settings that changed since."""
     try:
         changes = config_changes(state.load(checkpoint), cfg)
     except CheckpointMismatch as e:
         changes = config_changes(e.config_text, cfg)
         raise ConfigError(f"{e}; settings changed since: {'; '.join(changes) or 'none'}") from None
     log.truncate(state.iteration)
+    dist.barrier()  # every rank has read the checkpoints
+    if dist.is_main_process():
+        set_aside_newer_checkpoints(run_dir, state.iteration, state.best.get("iteration"))
     log.log(
         {
             "iteration": state.iteration,

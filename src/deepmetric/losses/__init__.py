@@ -3,8 +3,9 @@
     loss(embeddings (B, d), labels (B,), ref_emb=None (M, d), ref_labels=None (M,),
          self_index=None (B,)) -> scalar
 
-Embeddings and references must be L2-normalised (row norms 1 +- 0.01; anything else raises a
-ValueError saying how to normalise). Build a loss by name with ``build_loss(name, **hparams)``.
+Embeddings and references must be L2-normalised (row norms 1 +- 0.01; anything else, NaN and
+inf included, raises an ``EmbeddingError``, a ValueError saying how to normalise). Build a loss
+by name with ``build_loss(name, **hparams)``.
 "Deep_Metric" in the docstrings is the reference code github.com/bnu-wangxun/Deep_metric.
 
 Modules: ``pairs`` (PairLoss, Pairs, build_pairs and the input checks shared by every loss),
@@ -22,7 +23,7 @@ from .lifted import LiftedStructureLoss
 from .margin import MarginLoss
 from .multi_similarity import MultiSimilarityLoss
 from .nca import NCALoss
-from .pairs import PairLoss, Pairs, build_pairs
+from .pairs import EmbeddingError, PairLoss, Pairs, build_pairs
 from .triplet import TripletLoss
 
 LOSSES: dict[str, type[PairLoss]] = {
@@ -55,6 +56,7 @@ __all__ = [
     "LOSSES",
     "BinomialDevianceLoss",
     "ContrastiveLoss",
+    "EmbeddingError",
     "LiftedStructureLoss",
     "MarginLoss",
     "MultiSimilarityLoss",

@@ -22,6 +22,16 @@ from torch import Tensor
 from ._autograd import cross_similarity, gram
 
 
+class EmbeddingError(ValueError):
+    """Embeddings a loss cannot use: NaN or inf, or rows that are not unit vectors.
+    ``problem`` is the finding alone (e.g. "embeddings contain NaN or inf"); the message
+    adds what to do about it."""
+
+    def __init__(self, problem: str, advice: str = "") -> None:
+        super().__init__(problem + advice)
+        self.problem = problem
+
+
 class SameLists(NamedTuple):
     """Each anchor's same-label reference slots, padded to C = the largest count of one
     label among the references (at least 1).
@@ -204,7 +214,9 @@ def check_values(
     values = torch.stack([s.float() for s in stats]).tolist()  # the one host sync
     if not math.isfinite(values[0]):
         which = "embeddings" if not math.isfinite(values[1] + values[2]) else "ref_emb"
-        raise ValueError(f"{which} contain NaN or inf (check the model output / learning rate)")
+        raise EmbeddingError(
+            f"{which} contain NaN or inf", " (check the model output / learning rate)"
+        )
     if self_index is not None and values[-1]:
         raise ValueError(f"self_index must lie in [-1, {sim.shape[1]}) (-1 = no own copy)")
     check_unit_norms("embeddings", *values[1:3])
@@ -218,15 +230,16 @@ def row_norms(x: Tensor) -> Tensor:
 
 
 def check_unit_norms(name: str, low: float, high: float) -> None:
-    """Raise ValueError when the row norms of ``name``, in [low, high], are not all 1 (within
-    NORM_TOLERANCE), saying how to normalise."""
+    """Raise :class:`EmbeddingError` when the row norms of ``name``, in [low, high], are not
+    all 1 (within NORM_TOLERANCE), saying how to normalise."""
     if abs(low - 1.0) <= NORM_TOLERANCE and abs(high - 1.0) <= NORM_TOLERANCE:
         return
-    raise ValueError(
-        f"{name} are not L2-normalised: row norms in [{low:.4g}, {high:.4g}], expected "
-        f"1 +- {NORM_TOLERANCE:g}. The losses compare unit vectors (cosine similarity); "
+    raise EmbeddingError(
+        f"{name} are not L2-normalised: row norms in [{low:.4g}, {high:.4g}]",
+        f", expected 1 +- {NORM_TOLERANCE:g}. The losses compare unit vectors (cosine "
+        "similarity); "
         f"normalise with torch.nn.functional.normalize({name}, dim=1), or, in a deepmetric "
-        "config, keep the model option model.l2_normalize: true"
+        "config, keep the model option model.l2_normalize: true",
     )
 
 
