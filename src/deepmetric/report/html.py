@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from html import escape
+from pathlib import Path
 
 from .content import (
     ClassTable,
@@ -42,9 +43,10 @@ th,td{padding:3px 12px;text-align:right;border-bottom:1px solid #ececec}
 th:first-child,td:first-child{text-align:left}
 th{font-weight:600;background:#fff}
 td.code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;text-align:left;
- max-width:260px;overflow-wrap:anywhere}
+ overflow-wrap:anywhere}
 .scroll{max-height:360px;overflow:auto}
-#config-diff th,#config-diff td{text-align:left}
+#config-diff{width:100%;table-layout:fixed}#config-diff th,#config-diff td{text-align:left}
+#config-diff th:nth-child(1){width:45%}#config-diff th:nth-child(2){width:25%}
 .query-grid+h3{margin-top:16px}
 table.sortable th{cursor:pointer;position:sticky;top:0;user-select:none}
 table.sortable th:hover{background:#f0f4fa}
@@ -147,25 +149,24 @@ def _metrics(table: MetricsTable) -> str:
 
 
 def _config_diff(diff: ConfigDiff) -> str:
-    where = f" ({escape(diff.preset)})" if diff.preset else ""
-    parts = [f"<h2>Settings changed from the preset{where}</h2>"]
-    if diff.note:
-        parts.append(f'<p class="caption">{escape(diff.note)}</p>')
-    if diff.rows:
-        rows = "".join(
-            f'<tr><td class="code">{escape(key)}</td><td class="code">{escape(_yaml(a))}</td>'
-            f'<td class="code">{escape(_yaml(b))}</td><td>{"yes" if cli else ""}</td></tr>'
-            for key, a, b, cli in diff.rows
-        )
-        parts.append(
-            '<div class="scroll"><table id="config-diff"><thead><tr><th>setting</th><th>preset'
-            "</th><th>run</th><th>command line</th></tr></thead>"
-            f"<tbody>{rows}</tbody></table></div>"
-        )
-    return "".join(parts)
+    heading = "<h2>Settings changed from the preset"
+    heading += f" {escape(Path(diff.preset).name)}</h2>" if diff.preset else "</h2>"
+    if not diff.rows:
+        return f'{heading}<p class="caption">{escape(diff.note)}</p>'
+    rows = "".join(
+        f'<tr><td class="code">{escape(key)}{" *" if cli else ""}</td>'
+        f'<td class="code">{escape(_value(a))}</td><td class="code">{escape(_value(b))}</td></tr>'
+        for key, a, b, cli in diff.rows
+    )
+    return (
+        f'{heading}<p class="caption">Preset {escape(diff.preset)} read again now; * = set on the '
+        'command line.</p><div class="scroll"><table id="config-diff"><thead><tr><th>setting'
+        f"</th><th>preset</th><th>run</th></tr></thead><tbody>{rows}</tbody></table></div>"
+    )
 
 
-def _yaml(value: object) -> str:
+def _value(value: object) -> str:
+    """A setting as the command line takes it (JSON is valid YAML)."""
     return json.dumps(value, default=str)
 
 
@@ -238,7 +239,7 @@ def _classes(table: ClassTable) -> str:
 
 def _map(m: EmbeddingMap) -> str:
     count = len(m.points)
-    which = "all" if count == m.total else f"a random sample of {count:,} of {m.total:,}"
+    which = f"all {count:,}" if count == m.total else f"a random sample of {count:,} of {m.total:,}"
     svg = scatter(m.points, m.colours, m.keys, m.labels, axis_name=m.method)
     names = dict(zip(m.colours, m.labels))
     legend = ""
