@@ -56,10 +56,12 @@ def gather_report(
         options: see :class:`~.content.ReportOptions`.
     """
     options = options or ReportOptions()
-    content = content or ReportContent(title="deepmetric report")
     x = embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings
     x = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
     y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
+    if content is None:
+        facts = [("images", f"{len(y):,}"), ("classes", f"{len(np.unique(y)):,}")]
+        content = ReportContent("deepmetric report", [*facts, ("embeddings", f"{x.shape[1]}-d")])
     names = numbers.class_names(y, class_names)
     roles = query_mask is not None and gallery_mask is not None
     candidates = np.flatnonzero(np.asarray(query_mask)) if roles else np.arange(len(y))

@@ -44,7 +44,7 @@ th:first-child,td:first-child{text-align:left}
 th{font-weight:600;background:#fff}
 td.code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;text-align:left;
  overflow-wrap:anywhere}
-.scroll{max-height:360px;overflow:auto}
+.scroll{max-height:360px;overflow:auto}#class-table{width:100%}
 #config-diff{width:100%;table-layout:fixed}#config-diff th,#config-diff td{text-align:left}
 #config-diff th:nth-child(1){width:45%}#config-diff th:nth-child(2){width:25%}
 .query-grid+h3{margin-top:16px}
@@ -224,7 +224,7 @@ def _classes(table: ClassTable) -> str:
         for name, size, r1, mapr in zip(table.names, table.size, table.recall_at_1, table.map_at_r)
     )
     shown = (
-        f"the {len(table.names):,} worst of {table.total:,} classes"
+        f"The {len(table.names):,} worst of {table.total:,} classes"
         if len(table.names) < table.total
         else f"{table.total:,} classes"
     )

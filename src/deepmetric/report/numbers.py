@@ -195,11 +195,11 @@ def grid(
 def class_table(
     results: QueryResults, names: Sequence[str], max_classes: int, size_name: str = "images"
 ) -> ClassTable:
-    """Per-class Recall@1 and MAP@R, worst first (Recall@1, then MAP@R, then name); the
+    """Per-class Recall@1 and MAP@R, worst first (Recall@1, then MAP@R, then label); the
     ``max_classes`` worst when there are more. ``size_name``: what the size column counts."""
     pc = results.per_class
     shown = [names[int(c)] for c in pc["labels"]]
-    order = np.lexsort((np.array(shown, dtype=object), pc["map@r"], pc["recall@1"]))[:max_classes]
+    order = np.lexsort((pc["labels"], pc["map@r"], pc["recall@1"]))[:max_classes]
     return ClassTable(
         names=[shown[i] for i in order],
         size=[int(pc["num_queries"][i]) for i in order],
