@@ -24,6 +24,7 @@ from deepmetric.report.numbers import (
     class_table,
     pick_random,
     pick_worst,
+    project_2d,
     query_results,
     sample_query_rows,
     top_k,
@@ -150,6 +151,22 @@ def test_worst_queries_have_the_lowest_ap() -> None:
     assert (np.diff(scores, axis=1) <= 0).all()
 
 
+def test_two_dimensional_maps() -> None:
+    from scipy.spatial.distance import pdist
+    from sklearn.decomposition import PCA
+
+    x, y = clustered(120, 3, 10, seed=7, noise=0.3)
+    pca = project_2d(x, "pca")
+    reference = PCA(2).fit_transform(x.astype(np.float64))
+    np.testing.assert_allclose(np.abs(pca), np.abs(reference), atol=1e-6)  # up to the signs
+    tsne = project_2d(x, "tsne", seed=0)
+    centres = np.stack([tsne[y == c].mean(axis=0) for c in range(3)])
+    spread = max(np.linalg.norm(tsne[y == c] - centres[c], axis=1).mean() for c in range(3))
+    assert tsne.shape == (120, 2) and pdist(centres).min() > 2 * spread
+    with pytest.raises(ValueError, match="pca"):
+        project_2d(x, "umap")
+
+
 def noise_image(seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8))
@@ -223,10 +240,10 @@ def test_metrics_table_and_config_diff(run: Path, tmp_path: Path) -> None:
 def test_report_command(run: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "r.html"
     argv = ["report", "--checkpoint", str(run), "--out", str(out), "--k", "4", "--queries", "3"]
-    assert main([*argv, "--map", "tsne"]) == 0
+    assert main(argv) == 0
     assert f"report written to {out}" in capsys.readouterr().out
     page = out.read_text()
-    assert page.count('class="hit ') == 2 * 3 * 4 and "t-SNE of all 896" in page
+    assert page.count('class="hit ') == 2 * 3 * 4 and "PCA of all 896" in page
     for bad, expected in (
         (["report", "--checkpoint", str(run), "--split", "val"], "eval.protocol=test"),
         (["report", "--index", str(tmp_path / "none")], "--images"),

@@ -28,7 +28,7 @@ from .content import MetricsTable, ReportContent, ReportOptions
 from .html import render_html
 from .thumbnails import Thumbnails
 
-__all__ = ["build_report", "gather_report", "write_report"]
+__all__ = ["build_report", "gather_report", "grid_titles", "write_report"]
 
 
 def gather_report(
@@ -63,7 +63,9 @@ def gather_report(
         facts = [("images", f"{len(y):,}"), ("classes", f"{len(np.unique(y)):,}")]
         content = ReportContent("deepmetric report", [*facts, ("embeddings", f"{x.shape[1]}-d")])
     names = numbers.class_names(y, class_names)
-    roles = query_mask is not None and gallery_mask is not None
+    if (query_mask is None) != (gallery_mask is None):
+        raise ValueError("give both query_mask and gallery_mask, or neither")
+    roles = query_mask is not None
     candidates = np.flatnonzero(np.asarray(query_mask)) if roles else np.arange(len(y))
     gallery_rows = np.flatnonzero(np.asarray(gallery_mask)) if roles else None
 
@@ -78,15 +80,9 @@ def gather_report(
         )
     _note_summary(content, results)
 
-    n = options.queries
-    picks = [
-        (f"The {n} worst queries (lowest AP@R)", numbers.pick_worst(results, n)),
-        (
-            f"{n} random queries (seed {options.seed})",
-            numbers.pick_random(results, n, options.seed),
-        ),
-    ]
-    for title, positions in picks:
+    worst = numbers.pick_worst(results, options.queries)
+    drawn = numbers.pick_random(results, options.queries, options.seed)
+    for title, positions in grid_titles(worst, drawn, options.seed):
         if len(positions):
             hits, scores = numbers.top_k(x, results.rows[positions], gallery_rows, options.k)
             content.grids.append(numbers.grid(title, results, positions, hits, scores, y, names))
@@ -110,6 +106,14 @@ def gather_report(
         )
     content.thumbnails = thumbnails.uris
     return content
+
+
+def grid_titles(
+    worst: np.ndarray | None, drawn: np.ndarray, seed: int
+) -> list[tuple[str, np.ndarray]]:
+    """(title, positions) of the query grids: the worst queries (when known), random ones."""
+    titled = [(f"The {len(worst)} worst queries (lowest AP@R)", worst)] if worst is not None else []
+    return [*titled, (f"{len(drawn)} random queries (seed {seed})", drawn)]
 
 
 def _note_summary(content: ReportContent, results: numbers.QueryResults) -> None:

@@ -34,6 +34,14 @@ class ReportOptions:
     max_thumbnail_bytes: int = 20_000_000
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.map not in ("pca", "tsne"):
+            raise ValueError(f"ReportOptions.map: expected 'pca' or 'tsne', got {self.map!r}")
+        counts = ("k", "queries", "max_queries", "max_classes", "max_points", "thumbnail")
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise ValueError(f"ReportOptions.{name}: expected >= 1, got {getattr(self, name)}")
+
 
 @dataclass
 class MetricsTable:

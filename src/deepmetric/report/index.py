@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .build import write_report
+from .build import grid_titles, write_report
 from .content import Grid, GridRow, ReportContent, ReportOptions
 from .thumbnails import Thumbnails
 
@@ -63,25 +63,23 @@ def report_index(
             ("model", str(retriever.manifest["fingerprint"].get("checkpoint", "?"))),
         ],
     )
-    rng = np.random.default_rng(options.seed)
-    picks = []
-    ap = None
+    ap, worst = None, None
     if labelled:
-        same = torch.tensor([[g == q for g in row] for q, row in zip(query_labels, found.labels)])
-        ap = map_at_r(same, torch.as_tensor(relevant)).numpy()
+        # (Q, L) rel(i); an approximate index may return shorter lists: padded with False
+        same = np.zeros((len(paths), max(map(len, found.labels))), dtype=bool)
+        for q, row in enumerate(found.labels):
+            same[q, : len(row)] = [label == query_labels[q] for label in row]
+        ap = map_at_r(torch.from_numpy(same), torch.as_tensor(relevant)).numpy()
         valid = np.flatnonzero(relevant > 0)
-        worst = valid[np.lexsort((valid, same[valid, 0].numpy(), ap[valid]))]
-        picks.append(
-            (f"The {options.queries} worst queries (lowest AP@R)", worst[: options.queries])
-        )
+        worst = valid[np.lexsort((valid, same[valid, 0], ap[valid]))][: options.queries]
         if int(relevant.max()) > MAX_LIST:
             content.notes.append(
                 f"AP@R of queries with more than {MAX_LIST} gallery items of their class is "
                 f"computed on their first {MAX_LIST} results."
             )
-    count = min(options.queries, len(paths))
-    random_rows = np.sort(rng.choice(len(paths), size=count, replace=False))
-    picks.append((f"{count} random queries (seed {options.seed})", random_rows))
+    rng = np.random.default_rng(options.seed)
+    drawn = np.sort(rng.choice(len(paths), size=min(options.queries, len(paths)), replace=False))
+    picks = grid_titles(worst, drawn, options.seed)
     if not labelled:
         content.notes.append(
             "Frames are grey: the queries' labels (class folders) or the gallery's labels are "
