@@ -198,7 +198,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--k", type=int, default=8, help="retrievals shown per query (default 8)")
     p.add_argument("--queries", type=int, default=10, help="queries per grid (default 10)")
-    p.add_argument("--map", default="pca", choices=("pca", "tsne"), help="2-D map (default pca)")
+    p.add_argument(
+        "--map",
+        default="pca",
+        choices=("pca", "tsne"),
+        help="2-D map: pca (default) or tsne (slower)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random samples")
 
     p = sub.add_parser(
