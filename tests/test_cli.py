@@ -27,6 +27,7 @@ TINY = [
     "--train.progress=false",
     "--train.threads=1",
     "--eval.at_start=false",
+    "--output.report=false",
     "--eval.batch_size=512",
 ]
 

@@ -489,6 +489,7 @@ TRAIN_OVERRIDES = [
     "--train.progress=false",
     "--train.threads=1",
     "--eval.at_start=false",
+    "--output.report=false",
     # select the best checkpoint on 2 held-out training classes, evaluated every 2 iterations
     # (one image a batch: the same batch shapes on 2 ranks as in one process, so the same
     # float rounding in the convolutions)

@@ -44,6 +44,7 @@ TINY = [
     "--train.threads=1",
     "--train.log_every=5",
     "--eval.at_start=false",
+    "--output.report=false",
     "--eval.every=0",
     "--eval.batch_size=512",
     "--schedule.name=step",

@@ -40,6 +40,7 @@ TINY = [
     "--train.threads=1",
     "--train.log_every=3",
     "--eval.at_start=true",
+    "--output.report=false",
     "--eval.every=0",
     "--schedule.name=none",
     "--data.num_workers=0",

@@ -52,6 +52,7 @@ TINY = [
     "--schedule.name=step",
     "--schedule.step_size=25",
     "--schedule.warmup_iterations=5",
+    "--output.report=false",
 ]
 # the state that must survive: margin loss (learnable beta, sampling generator), XBM memory
 STATEFUL = ["--loss.name=margin", "--xbm.enabled=true", "--xbm.size=50", "--xbm.start_iteration=5"]

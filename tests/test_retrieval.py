@@ -27,6 +27,7 @@ TINY = [
     "--train.progress=false",
     "--train.threads=1",
     "--eval.at_start=false",
+    "--output.report=false",
     "--eval.every=0",
     "--schedule.name=none",
 ]

@@ -9,6 +9,8 @@
     deepmetric index add|remove --index gallery.index --images MORE | --ids PATH ...
     deepmetric search --index gallery.index --images QUERIES --k 10 [--out hits.csv]
     deepmetric export --checkpoint runs/x --format onnx|torchscript --out model.onnx
+    deepmetric report --checkpoint runs/x [--split test|val] [--out report.html]
+    deepmetric report --index gallery.index --images QUERIES [--out report.html]
 
 Exit status:
 
@@ -187,6 +189,37 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "report",
+        allow_abbrev=False,
+        help="write a self-contained HTML report of a run or an index",
+        description="One HTML file that opens offline. Of a run (--checkpoint): its metrics next "
+        "to the untrained network's, the settings changed from its preset, training curves, "
+        "per-class results, the worst and random queries with their top-k retrievals, a 2-D "
+        "map of the embeddings (the split is embedded again with the checkpoint). Of an index "
+        "(--index with --images): the query grids. " + _OVERRIDES,
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="RUN_OR_CKPT", help="run or checkpoint folder")
+    source.add_argument("--index", metavar="INDEX", help="index folder (needs --images)")
+    p.add_argument("--images", metavar="QUERIES", help="with --index: query folder, list or CSV")
+    p.add_argument("--split", default="test", choices=("test", "val"), help="default test")
+    p.add_argument(
+        "--out",
+        metavar="FILE.html",
+        help="default RUN/report.html (RUN/report-SPLIT.html for a split the run did not "
+        "evaluate on), INDEX-report.html beside an index",
+    )
+    p.add_argument("--k", type=int, default=8, help="retrievals shown per query (default 8)")
+    p.add_argument("--queries", type=int, default=10, help="queries per grid (default 10)")
+    p.add_argument(
+        "--map",
+        default="pca",
+        choices=("pca", "tsne"),
+        help="2-D map: pca (default) or tsne (slower)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random samples")
+
+    p = sub.add_parser(
         "datasets", allow_abbrev=False, help="data set utilities", description="Data set utilities."
     )
     dsub = p.add_subparsers(dest="datasets_command", metavar="ACTION")
@@ -347,6 +380,9 @@ def _run(argv: Sequence[str]) -> int:
     if args.command == "search":
         return _search(args, extra)
 
+    if args.command == "report":
+        return _report(args, extra)
+
     if args.command == "export":
         from deepmetric.retrieval import export_model
 
@@ -476,6 +512,28 @@ def _check_dataset_name(name: str) -> None:
             f"--dataset {name}: unknown data set{hint}; expected one of "
             f"{', '.join(sorted(DATASETS))}"
         ) from None
+
+
+def _report(args: argparse.Namespace, extra: list[str]) -> int:
+    """``deepmetric report``: the HTML report of a run or of query images in an index."""
+    from deepmetric.config import ConfigError
+    from deepmetric.report import ReportOptions, report_index, report_run
+
+    if args.k < 1 or args.queries < 1:
+        raise ConfigError(f"--k and --queries: expected >= 1, got {args.k} and {args.queries}")
+    options = ReportOptions(k=args.k, queries=args.queries, map=args.map, seed=args.seed)
+    if args.index is not None:
+        if args.images is None:
+            raise ConfigError("report --index: give the query images with --images QUERIES")
+        path = report_index(args.index, args.images, out=args.out, overrides=extra, options=options)
+    else:
+        if args.images is not None:
+            raise ConfigError("report --images: query images go with --index, not --checkpoint")
+        path = report_run(
+            args.checkpoint, split=args.split, out=args.out, overrides=extra, options=options
+        )
+    print(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -230,11 +230,14 @@ class EvalConfig:
 
 @dataclass
 class OutputConfig:
-    """Run folder (config.yaml, metrics.jsonl, plots, checkpoints)."""
+    """Run folder (config.yaml, run.json, metrics.jsonl, plots, checkpoints, report.html)."""
 
     dir: str | None = None  # None: runs/<config file stem>-<YYYYmmdd-HHMMSS>
     tensorboard: bool = False  # only if the tensorboard package is installed
     plots: bool = True  # loss.png and recall.png, rewritten at each evaluation
+    # report.html at the end: metrics, curves, per-class results, query grids, embedding map
+    # (deepmetric.report; the evaluation split is embedded once more for it)
+    report: bool = True
 
 
 @dataclass

@@ -23,6 +23,7 @@ from deepmetric.config import (
 )
 from deepmetric.data import IMAGE_EXTENSIONS
 from deepmetric.engine.builders import (
+    EvalSet,
     build_data,
     build_model_from_config,
     build_transforms,
@@ -46,6 +47,7 @@ __all__ = [
     "embed_images",
     "embed_paths",
     "evaluate_checkpoint",
+    "evaluation_set",
     "list_images",
     "load_model",
     "preprocessing",
@@ -80,6 +82,22 @@ def load_model(
     return cfg, model, ckpt
 
 
+def evaluation_set(cfg: Config, split: str, checkpoint: Path) -> EvalSet:
+    """The ``split`` of a run's data as its evaluation saw it: "test", or "val" (the
+    class-disjoint validation classes of a run trained with ``eval.protocol: val``)."""
+    if split == "test":
+        return build_data(cfg, test_only=True)[1]["test"]
+    if split == "val":
+        if cfg.eval.protocol != "val":
+            raise ConfigError(
+                f"--split val: {checkpoint} was trained with eval.protocol={cfg.eval.protocol}, "
+                "without a validation split (every training class was trained on); "
+                "use --split test"
+            )
+        return build_data(cfg)[1]["val"]
+    raise ConfigError(f"--split: expected test or val, got {split!r}")
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     overrides: list[str] | None = None,
@@ -95,21 +113,10 @@ def evaluate_checkpoint(
     cfg, model, ckpt = load_model(checkpoint, overrides)
     device = resolve_device(cfg.train.device)
     model.to(device)
-    if split == "test":
-        _, sets = build_data(cfg, test_only=True)
-    elif split == "val":
-        if cfg.eval.protocol != "val":
-            raise ConfigError(
-                f"--split val: {ckpt} was trained with eval.protocol={cfg.eval.protocol}, "
-                "without a validation split (every training class was trained on); "
-                "use --split test"
-            )
-        _, sets = build_data(cfg)
-    else:
-        raise ConfigError(f"--split: expected test or val, got {split!r}")
+    eval_set = evaluation_set(cfg, split, ckpt)
     evaluator = Evaluator(
         cfg,
-        {split: sets[split]},
+        {split: eval_set},
         device,
         amp_dtype(cfg.train.amp, device),
         persistent_workers=False,
@@ -121,7 +128,7 @@ def evaluate_checkpoint(
         "iteration": iteration,
         "split": split,
         "data": cfg.data.name,
-        "images": len(sets[split].dataset),
+        "images": len(eval_set.dataset),
         "metrics": metrics,
     }
     path = Path(out) if out else ckpt.parent.parent / f"eval-{split}-iter{iteration}.json"

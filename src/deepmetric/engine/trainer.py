@@ -61,6 +61,7 @@ from deepmetric.engine.run_folder import (
 from deepmetric.engine.runlog import LossMeter, RunLog, format_metrics, say
 from deepmetric.engine.state import CheckpointMismatch, TrainState
 from deepmetric.losses import EmbeddingError
+from deepmetric.report import report_run, write_run_file
 
 __all__ = ["train", "train_step"]
 
@@ -134,8 +135,8 @@ def _due(iteration: int, every: int, total: int) -> bool:
 
 def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
     """Train as configured; returns the summary (run folder, iteration, metrics at start
-    and end, best checkpoint). Rank 0 writes the run folder: config.yaml, metrics.jsonl,
-    loss.png / recall.png, checkpoints, summary.json.
+    and end, best checkpoint). Rank 0 writes the run folder: config.yaml, run.json,
+    metrics.jsonl, loss.png / recall.png, checkpoints, summary.json, report.html.
 
     Stopped by SIGTERM, SIGINT or SIGUSR1, it writes a checkpoint after the current step and
     returns ``{"run_dir", "iteration", "stopped_by": signal name, "checkpoint"}``. Raises
@@ -177,6 +178,7 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
         config_text = dump_config(cfg)
         if main:
             (run_dir / "config.yaml").write_text(config_text)
+            write_run_file(run_dir, cfg, config_name)  # preset and command line, for the report
         ddp_model = dist.wrap_model(model, sync_bn=cfg.train.sync_bn)
         state.model = model = dist.unwrap_model(ddp_model)  # with SyncBatchNorm if converted
         evaluator = Evaluator(cfg, eval_sets, device, amp)
@@ -438,6 +440,9 @@ def _finish(
     if dist.is_main_process():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _say_summary(summary, cfg)
+        if cfg.output.report and summary["final"]:
+            report = report_run(run_dir, split=cfg.eval.protocol, progress=cfg.train.progress)
+            say(f"report: {report}")
     log.close()
     return summary
 
