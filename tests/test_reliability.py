@@ -30,7 +30,7 @@ from deepmetric.cli import main
 from deepmetric.config import ConfigError, load_config
 from deepmetric.engine import load_checkpoint, save_checkpoint, train
 from deepmetric.engine.checkpoint import CheckpointError, list_checkpoints
-from deepmetric.engine.divergence import TrainingDiverged
+from deepmetric.engine.divergence import NonFiniteStep, TrainingDiverged, check_step
 from deepmetric.engine.preemption import EXIT_STOPPED, StopSignals
 from deepmetric.engine.run_folder import set_aside_newer_checkpoints
 
@@ -482,6 +482,18 @@ def test_nonfinite_batchnorm_statistics_never_reach_a_checkpoint(
         run(out, "--train.iterations=30")
     assert [p.name for p in list_checkpoints(out)] == ["iter-0000010"]
     assert all_finite(out / "last")
+
+
+def test_check_step_reads_the_loss_and_the_gradient_norm() -> None:
+    weight = nn.Parameter(torch.ones(3))
+    weight.grad = torch.tensor([0.0, float("inf"), 1.0])
+    check_step(torch.tensor(0.5), [weight], gradients=False)  # fp16: the GradScaler's job
+    with pytest.raises(NonFiniteStep, match=r"^the gradient norm is inf \(loss 0.5\)$"):
+        check_step(torch.tensor(0.5), [weight])
+    weight.grad = torch.zeros(3)
+    check_step(torch.tensor(0.5), [weight, nn.Parameter(torch.ones(2))])  # no grad: skipped
+    with pytest.raises(NonFiniteStep, match=r"^the loss is nan$"):
+        check_step(torch.tensor(float("nan")), [weight])
 
 
 def test_skip_mode_drops_nonfinite_steps_and_stops_after_n_in_a_row(

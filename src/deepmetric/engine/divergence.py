@@ -1,11 +1,11 @@
 """Divergence guard: a NaN or inf loss, gradient, weight or BatchNorm statistic never reaches a
 checkpoint.
 
-Each step, :func:`~deepmetric.engine.trainer.train_step` reads the loss and the gradient norm
-back in one host sync and raises :class:`NonFiniteStep` instead of applying an update with
-NaN or inf in it; the model's embeddings are checked by the loss itself. Before every
-checkpoint, :meth:`DivergenceGuard.check_state` scans the weights, buffers, loss state and
-optimizer moments. ``train.on_nonfinite``:
+Each step, :func:`~deepmetric.engine.trainer.train_step` calls :func:`check_step`, which reads
+the loss and the gradient norm back in one host sync and raises :class:`NonFiniteStep` instead
+of applying an update with NaN or inf in it; the model's embeddings are checked by the loss
+itself. Before every checkpoint, :meth:`DivergenceGuard.check_state` scans the weights,
+buffers, loss state and optimizer moments. ``train.on_nonfinite``:
 
 - ``stop`` (default): the first non-finite step ends the run with :class:`TrainingDiverged`,
   one line naming the iteration, what was not finite and the last good checkpoint;
@@ -19,6 +19,7 @@ Every rank takes the same decision: the loss and the gradients are the same on a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from deepmetric import distributed as dist
 
-__all__ = ["DivergenceGuard", "NonFiniteStep", "TrainingDiverged"]
+__all__ = ["DivergenceGuard", "NonFiniteStep", "TrainingDiverged", "check_step"]
 
 
 class NonFiniteStep(Exception):
@@ -37,6 +38,21 @@ class NonFiniteStep(Exception):
 class TrainingDiverged(Exception):
     """Training produced NaN or inf; the message names the iteration, what was not finite,
     the last good checkpoint and what to change."""
+
+
+def check_step(loss: Tensor, params: list[Tensor], gradients: bool = True) -> None:
+    """After the backward pass: raise :class:`NonFiniteStep` when the loss or (``gradients``)
+    the norm of the gradients of ``params`` is NaN or inf. One pass over the gradients, one
+    host sync."""
+    norm = loss.new_zeros(())
+    if gradients:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads).to(loss.device)
+    loss_value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()
+    if not math.isfinite(loss_value):
+        raise NonFiniteStep(f"the loss is {loss_value}")
+    if not math.isfinite(norm_value):
+        raise NonFiniteStep(f"the gradient norm is {norm_value} (loss {loss_value:.4g})")
 
 
 class DivergenceGuard:

@@ -24,7 +24,6 @@ batch, loss-parameter gradients averaged over ranks, sharded evaluation
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +45,7 @@ from deepmetric.engine.builders import (
 )
 from deepmetric.engine.checkpoint import find_checkpoint, load_checkpoint
 from deepmetric.engine.devices import amp_dtype, resolve_device
-from deepmetric.engine.divergence import DivergenceGuard, NonFiniteStep
+from deepmetric.engine.divergence import DivergenceGuard, NonFiniteStep, check_step
 from deepmetric.engine.evaluator import Evaluator
 from deepmetric.engine.optim import build_optimizer, lr_factor, set_lr
 from deepmetric.engine.preemption import StopSignals
@@ -93,27 +92,13 @@ def train_step(
     scaler.scale(loss).backward()
     dist.average_gradients(criterion.parameters())  # outside DDP: keep the copies identical
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    _check_finite(loss, params, gradients=not scaler.is_enabled())  # fp16: the scaler's job
+    check_step(loss, params, gradients=not scaler.is_enabled())  # fp16: the scaler's job
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     scaler.step(optimizer)
     scaler.update()
     return loss.detach()
-
-
-def _check_finite(loss: Tensor, params: list[Tensor], gradients: bool) -> None:
-    """Raise :class:`NonFiniteStep` when the loss or (``gradients``) the gradient norm is NaN
-    or inf: one pass over the gradients, one host sync."""
-    norm = loss.new_zeros(())
-    if gradients:
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads).to(loss.device)
-    loss_value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()
-    if not math.isfinite(loss_value):
-        raise NonFiniteStep(f"the loss is {loss_value}")
-    if not math.isfinite(norm_value):
-        raise NonFiniteStep(f"the gradient norm is {norm_value} (loss {loss_value:.4g})")
 
 
 def _head_lr(optimizer: torch.optim.Optimizer) -> float:
