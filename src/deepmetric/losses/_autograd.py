@@ -9,6 +9,7 @@ tests/loss_reference.py (values and gradients).
 - :func:`masked_logsumexp`: log-sum-exp over the masked entries of each row.
 - :func:`with_gradient`: a scalar computed without autograd, made differentiable from its
   derivative in S, which the loss writes down.
+- :func:`scaled_unit_rows`: s W / ||W|| row by row (the proxy losses' normalised proxies).
 """
 
 from __future__ import annotations
@@ -158,3 +159,31 @@ def with_gradient(sim: Tensor, value: Tensor, grad_sim: Tensor) -> Tensor:
     more time and memory.
     """
     return _WithGradient.apply(sim, value, grad_sim)
+
+
+class _ScaledUnitRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows: Tensor, norms: Tensor, scale: float) -> Tensor:
+        inv = scale / norms.clamp(min=1e-12)  # (N,)
+        out = rows * inv[:, None]
+        ctx.save_for_backward(out, inv)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        # out_n = s w_n / ||w_n||, so d out_n / d w_n = (s / ||w_n||) (I - u_n u_n^T) with
+        # u_n = out_n / s: dL/dw_n = inv_n (g_n - u_n <u_n, g_n>)
+        #                          = inv_n g_n - out_n (inv_n <out_n, g_n> / s^2).
+        # Checked by tests/test_losses_proxy.py::test_matches_reference (d/d proxies against
+        # autograd through the float64 loop oracles, which normalise with plain operations).
+        out, inv = ctx.saved_tensors
+        coef = torch.linalg.vecdot(out, grad).mul_(inv / -(ctx.scale**2))
+        return torch.addcmul(grad * inv[:, None], out, coef[:, None]), None, None
+
+
+def scaled_unit_rows(rows: Tensor, norms: Tensor, scale: float = 1.0) -> Tensor:
+    """(N, d) -> (N, d) ``scale * rows / norms`` (each row scaled to length ``scale``),
+    differentiable in ``rows``; ``norms`` (N,) are the rows' Euclidean norms, computed by the
+    caller without gradient (clamped below at 1e-12)."""
+    return _ScaledUnitRows.apply(rows, norms, float(scale))

@@ -1,0 +1,131 @@
+"""Softmax over class proxies with normalised weights, without and with a margin on the
+target class: normalized softmax (Zhai and Wu, "Classification is a Strong Baseline for Deep
+Metric Learning", BMVC 2019), CosFace (Wang et al., "CosFace: Large Margin Cosine Loss for
+Deep Face Recognition", CVPR 2018) and ArcFace (Deng et al., "ArcFace: Additive Angular
+Margin Loss for Deep Face Recognition", CVPR 2019).
+
+Each is a mean cross-entropy over the batch of logits s cos(theta_ic), theta_ic the angle
+between embedding i and the proxy (class weight) of class c, the target class's logit
+modified by the margin. Written on the whole (B, C) matrix of cosines; the derivative is
+written down (see :func:`~deepmetric.losses.proxies.softmax_cross_entropy`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ._autograd import with_gradient
+from .proxies import Proxies, ProxyLoss, scaled_cosines, softmax_cross_entropy
+
+
+def _normal_001(weight: Tensor, generator: torch.Generator) -> None:
+    nn.init.normal_(weight, 0.0, 0.01, generator=generator)  # insightface's class centres
+
+
+class NormalizedSoftmaxLoss(ProxyLoss):
+    """Normalized softmax: cross-entropy of the cosines divided by a temperature T,
+
+        L = 1/B sum_i -log softmax_y( cos(x_i, w_c) / T over c = 1..C ),
+
+    one proxy w_c per class, no bias. Mean over the B samples (``num_active`` = B).
+    Defaults: temperature 0.05 (paper). Proxies initialised uniform in +-1/sqrt(d) (the
+    official code). Equals PML's NormalizedSoftmaxLoss(temperature=T) with W = proxies^T.
+    Embeddings must be L2-normalised.
+    """
+
+    def __init__(
+        self, num_classes: int, embedding_dim: int, temperature: float = 0.05, seed: int = 0
+    ) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        bound = 1.0 / math.sqrt(embedding_dim) if embedding_dim else 1.0
+        super().__init__(
+            num_classes,
+            embedding_dim,
+            seed=seed,
+            init=lambda w, g: nn.init.uniform_(w, -bound, bound, generator=g),
+        )
+        self.temperature = float(temperature)
+
+    def compute(self, emb: Tensor, labels: Tensor, proxies: Proxies) -> tuple[Tensor, Tensor]:
+        logits = scaled_cosines(emb, proxies, 1.0 / self.temperature)  # (B, C) cos / T
+        value, grad = softmax_cross_entropy(logits, labels)
+        return with_gradient(logits, value, grad), torch.tensor(emb.shape[0])
+
+
+class CosFaceLoss(ProxyLoss):
+    """CosFace (large margin cosine loss): the target's cosine lowered by a margin m,
+
+        L = 1/B sum_i -log( e^{s (cos theta_iy - m)}
+                            / (e^{s (cos theta_iy - m)} + sum_{c != y} e^{s cos theta_ic}) ).
+
+    Mean over the B samples. Defaults: scale s 64, margin m 0.35 (paper; insightface uses
+    0.40). Proxies initialised normal(0, 0.01) (insightface). Equals PML's
+    CosFaceLoss(margin=m, scale=s) with W = proxies^T. Embeddings must be L2-normalised.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        scale: float = 64.0,
+        margin: float = 0.35,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(num_classes, embedding_dim, seed=seed, init=_normal_001)
+        self.scale, self.margin = float(scale), float(margin)
+
+    def compute(self, emb: Tensor, labels: Tensor, proxies: Proxies) -> tuple[Tensor, Tensor]:
+        logits = scaled_cosines(emb, proxies, self.scale)  # (B, C) s cos theta
+        rows = torch.arange(emb.shape[0], device=emb.device)
+        target = logits.detach()[rows, labels] - self.scale * self.margin  # slope 1
+        value, grad = softmax_cross_entropy(logits, labels, target)
+        return with_gradient(logits, value, grad), torch.tensor(emb.shape[0])
+
+
+class ArcFaceLoss(ProxyLoss):
+    """ArcFace (additive angular margin): the target's angle widened by a margin m,
+
+        L = 1/B sum_i -log( e^{s phi_i} / (e^{s phi_i} + sum_{c != y} e^{s cos theta_ic}) )
+        phi_i = cos(theta_iy + m)           if theta_iy + m <= pi
+                cos theta_iy - m sin m      otherwise (keeps phi decreasing in theta)
+
+    (the second branch, where cos(theta + m) would rise again, as insightface's original
+    code and PML). Mean over the B samples. Defaults: scale s 64, margin m 0.5 radians
+    (paper); PML's ``margin`` is in degrees (28.6 = 0.5 rad). sin theta is computed as
+    sqrt(max(1 - cos^2, 1e-9)), so the slope of cos(theta + m) stays finite at theta = 0
+    (PML differentiates acos there and gets an infinite gradient). Proxies initialised
+    normal(0, 0.01) (insightface). Embeddings must be L2-normalised.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        scale: float = 64.0,
+        margin: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 <= margin < math.pi:
+            raise ValueError(f"margin must be in [0, pi) radians, got {margin}")
+        super().__init__(num_classes, embedding_dim, seed=seed, init=_normal_001)
+        self.scale, self.margin = float(scale), float(margin)
+
+    def compute(self, emb: Tensor, labels: Tensor, proxies: Proxies) -> tuple[Tensor, Tensor]:
+        logits = scaled_cosines(emb, proxies, self.scale)  # (B, C) s cos theta
+        rows = torch.arange(emb.shape[0], device=emb.device)
+        with torch.no_grad():
+            cos = (logits[rows, labels] / self.scale).clamp(-1.0, 1.0)  # (B,) cos theta_iy
+            sin = (1.0 - cos * cos).clamp(min=1e-9).sqrt()
+            cos_m, sin_m = math.cos(self.margin), math.sin(self.margin)
+            # theta + m <= pi  <=>  cos theta >= cos(pi - m) = -cos m
+            inside = cos >= -cos_m
+            phi = torch.where(inside, cos * cos_m - sin * sin_m, cos - self.margin * sin_m)
+            # d phi / d cos theta: cos m + sin m cos theta / sin theta, or 1; the logits are
+            # s cos theta, so the same slope in the logits
+            slope = torch.where(inside, cos_m + sin_m * cos / sin, 1.0)
+        value, grad = softmax_cross_entropy(logits, labels, self.scale * phi, slope)
+        return with_gradient(logits, value, grad), torch.tensor(emb.shape[0])
