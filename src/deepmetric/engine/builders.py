@@ -175,13 +175,31 @@ def build_model_from_config(cfg: Config, *, pretrained: bool = True) -> nn.Modul
         raise ConfigError(f"model ({m.backbone}): {e}") from None
 
 
-def build_criterion(cfg: Config) -> nn.Module:
+def build_criterion(cfg: Config, num_classes: int | None = None) -> nn.Module:
     """The loss ``loss.name`` with its hyper-parameters, wrapped in a
-    :class:`~deepmetric.memory.CrossBatchMemory` when ``xbm.enabled``."""
-    from deepmetric.losses import build_loss
+    :class:`~deepmetric.memory.CrossBatchMemory` when ``xbm.enabled``.
+
+    A proxy loss gets ``num_classes`` (the training split's number of classes: required),
+    ``embedding_dim`` (``model.embedding_dim``) and ``seed`` (the run's) unless ``loss.*``
+    sets them; a ``loss.num_classes`` other than the training split's is a ConfigError.
+    """
+    from deepmetric.losses import PROXY_LOSSES, build_loss
     from deepmetric.memory import CrossBatchMemory
 
-    loss = build_loss(cfg.loss.name, **cfg.loss.params)
+    params = dict(cfg.loss.params)
+    if cfg.loss.name in PROXY_LOSSES:
+        if num_classes is None:
+            raise ValueError(f"build_criterion: proxy loss {cfg.loss.name!r} needs num_classes")
+        given = params.setdefault("num_classes", num_classes)
+        if given != num_classes:
+            raise ConfigError(
+                f"loss.num_classes: {given}, but the training split has {num_classes} classes "
+                f"(labels 0..{num_classes - 1}): leave --loss.num_classes unset, the trainer "
+                "takes it from the training split"
+            )
+        params.setdefault("embedding_dim", cfg.model.embedding_dim)
+        params.setdefault("seed", cfg.seed)
+    loss = build_loss(cfg.loss.name, **params)
     if not cfg.xbm.enabled:
         return loss
     x = cfg.xbm
@@ -196,11 +214,22 @@ def build_criterion(cfg: Config) -> nn.Module:
 
 
 def build_batches(cfg: Config, train_set: Any, rank: int, world_size: int) -> SeededBatches:
-    """This rank's P x K batches of ``train_set`` (``sampler``; per-sample augmentation
-    seeds from ``seed``). ConfigError when not one batch can be drawn."""
-    from deepmetric.samplers import PKSampler
+    """This rank's batches of ``train_set``: P x K, or random with ``sampler.name: random``
+    (per-sample augmentation seeds from ``seed``). ConfigError when not one batch can be
+    drawn."""
+    from deepmetric.samplers import PKSampler, RandomBatchSampler
 
     s = cfg.sampler
+    if s.name == "random":
+        random_batches = RandomBatchSampler(
+            len(train_set), s.batch_size, seed=cfg.seed, num_replicas=world_size, rank=rank
+        )
+        if len(random_batches) == 0:
+            raise ConfigError(
+                f"sampler: no batch of {s.batch_size} images per rank x {world_size} rank(s) "
+                f"can be drawn from {len(train_set)} training images; lower sampler.batch_size"
+            )
+        return SeededBatches(random_batches, cfg.seed)
     sampler = PKSampler(
         train_set.labels,
         s.p,
@@ -221,7 +250,7 @@ def build_batches(cfg: Config, train_set: Any, rank: int, world_size: int) -> Se
 def build_train_loader(
     cfg: Config, dataset: Dataset, batches: SeededBatches, device: torch.device
 ) -> DataLoader:
-    """Training batches of ``batches`` (P x K, seeded augmentation per sample)."""
+    """Training batches of ``batches`` (seeded augmentation per sample)."""
     workers = cfg.data.num_workers
     return DataLoader(
         SeededDataset(dataset),
