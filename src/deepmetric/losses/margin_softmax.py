@@ -95,10 +95,11 @@ class ArcFaceLoss(ProxyLoss):
 
     (the second branch, where cos(theta + m) would rise again, as insightface's original
     code and PML). Mean over the B samples. Defaults: scale s 64, margin m 0.5 radians
-    (paper); PML's ``margin`` is in degrees (28.6 = 0.5 rad). sin theta is computed as
-    sqrt(max(1 - cos^2, 1e-9)), so the slope of cos(theta + m) stays finite at theta = 0
-    (PML differentiates acos there and gets an infinite gradient). Proxies initialised
-    normal(0, 0.01) (insightface). Embeddings must be L2-normalised.
+    (paper); PML's ``margin`` is in degrees (28.6 = 0.5 rad), otherwise the same value and
+    gradients. sin theta is computed as sqrt(max(1 - cos^2, 1e-9)), so the slope of
+    cos(theta + m) in cos theta stays finite at theta = 0 (a plain acos or sqrt gives an
+    infinite one there). Proxies initialised normal(0, 0.01) (insightface). Embeddings must
+    be L2-normalised.
     """
 
     def __init__(
