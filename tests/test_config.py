@@ -132,6 +132,42 @@ def test_cross_field_checks() -> None:
         load_config(None, ["--eval.protocol=val", "--eval.val_fraction=1.5"])
 
 
+def test_proxy_loss_and_random_sampler_checks() -> None:
+    """A proxy loss needs no num_classes in the config (the trainer passes the training
+    split's); it cannot sit in a cross-batch memory; its embedding_dim is the model's."""
+    cfg = load_config(None, ["--loss.name=proxy_anchor", "--loss.alpha=16"])
+    assert cfg.loss.params == {"alpha": 16}
+    with pytest.raises(ConfigError, match=r"xbm\.enabled: .*'proxy_anchor' is a proxy loss"):
+        load_config(None, ["--loss.name=proxy_anchor", "--xbm.enabled=true"])
+    with pytest.raises(ConfigError, match=r"loss\.embedding_dim: 64 differs from model"):
+        load_config(None, ["--loss.name=arcface", "--loss.embedding_dim=64"])
+    load_config(None, ["--loss.name=arcface", "--loss.embedding_dim=512"])  # the same: fine
+    with pytest.raises(ConfigError, match=r"loss \(normalized_softmax\): temperature"):
+        load_config(None, ["--loss.name=normalized_softmax", "--loss.temperature=0"])
+    with pytest.raises(ConfigError, match=r"loss \(soft_triple\): num_classes must be"):
+        load_config(None, ["--loss.name=soft_triple", "--loss.num_classes=0"])
+    with pytest.raises(ConfigError, match=r"loss\.centres: not a hyper-parameter"):
+        load_config(None, ["--loss.name=soft_triple", "--loss.centres=3"])
+    random = load_config(None, ["--sampler.name=random", "--sampler.batch_size=180"])
+    assert random.sampler.images_per_batch() == 180
+    with pytest.raises(ConfigError, match=r"--sampler\.name=random needs --sampler\.batch_size"):
+        load_config(None, ["--sampler.name=random"])
+    with pytest.raises(ConfigError, match=r"sampler\.batch_size: P x K batches hold p x k = 64"):
+        load_config(None, ["--sampler.batch_size=100"])
+    with pytest.raises(ConfigError, match=r"xbm\.size"):
+        load_config(
+            None,
+            [
+                "--sampler.name=random",
+                "--sampler.batch_size=300",
+                "--xbm.enabled=true",
+                "--xbm.size=200",
+            ],
+        )
+    with pytest.raises(ConfigError, match=r"train\.freeze_backbone_iterations"):
+        load_config(None, ["--train.freeze_backbone_iterations=-1"])
+
+
 def test_malformed_overrides() -> None:
     with pytest.raises(ConfigError, match="needs a value"):
         parse_overrides(["--optim.lr"])
