@@ -44,7 +44,51 @@ def test_presets_exist() -> None:
         "xbm_cars196.yaml",
         "xbm_sop.yaml",
         "xbm_inshop.yaml",
+        "proxy_anchor_cub.yaml",
+        "proxy_anchor_cars196.yaml",
+        "proxy_anchor_sop.yaml",
+        "proxy_anchor_inshop.yaml",
     } <= names
+
+
+@pytest.mark.parametrize(
+    ("name", "lr", "step_epochs", "gamma", "freeze_bn", "images"),
+    [
+        ("cub", 1e-4, 10, 0.5, True, 5864),
+        ("cars196", 1e-4, 20, 0.5, True, 8054),
+        ("sop", 6e-4, 20, 0.25, False, 59551),
+        ("inshop", 6e-4, 20, 0.25, False, 25882),
+    ],
+)
+def test_proxy_anchor_presets_follow_the_official_recipe(
+    name, lr, step_epochs, gamma, freeze_bn, images
+) -> None:
+    """BN-Inception 512-d, avg + max pooling, AdamW, proxies at 100 x lr, weight decay 1e-4,
+    random batches of 180, 60 epochs, warm-up 1 epoch, step decay (in epochs of 180)."""
+    cfg = load_config(ROOT / "configs" / f"proxy_anchor_{name}.yaml")
+    epoch = images // 180
+    assert (cfg.data.name, cfg.model.backbone, cfg.model.embedding_dim) == (
+        name,
+        "bninception",
+        512,
+    )
+    assert cfg.model.pooling == "avgmax" and cfg.model.freeze_bn is freeze_bn
+    assert cfg.loss.name == "proxy_anchor" and cfg.loss.params == {"alpha": 32.0, "delta": 0.1}
+    assert (cfg.sampler.name, cfg.sampler.images_per_batch()) == ("random", 180)
+    o = cfg.optim
+    assert (o.name, o.lr, o.loss_lr, o.weight_decay, o.loss_weight_decay) == (
+        "adamw",
+        lr,
+        pytest.approx(100 * lr),
+        1e-4,
+        1e-4,
+    )
+    assert (cfg.schedule.name, cfg.schedule.step_size, cfg.schedule.gamma) == (
+        "step",
+        step_epochs * epoch,
+        gamma,
+    )
+    assert cfg.train.iterations == 60 * epoch and cfg.train.freeze_backbone_iterations == epoch
 
 
 def test_overrides_both_forms_and_yaml_values(tmp_path: Path) -> None:
