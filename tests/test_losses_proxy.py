@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from deepmetric.losses import LOSSES, PROXY_LOSSES, build_loss
-from deepmetric.losses._autograd import scaled_unit_rows
+from deepmetric.losses._autograd import cosine_logits_loss
 from loss_reference import ProxyBatch, reference_proxy_loss
 
 DIM = 12
@@ -376,14 +376,24 @@ def test_proxies_are_trained_by_an_optimizer():
 # ---------------------------------------------------------------------------------------
 # shared pieces
 # ---------------------------------------------------------------------------------------
-def test_scaled_unit_rows_gradcheck():
-    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+def test_cosine_logits_loss_gradcheck():
+    """The fused similarity + normalisation backward, for a loss 1/2 sum of squared logits
+    (its derivative: the logits), against finite differences; value = the plain formula."""
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
 
-    def fn(w):
-        return scaled_unit_rows(w, torch.linalg.vector_norm(w.detach(), dim=1), 2.5)
+    def half_square(logits):
+        return 0.5 * logits.square().sum(), logits.clone()
 
-    assert torch.autograd.gradcheck(fn, (w,))
-    torch.testing.assert_close(fn(w), 2.5 * F.normalize(w, dim=1))
+    def fn(emb, w):
+        return cosine_logits_loss(
+            emb, w, torch.linalg.vector_norm(w.detach(), dim=1), 2.5, half_square
+        )
+
+    assert torch.autograd.gradcheck(fn, (emb, w))
+    plain = 0.5 * (2.5 * emb @ F.normalize(w, dim=1).T).square().sum()
+    torch.testing.assert_close(fn(emb, w), plain)
 
 
 def test_num_active_units():

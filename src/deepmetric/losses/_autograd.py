@@ -9,7 +9,8 @@ tests/loss_reference.py (values and gradients).
 - :func:`masked_logsumexp`: log-sum-exp over the masked entries of each row.
 - :func:`with_gradient`: a scalar computed without autograd, made differentiable from its
   derivative in S, which the loss writes down.
-- :func:`scaled_unit_rows`: s W / ||W|| row by row (the proxy losses' normalised proxies).
+- :func:`cosine_logits_loss`: a loss of the logits s cos(x_i, w_j) against normalised rows
+  w_j (the proxy losses), from its derivative in the logits, which the loss writes down.
 """
 
 from __future__ import annotations
@@ -161,29 +162,48 @@ def with_gradient(sim: Tensor, value: Tensor, grad_sim: Tensor) -> Tensor:
     return _WithGradient.apply(sim, value, grad_sim)
 
 
-class _ScaledUnitRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows: Tensor, norms: Tensor, scale: float) -> Tensor:
-        inv = scale / norms.clamp(min=1e-12)  # (N,)
-        out = rows * inv[:, None]
-        ctx.save_for_backward(out, inv)
-        ctx.scale = scale
-        return out
+class _CosineLogitsLoss(torch.autograd.Function):
+    """The loss ``value_and_grad(logits)`` of cosine logits s <x_i, w_j> / ||w_j||: one
+    matmul forward, two back, and no normalised copy of W (the column scale is applied to
+    the (B, N) logits, and the normalisation's backward is one projection of dL/dW)."""
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        # out_n = s w_n / ||w_n||, so d out_n / d w_n = (s / ||w_n||) (I - u_n u_n^T) with
-        # u_n = out_n / s: dL/dw_n = inv_n (g_n - u_n <u_n, g_n>)
-        #                          = inv_n g_n - out_n (inv_n <out_n, g_n> / s^2).
-        # Checked by tests/test_losses_proxy.py::test_matches_reference (d/d proxies against
-        # autograd through the float64 loop oracles, which normalise with plain operations).
-        out, inv = ctx.saved_tensors
-        coef = torch.linalg.vecdot(out, grad).mul_(inv / -(ctx.scale**2))
-        return torch.addcmul(grad * inv[:, None], out, coef[:, None]), None, None
+    def forward(ctx, emb: Tensor, weight: Tensor, norms: Tensor, scale: float, value_and_grad):
+        col = scale / norms.clamp(min=1e-12)  # (N,) s / ||w_j||
+        logits = (emb @ weight.T).mul_(col)  # (B, N), handed over: the callee may reuse it
+        value, grad = value_and_grad(logits)
+        ctx.save_for_backward(emb, weight, grad, col, norms)
+        return value
+
+    @staticmethod
+    def backward(ctx, up: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        # logits_ij = c_j <x_i, w_j> with c_j = s / ||w_j||. With G = d value / d logits and
+        # G' = G c (columns scaled):
+        #   dL/dx_i = sum_j G'_ij w_j                                 = (G' W)_i
+        #   dL/dw_j = sum_j G_ij c_j (x_i - <x_i, w_j> w_j / ||w_j||^2)
+        #           = D_j - (<w_j, D_j> / ||w_j||^2) w_j,  D = G'^T X   (no radial part)
+        # Checked by tests/test_losses_proxy.py::test_matches_reference (d/d embeddings and
+        # d/d proxies against autograd through the float64 loop oracles).
+        emb, weight, grad, col, norms = ctx.saved_tensors
+        g = grad * (col * up)  # (B, N) G' times the upstream gradient
+        d_emb = g @ weight if ctx.needs_input_grad[0] else None
+        d_weight = None
+        if ctx.needs_input_grad[1]:
+            d_weight = g.T @ emb  # (N, d) D
+            coef = torch.linalg.vecdot(weight, d_weight) / norms.clamp(min=1e-12).square()
+            d_weight.addcmul_(weight, coef[:, None], value=-1.0)
+        return d_emb, d_weight, None, None, None
 
 
-def scaled_unit_rows(rows: Tensor, norms: Tensor, scale: float = 1.0) -> Tensor:
-    """(N, d) -> (N, d) ``scale * rows / norms`` (each row scaled to length ``scale``),
-    differentiable in ``rows``; ``norms`` (N,) are the rows' Euclidean norms, computed by the
-    caller without gradient (clamped below at 1e-12)."""
-    return _ScaledUnitRows.apply(rows, norms, float(scale))
+def cosine_logits_loss(
+    emb: Tensor, weight: Tensor, norms: Tensor, scale: float, value_and_grad
+) -> Tensor:
+    """``value`` of ``value_and_grad(logits) -> (value, grad)`` at the (B, N) logits
+    ``scale * <emb_i, weight_j> / norms_j``, differentiable in ``emb`` (B, d) and ``weight``
+    (N, d) through ``grad`` = d value / d logits, which the callee writes down.
+
+    ``norms`` (N,): the rows' norms of ``weight``, computed by the caller without gradient.
+    value_and_grad runs without autograd; it owns ``logits`` (it may overwrite them, e.g.
+    reuse them as ``grad``).
+    """
+    return _CosineLogitsLoss.apply(emb, weight, norms, float(scale), value_and_grad)

@@ -6,19 +6,19 @@ Margin Loss for Deep Face Recognition", CVPR 2019).
 
 Each is a mean cross-entropy over the batch of logits s cos(theta_ic), theta_ic the angle
 between embedding i and the proxy (class weight) of class c, the target class's logit
-modified by the margin. Written on the whole (B, C) matrix of cosines; the derivative is
+modified by the margin. Written on the whole (B, C) matrix of logits; the derivative is
 written down (see :func:`~deepmetric.losses.proxies.softmax_cross_entropy`).
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from ._autograd import with_gradient
-from .proxies import Proxies, ProxyLoss, scaled_cosines, softmax_cross_entropy
+from .proxies import Proxies, ProxyLoss, cosine_loss, softmax_cross_entropy
 
 
 def _normal_001(weight: Tensor, generator: torch.Generator) -> None:
@@ -51,9 +51,9 @@ class NormalizedSoftmaxLoss(ProxyLoss):
         self.temperature = float(temperature)
 
     def compute(self, emb: Tensor, labels: Tensor, proxies: Proxies) -> tuple[Tensor, Tensor]:
-        logits = scaled_cosines(emb, proxies, 1.0 / self.temperature)  # (B, C) cos / T
-        value, grad = softmax_cross_entropy(logits, labels)
-        return with_gradient(logits, value, grad), torch.tensor(emb.shape[0])
+        value_and_grad = partial(softmax_cross_entropy, labels=labels)  # of the logits cos / T
+        loss = cosine_loss(emb, proxies, 1.0 / self.temperature, value_and_grad)
+        return loss, torch.tensor(emb.shape[0])
 
 
 class CosFaceLoss(ProxyLoss):
@@ -79,11 +79,14 @@ class CosFaceLoss(ProxyLoss):
         self.scale, self.margin = float(scale), float(margin)
 
     def compute(self, emb: Tensor, labels: Tensor, proxies: Proxies) -> tuple[Tensor, Tensor]:
-        logits = scaled_cosines(emb, proxies, self.scale)  # (B, C) s cos theta
-        rows = torch.arange(emb.shape[0], device=emb.device)
-        target = logits.detach()[rows, labels] - self.scale * self.margin  # slope 1
-        value, grad = softmax_cross_entropy(logits, labels, target)
-        return with_gradient(logits, value, grad), torch.tensor(emb.shape[0])
+        loss = cosine_loss(emb, proxies, self.scale, partial(self.value_and_grad, labels))
+        return loss, torch.tensor(emb.shape[0])
+
+    def value_and_grad(self, labels: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss and its derivative in the (B, C) logits s cos theta (overwritten)."""
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        target = logits[rows, labels] - self.scale * self.margin  # slope 1
+        return softmax_cross_entropy(logits, labels, target)
 
 
 class ArcFaceLoss(ProxyLoss):
@@ -116,17 +119,19 @@ class ArcFaceLoss(ProxyLoss):
         self.scale, self.margin = float(scale), float(margin)
 
     def compute(self, emb: Tensor, labels: Tensor, proxies: Proxies) -> tuple[Tensor, Tensor]:
-        logits = scaled_cosines(emb, proxies, self.scale)  # (B, C) s cos theta
-        rows = torch.arange(emb.shape[0], device=emb.device)
-        with torch.no_grad():
-            cos = (logits[rows, labels] / self.scale).clamp(-1.0, 1.0)  # (B,) cos theta_iy
-            sin = (1.0 - cos * cos).clamp(min=1e-9).sqrt()
-            cos_m, sin_m = math.cos(self.margin), math.sin(self.margin)
-            # theta + m <= pi  <=>  cos theta >= cos(pi - m) = -cos m
-            inside = cos >= -cos_m
-            phi = torch.where(inside, cos * cos_m - sin * sin_m, cos - self.margin * sin_m)
-            # d phi / d cos theta: cos m + sin m cos theta / sin theta, or 1; the logits are
-            # s cos theta, so the same slope in the logits
-            slope = torch.where(inside, cos_m + sin_m * cos / sin, 1.0)
-        value, grad = softmax_cross_entropy(logits, labels, self.scale * phi, slope)
-        return with_gradient(logits, value, grad), torch.tensor(emb.shape[0])
+        loss = cosine_loss(emb, proxies, self.scale, partial(self.value_and_grad, labels))
+        return loss, torch.tensor(emb.shape[0])
+
+    def value_and_grad(self, labels: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss and its derivative in the (B, C) logits s cos theta (overwritten)."""
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        cos_m, sin_m = math.cos(self.margin), math.sin(self.margin)
+        cos = (logits[rows, labels] / self.scale).clamp(-1.0, 1.0)  # (B,) cos theta_iy
+        sin = (1.0 - cos * cos).clamp(min=1e-9).sqrt()
+        # theta + m <= pi  <=>  cos theta >= cos(pi - m) = -cos m
+        inside = cos >= -cos_m
+        phi = torch.where(inside, cos * cos_m - sin * sin_m, cos - self.margin * sin_m)
+        # d phi / d cos theta: cos m + sin m cos theta / sin theta, or 1; the logits are
+        # s cos theta, so the same slope in the logits
+        slope = torch.where(inside, cos_m + sin_m * cos / sin, 1.0)
+        return softmax_cross_entropy(logits, labels, self.scale * phi, slope)

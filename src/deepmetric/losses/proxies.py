@@ -1,5 +1,5 @@
 """Machinery shared by the proxy-based losses: :class:`ProxyLoss` (the proxies, the common
-call and its checks), :func:`scaled_cosines` and :func:`softmax_cross_entropy`.
+call and its checks), :func:`cosine_loss` and :func:`softmax_cross_entropy`.
 
 A proxy loss compares each embedding with learnable class proxies (K per class, row
 ``c K + k`` of ``proxies`` is centre k of class c) instead of with other embeddings, so it
@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._autograd import cross_similarity, scaled_unit_rows
+from ._autograd import cosine_logits_loss
 from .pairs import check_inputs, check_unit_norms, row_norms
 
 
@@ -145,11 +145,17 @@ class ProxyLoss(nn.Module):
         raise NotImplementedError
 
 
-def scaled_cosines(emb: Tensor, proxies: Proxies, scale: float) -> Tensor:
-    """(B, C K) ``scale * <emb_i, p_j / ||p_j||>``: the scale is applied to the normalised
-    proxies (C K x d) before the matmul, not to the (B, C K) result. Differentiable in the
-    embeddings (B, d, unit rows) and the proxies."""
-    return cross_similarity(emb, scaled_unit_rows(proxies.weight, proxies.norms, scale))
+def cosine_loss(
+    emb: Tensor,
+    proxies: Proxies,
+    scale: float,
+    value_and_grad: Callable[[Tensor], tuple[Tensor, Tensor]],
+) -> Tensor:
+    """The loss ``value_and_grad(logits) -> (value, d value / d logits)`` of the (B, C K)
+    logits ``scale * cos(x_i, p_j)``, differentiable in the embeddings (B, d, unit rows)
+    and the proxies. value_and_grad runs without autograd and owns ``logits`` (it may
+    overwrite them); see :func:`~deepmetric.losses._autograd.cosine_logits_loss`."""
+    return cosine_logits_loss(emb, proxies.weight, proxies.norms, scale, value_and_grad)
 
 
 def softmax_cross_entropy(
@@ -160,8 +166,8 @@ def softmax_cross_entropy(
     exclude_target: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Mean over the B rows of the cross-entropy of logits z (B, C) with the target class
-    ``labels`` (B,), and its derivative in ``logits``, both computed without autograd (wrap
-    with ``with_gradient(logits, value, grad)``):
+    ``labels`` (B,), and its derivative in ``logits`` (no autograd; ``logits`` are
+    overwritten):
 
         L = 1/B sum_i ( LSE_c z_ic - z_iy )           z_iy replaced by target_i when given;
                                                        exclude_target: LSE over c != y only
@@ -172,28 +178,26 @@ def softmax_cross_entropy(
     """
     b, c = logits.shape
     rows = torch.arange(b, device=logits.device)
-    with torch.no_grad():
-        z = logits.detach()
-        z_y = z[rows, labels] if target is None else target.detach()
-        if exclude_target:
-            z = z.index_put((rows, labels), torch.full_like(z_y, -math.inf))  # a copy
-        elif target is not None:
-            z = z.index_put((rows, labels), z_y)
-        log_p = torch.log_softmax(z, 1)  # (B, C), computed in log space: never -inf by underflow
-        if exclude_target:
-            # LSE_{c != y} z_c = z_j - log_p_j for any j != y (here j = y + 1 mod C)
-            other = (labels + 1) % c
-            rows_loss = z[rows, other] - log_p[rows, other] - z_y
-        else:
-            rows_loss = -log_p[rows, labels]
-        value = rows_loss.mean()
-        # d L / d z_ic = (p_ic - [c = y_i]) / B with p the softmax (p_iy = 0 with
-        # exclude_target); the target's entry times d target / d z_iy. Oracle:
-        # tests/test_losses_proxy.py::test_matches_reference (values and gradients).
-        grad = log_p.exp_()
-        grad_y = grad[rows, labels] - 1.0
-        if target_slope is not None:
-            grad_y = grad_y * target_slope
-        grad[rows, labels] = grad_y
-        grad.mul_(1.0 / b)
-    return value, grad
+    z = logits
+    z_y = z[rows, labels] if target is None else target
+    if exclude_target:
+        z[rows, labels] = -math.inf
+    elif target is not None:
+        z[rows, labels] = target
+    log_p = torch.log_softmax(z, 1)  # (B, C), computed in log space: never -inf by underflow
+    if exclude_target:
+        # LSE_{c != y} z_c = z_j - log_p_j for any j != y (here j = y + 1 mod C)
+        other = (labels + 1) % c
+        rows_loss = z[rows, other] - log_p[rows, other] - z_y
+    else:
+        rows_loss = -log_p[rows, labels]
+    value = rows_loss.mean()
+    # d L / d z_ic = (p_ic - [c = y_i]) / B with p the softmax (p_iy = 0 with
+    # exclude_target); the target's entry times d target / d z_iy. Oracle:
+    # tests/test_losses_proxy.py::test_matches_reference (values and gradients).
+    grad = log_p.exp_()
+    grad_y = grad[rows, labels] - 1.0
+    if target_slope is not None:
+        grad_y = grad_y * target_slope
+    grad[rows, labels] = grad_y
+    return value, grad.mul_(1.0 / b)

@@ -4,12 +4,12 @@ CVPR 2020)."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from ._autograd import with_gradient
-from .proxies import Proxies, ProxyLoss, scaled_cosines
+from .proxies import Proxies, ProxyLoss, cosine_loss
 
 
 class ProxyAnchorLoss(ProxyLoss):
@@ -46,33 +46,39 @@ class ProxyAnchorLoss(ProxyLoss):
         self.alpha, self.delta = float(alpha), float(delta)
 
     def compute(self, emb: Tensor, labels: Tensor, proxies: Proxies) -> tuple[Tensor, Tensor]:
-        logits = scaled_cosines(emb, proxies, self.alpha)  # (B, C) alpha s(x_i, p_c)
+        c = self.num_classes
+        present = torch.bincount(labels, minlength=c) > 0  # P+
+        count = present.sum()
+        return cosine_loss(
+            emb, proxies, self.alpha, partial(self.value_and_grad, labels, count)
+        ), count
+
+    def value_and_grad(
+        self, labels: Tensor, count: Tensor, logits: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The loss and its derivative in the (B, C) logits alpha s(x_i, p_c) (overwritten)."""
         b, c = logits.shape
-        rows = torch.arange(b, device=emb.device)
+        rows = torch.arange(b, device=logits.device)
         shift = self.alpha * self.delta
-        with torch.no_grad():  # value and its derivative written down: see with_gradient
-            # positives: x_i = -alpha (s_iy - delta) per sample, summed per class; each log(1 +
-            # sum e^x) computed as m + log(e^-m + sum e^(x - m)), m = max(0, class maximum)
-            x_pos = shift - logits[rows, labels]  # (B,)
-            m_pos = torch.zeros(c, dtype=x_pos.dtype, device=emb.device)
-            m_pos.scatter_reduce_(0, labels, x_pos, "amax")  # includes the 0
-            e_pos = (x_pos - m_pos[labels]).exp_()
-            denom_pos = (-m_pos).exp_().index_add_(0, labels, e_pos)  # e^-m (1 + sum e^x)
-            present = torch.bincount(labels, minlength=c) > 0  # P+
-            count = present.sum()
-            pos_value = (m_pos + denom_pos.log()).sum() / count  # absent classes: log 1 = 0
-            # negatives: u_ic = alpha (s_ic + delta) over the samples of other classes, per
-            # proxy (column), the same way with m = max(0, column maximum)
-            neg = logits.detach().index_put((rows, labels), logits.new_full((), -math.inf))  # copy
-            m_neg = (neg.amax(0) + shift).clamp_(min=0.0)  # (C,); a column without negatives: 0
-            e_neg = neg.sub_(m_neg - shift).exp_()  # e^(u - m), 0 at the positives
-            denom_neg = (-m_neg).exp_().add_(e_neg.sum(0))  # e^-m (1 + sum e^u)
-            neg_value = (m_neg + denom_neg.log()).sum() / c
-            value = pos_value + neg_value
-            # d log(1 + sum e^x) / d x_j = e^x_j / (1 + sum e^x) = e^(x_j - m) / denom, and
-            # dx/dlogit = -1 on the positives, +1 on the negatives; each sum divided by |P+|
-            # or C. Oracle: tests/test_losses_proxy.py::test_matches_reference, proxy_anchor
-            # configs (values and gradients against loss_reference.proxy_anchor).
-            grad = e_neg.mul_((1.0 / (c * denom_neg))[None, :])  # (B, C)
-            grad[rows, labels] = -e_pos / (denom_pos[labels] * count)
-        return with_gradient(logits, value, grad), count
+        # positives: x_i = -alpha (s_iy - delta) per sample, summed per class; each log(1 + sum
+        # e^x) computed as m + log(e^-m + sum e^(x - m)), m = max(0, class maximum)
+        x_pos = shift - logits[rows, labels]  # (B,)
+        m_pos = torch.zeros(c, dtype=x_pos.dtype, device=logits.device)
+        m_pos.scatter_reduce_(0, labels, x_pos, "amax")  # includes the 0
+        e_pos = (x_pos - m_pos[labels]).exp_()
+        denom_pos = (-m_pos).exp_().index_add_(0, labels, e_pos)  # e^-m (1 + sum e^x)
+        pos_value = (m_pos + denom_pos.log()).sum() / count  # absent classes: log 1 = 0
+        # negatives: u_ic = alpha (s_ic + delta) over the samples of other classes, per proxy
+        # (column), the same way with m = max(0, column maximum)
+        logits[rows, labels] = -math.inf  # the positives out
+        m_neg = (logits.amax(0) + shift).clamp_(min=0.0)  # (C,); a column without negatives: 0
+        e_neg = logits.sub_(m_neg - shift).exp_()  # e^(u - m), 0 at the positives
+        denom_neg = (-m_neg).exp_().add_(e_neg.sum(0))  # e^-m (1 + sum e^u)
+        neg_value = (m_neg + denom_neg.log()).sum() / c
+        # d log(1 + sum e^x) / d x_j = e^x_j / (1 + sum e^x) = e^(x_j - m) / denom, and
+        # dx/dlogit = -1 on the positives, +1 on the negatives; each sum divided by |P+| or C.
+        # Oracle: tests/test_losses_proxy.py::test_matches_reference, proxy_anchor configs
+        # (values and gradients against loss_reference.proxy_anchor).
+        grad = e_neg.mul_((1.0 / (c * denom_neg))[None, :])  # (B, C)
+        grad[rows, labels] = -e_pos / (denom_pos[labels] * count)
+        return pos_value + neg_value, grad

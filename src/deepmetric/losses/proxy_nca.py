@@ -4,11 +4,12 @@ Toshev, Leung, Ioffe, Singh, "No Fuss Distance Metric Learning using Proxies", I
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
-from ._autograd import with_gradient
-from .proxies import Proxies, ProxyLoss, scaled_cosines, softmax_cross_entropy
+from .proxies import Proxies, ProxyLoss, cosine_loss, softmax_cross_entropy
 
 VARIANTS = ("plus_plus", "original")
 
@@ -53,8 +54,7 @@ class ProxyNCALoss(ProxyLoss):
         self.temperature, self.variant = float(temperature), variant
 
     def compute(self, emb: Tensor, labels: Tensor, proxies: Proxies) -> tuple[Tensor, Tensor]:
-        logits = scaled_cosines(emb, proxies, 2.0 / self.temperature)  # (B, C) 2 cos / T
-        value, grad = softmax_cross_entropy(
-            logits, labels, exclude_target=self.variant == "original"
-        )
-        return with_gradient(logits, value, grad), torch.tensor(emb.shape[0])
+        exclude = self.variant == "original"  # of the logits 2 cos / T:
+        value_and_grad = partial(softmax_cross_entropy, labels=labels, exclude_target=exclude)
+        loss = cosine_loss(emb, proxies, 2.0 / self.temperature, value_and_grad)
+        return loss, torch.tensor(emb.shape[0])

@@ -4,12 +4,13 @@ Without Triplet Sampling", ICCV 2019)."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._autograd import cross_similarity, scaled_unit_rows, with_gradient
-from .proxies import Proxies, ProxyLoss, softmax_cross_entropy
+from .proxies import Proxies, ProxyLoss, cosine_loss, softmax_cross_entropy
 
 
 class SoftTripleLoss(ProxyLoss):
@@ -59,26 +60,28 @@ class SoftTripleLoss(ProxyLoss):
         self.margin, self.tau = float(margin), float(tau)
 
     def compute(self, emb: Tensor, labels: Tensor, proxies: Proxies) -> tuple[Tensor, Tensor]:
-        b, c, k = emb.shape[0], self.num_classes, self.proxies_per_class
-        centres = scaled_unit_rows(proxies.weight, proxies.norms)  # (C K, d) unit rows
-        sims = cross_similarity(emb, centres)  # (B, C K) s_ick
-        rows = torch.arange(b, device=emb.device)
-        with torch.no_grad():  # value and its derivative written down: see with_gradient
-            s = sims.detach().view(b, c, k)
-            weights = torch.softmax(s / self.gamma, dim=2)  # (B, C, K)
-            relaxed = torch.linalg.vecdot(weights, s)  # (B, C) S_ic
-            target = self.scale * (relaxed[rows, labels] - self.margin)
-            value, grad_logits = softmax_cross_entropy(relaxed * self.scale, labels, target)
-            # S_ic = sum_k p_k s_k with p = softmax(s / gamma): dS/ds_j = p_j + sum_k s_k
-            # dp_k/ds_j = p_j + p_j (s_j - S) / gamma; times dL/dS = lambda dL/dlogit.
-            # Oracle: tests/test_losses_proxy.py::test_matches_reference, soft_triple configs.
-            grad = (s - relaxed[:, :, None]).mul_(1.0 / self.gamma).add_(1.0).mul_(weights)
-            grad.mul_((self.scale * grad_logits)[:, :, None])
-        loss = with_gradient(sims, value, grad.view(b, c * k))
+        loss = cosine_loss(emb, proxies, 1.0, partial(self.value_and_grad, labels))
+        c, k = self.num_classes, self.proxies_per_class
         if self.tau > 0 and k > 1:
-            per_class = centres.view(c, k, -1)
-            gram = per_class @ per_class.transpose(1, 2)  # (C, K, K) centre cosines
+            centres = F.normalize(proxies.weight, dim=1).view(c, k, -1)
+            gram = centres @ centres.transpose(1, 2)  # (C, K, K) centre cosines
             upper = torch.triu_indices(k, k, 1, device=emb.device)
             dist = (2.0 + 1e-5 - 2.0 * gram[:, upper[0], upper[1]]).sqrt()
             loss = loss + self.tau * dist.sum() / (c * k * (k - 1))
-        return loss, torch.tensor(b)
+        return loss, torch.tensor(emb.shape[0])
+
+    def value_and_grad(self, labels: Tensor, sims: Tensor) -> tuple[Tensor, Tensor]:
+        """The classification term and its derivative in the (B, C K) centre cosines."""
+        b, c, k = sims.shape[0], self.num_classes, self.proxies_per_class
+        rows = torch.arange(b, device=sims.device)
+        s = sims.view(b, c, k)
+        weights = torch.softmax(s / self.gamma, dim=2)  # (B, C, K)
+        relaxed = torch.linalg.vecdot(weights, s)  # (B, C) S_ic
+        target = self.scale * (relaxed[rows, labels] - self.margin)
+        value, grad_logits = softmax_cross_entropy(relaxed * self.scale, labels, target)
+        # S_ic = sum_k p_k s_k with p = softmax(s / gamma): dS/ds_j = p_j + sum_k s_k dp_k/ds_j
+        # = p_j + p_j (s_j - S) / gamma; times dL/dS = lambda dL/dlogit. Oracle:
+        # tests/test_losses_proxy.py::test_matches_reference, soft_triple configs.
+        grad = s.sub_(relaxed[:, :, None]).mul_(1.0 / self.gamma).add_(1.0).mul_(weights)
+        grad.mul_((self.scale * grad_logits)[:, :, None])
+        return value, grad.view(b, c * k)
