@@ -46,12 +46,9 @@ class ProxyAnchorLoss(ProxyLoss):
         self.alpha, self.delta = float(alpha), float(delta)
 
     def compute(self, emb: Tensor, labels: Tensor, proxies: Proxies) -> tuple[Tensor, Tensor]:
-        c = self.num_classes
-        present = torch.bincount(labels, minlength=c) > 0  # P+
-        count = present.sum()
-        return cosine_loss(
-            emb, proxies, self.alpha, partial(self.value_and_grad, labels, count)
-        ), count
+        count = (torch.bincount(labels, minlength=self.num_classes) > 0).sum()  # |P+|
+        value_and_grad = partial(self.value_and_grad, labels, count)
+        return cosine_loss(emb, proxies, self.alpha, value_and_grad), count
 
     def value_and_grad(
         self, labels: Tensor, count: Tensor, logits: Tensor
