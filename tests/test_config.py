@@ -181,6 +181,7 @@ def test_proxy_loss_and_random_sampler_checks() -> None:
     split's); it cannot sit in a cross-batch memory; its embedding_dim is the model's."""
     cfg = load_config(None, ["--loss.name=proxy_anchor", "--loss.alpha=16"])
     assert cfg.loss.params == {"alpha": 16}
+    load_config(None, ["--loss.name=proxy_nca", "--loss.variant=original"])  # needs C >= 2
     with pytest.raises(ConfigError, match=r"xbm\.enabled: .*'proxy_anchor' is a proxy loss"):
         load_config(None, ["--loss.name=proxy_anchor", "--xbm.enabled=true"])
     with pytest.raises(ConfigError, match=r"loss\.embedding_dim: 64 differs from model"):

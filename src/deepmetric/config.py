@@ -740,7 +740,7 @@ def check_loss(cfg: Config) -> None:
     Unknown names and hyper-parameters (``build_loss`` raises TypeError) become a
     ConfigError naming ``loss.<key>``; a value the loss rejects (ValueError) too. A proxy
     loss is built with ``model.embedding_dim`` (``loss.embedding_dim`` may only repeat it)
-    and one class unless ``loss.num_classes`` is set (the trainer passes the training
+    and two classes unless ``loss.num_classes`` is set (the trainer passes the training
     split's count); it cannot sit in a cross-batch memory (``xbm.enabled``).
     """
     from deepmetric.losses import LOSSES, PROXY_LOSSES, build_loss
@@ -773,7 +773,7 @@ def check_loss(cfg: Config) -> None:
                 f"model.embedding_dim {cfg.model.embedding_dim}; leave it unset (the proxies "
                 "take --model.embedding_dim)"
             )
-        params.setdefault("num_classes", 1)  # the training split's count: in build_criterion
+        params.setdefault("num_classes", 2)  # placeholder: the training split's count comes later
     try:
         build_loss(name, **params)
     except TypeError as e:
