@@ -276,6 +276,10 @@ def test_proxy_loss_resume_continues_exactly_in_process(tmp_path: Path) -> None:
     assert groups["loss"]["lr"] == pytest.approx(1e-3) and groups["loss"]["weight_decay"] == 1e-4
     initial = build_loss("proxy_anchor", num_classes=5, embedding_dim=16, seed=0).proxies
     assert not torch.equal(proxies, initial.detach())  # trained
+    # the run's config (a proxy loss without num_classes) evaluates like any other
+    again = evaluate_checkpoint(tmp_path / "straight", out=tmp_path / "e.json", progress=False)
+    records = [json.loads(r) for r in (tmp_path / "straight" / "metrics.jsonl").open()]
+    assert again["metrics"]["recall@1"] == [r for r in records if "recall@1" in r][-1]["recall@1"]
 
 
 def test_freeze_backbone_iterations(tmp_path: Path) -> None:
