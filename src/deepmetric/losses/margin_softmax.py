@@ -25,6 +25,11 @@ def _normal_001(weight: Tensor, generator: torch.Generator) -> None:
     nn.init.normal_(weight, 0.0, 0.01, generator=generator)  # insightface's class centres
 
 
+def _uniform_sqrt_d(weight: Tensor, generator: torch.Generator) -> None:
+    bound = 1.0 / math.sqrt(weight.shape[1])  # the official code's class weights
+    nn.init.uniform_(weight, -bound, bound, generator=generator)
+
+
 class NormalizedSoftmaxLoss(ProxyLoss):
     """Normalized softmax: cross-entropy of the cosines divided by a temperature T,
 
@@ -41,13 +46,7 @@ class NormalizedSoftmaxLoss(ProxyLoss):
     ) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        bound = 1.0 / math.sqrt(embedding_dim) if embedding_dim else 1.0
-        super().__init__(
-            num_classes,
-            embedding_dim,
-            seed=seed,
-            init=lambda w, g: nn.init.uniform_(w, -bound, bound, generator=g),
-        )
+        super().__init__(num_classes, embedding_dim, seed=seed, init=_uniform_sqrt_d)
         self.temperature = float(temperature)
 
     def compute(self, emb: Tensor, labels: Tensor, proxies: Proxies) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,13 @@ from torch import Tensor, nn
 from .proxies import Proxies, ProxyLoss, cosine_loss, softmax_cross_entropy
 
 
+def _uniform(weight: Tensor, generator: torch.Generator) -> None:
+    """uniform(+-1/sqrt(C K)) on the (C K, d) centres: the official code's
+    kaiming_uniform(a=sqrt(5)) on its d x C K matrix (fan_in C K)."""
+    bound = 1.0 / math.sqrt(weight.shape[0])
+    nn.init.uniform_(weight, -bound, bound, generator=generator)
+
+
 class SoftTripleLoss(ProxyLoss):
     """SoftTriple: K centres w_ck per class; the similarity of sample i to class c is the
     softmax(1/gamma)-weighted mean of its K centre cosines s_ick = cos(x_i, w_ck),
@@ -48,14 +55,7 @@ class SoftTripleLoss(ProxyLoss):
             raise ValueError(f"gamma must be > 0, got {gamma}")
         if tau < 0:
             raise ValueError(f"tau must be >= 0, got {tau}")
-        bound = 1.0 / math.sqrt(num_classes * centers_per_class) if num_classes > 0 else 1.0
-        super().__init__(
-            num_classes,
-            embedding_dim,
-            centers_per_class,
-            seed=seed,
-            init=lambda w, g: nn.init.uniform_(w, -bound, bound, generator=g),
-        )
+        super().__init__(num_classes, embedding_dim, centers_per_class, seed=seed, init=_uniform)
         self.scale, self.gamma = float(scale), float(gamma)
         self.margin, self.tau = float(margin), float(tau)
 
