@@ -307,6 +307,8 @@ def test_constructor_checks():
         build_loss("normalized_softmax", num_classes=3, embedding_dim=8, temperature=0.0)
     with pytest.raises(ValueError, match="margin"):
         build_loss("arcface", num_classes=3, embedding_dim=8, margin=4.0)
+    with pytest.raises(ValueError, match="centers_per_class must be an integer >= 1"):
+        build_loss("soft_triple", num_classes=3, embedding_dim=8, centers_per_class=0)
     with pytest.raises(ValueError, match="gamma"):
         build_loss("soft_triple", num_classes=3, embedding_dim=8, gamma=0.0)
     assert set(PROXY_LOSSES) <= set(LOSSES)

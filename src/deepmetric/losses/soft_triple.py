@@ -51,6 +51,12 @@ class SoftTripleLoss(ProxyLoss):
         tau: float = 0.2,
         seed: int = 0,
     ) -> None:
+        if isinstance(centers_per_class, bool) or not isinstance(centers_per_class, int):
+            raise ValueError(
+                f"centers_per_class must be an integer >= 1, got {centers_per_class!r}"
+            )
+        if centers_per_class < 1:
+            raise ValueError(f"centers_per_class must be an integer >= 1, got {centers_per_class}")
         if not gamma > 0:
             raise ValueError(f"gamma must be > 0, got {gamma}")
         if tau < 0:
