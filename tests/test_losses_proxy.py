@@ -398,6 +398,26 @@ def test_cosine_logits_loss_gradcheck():
     torch.testing.assert_close(fn(emb, w), plain)
 
 
+@pytest.mark.parametrize("name", sorted(PROXY_LOSSES))
+def test_upstream_gradient_and_retained_graph(name):
+    """d(2.5 L) = 2.5 dL, and a retained graph gives the same gradients twice (backward
+    does not consume what forward saved)."""
+    emb, labels, proxies = make_proxy_case("b16c8", seed=6)
+    per_class = 1
+    if name == "soft_triple":
+        proxies, per_class = proxies.repeat_interleave(2, 0), 2
+    hp = {"centers_per_class": 2} if name == "soft_triple" else {}
+    loss_fn = build(name, hp, 8, proxies)
+    out = loss_fn(emb, labels)
+    once = torch.autograd.grad(out, [emb, loss_fn.proxies], retain_graph=True)
+    again = torch.autograd.grad(out, [emb, loss_fn.proxies], retain_graph=True)
+    scaled = torch.autograd.grad(2.5 * out, [emb, loss_fn.proxies])
+    for a, b, c in zip(once, again, scaled):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(c, 2.5 * a)
+    assert per_class * 8 == loss_fn.proxies.shape[0]
+
+
 def test_num_active_units():
     emb = F.normalize(torch.randn(9, DIM), dim=1)
     labels = torch.tensor([0, 0, 1, 1, 1, 3, 3, 3, 3])

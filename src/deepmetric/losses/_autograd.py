@@ -172,7 +172,8 @@ class _CosineLogitsLoss(torch.autograd.Function):
         col = scale / norms.clamp(min=1e-12)  # (N,) s / ||w_j||
         logits = (emb @ weight.T).mul_(col)  # (B, N), handed over: the callee may reuse it
         value, grad = value_and_grad(logits)
-        ctx.save_for_backward(emb, weight, grad, col, norms)
+        # G' = G c (columns scaled), in place: the callee's buffer, read only by backward
+        ctx.save_for_backward(emb, weight, grad.mul_(col), norms)
         return value
 
     @staticmethod
@@ -182,14 +183,15 @@ class _CosineLogitsLoss(torch.autograd.Function):
         #   dL/dx_i = sum_j G'_ij w_j                                 = (G' W)_i
         #   dL/dw_j = sum_j G_ij c_j (x_i - <x_i, w_j> w_j / ||w_j||^2)
         #           = D_j - (<w_j, D_j> / ||w_j||^2) w_j,  D = G'^T X   (no radial part)
+        # The upstream gradient multiplies the (B, d) factors, not the (B, N) G' (a fresh
+        # B x N buffer would cost more than the rest of the backward but the matmuls).
         # Checked by tests/test_losses_proxy.py::test_matches_reference (d/d embeddings and
         # d/d proxies against autograd through the float64 loop oracles).
-        emb, weight, grad, col, norms = ctx.saved_tensors
-        g = grad * (col * up)  # (B, N) G' times the upstream gradient
-        d_emb = g @ weight if ctx.needs_input_grad[0] else None
+        emb, weight, grad, norms = ctx.saved_tensors
+        d_emb = (grad @ weight).mul_(up) if ctx.needs_input_grad[0] else None
         d_weight = None
         if ctx.needs_input_grad[1]:
-            d_weight = g.T @ emb  # (N, d) D
+            d_weight = grad.T @ (emb * up)  # (N, d) D times the upstream gradient
             coef = torch.linalg.vecdot(weight, d_weight) / norms.clamp(min=1e-12).square()
             d_weight.addcmul_(weight, coef[:, None], value=-1.0)
         return d_emb, d_weight, None, None, None
