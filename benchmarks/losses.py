@@ -3,6 +3,10 @@
 Usage:
     .venv/bin/python benchmarks/losses.py                    # full table, B = 80, 256, 1024
     .venv/bin/python benchmarks/losses.py --batch-sizes 80 --losses nca triplet-hard
+    .venv/bin/python benchmarks/losses.py --proxy            # proxy losses, B = 180, 1024,
+                                                             # C = 100, 11,318
+    .venv/bin/python benchmarks/losses.py --proxy --batch-sizes 180 --classes 100 \
+        --proxy-losses proxy_anchor arcface
     .venv/bin/python benchmarks/losses.py --profile multi_similarity --batch-sizes 1024
     .venv/bin/python benchmarks/losses.py --ablate exp_floor --losses lifted-modified
 
@@ -15,6 +19,13 @@ What is measured
   forward + backward (inputs excluded), from the allocation/free events recorded by
   torch.profiler(profile_memory=True) on the CPU allocator. Python-object overhead (PML's
   index lists, loops) is not counted; allocator caching is irrelevant on CPU.
+
+Proxy losses (``--proxy``): the same, with random labels of C classes (not P x K) and
+embeddings near their class's proxy; ours and PML hold the same proxies (copied, their values
+checked equal) and every call also computes the proxies' gradient. A third function is
+interleaved with the two: the floor, S = E P^T for the loss's (C K, d) proxies and its
+backward (dE = G P, dP = G^T E), the matmuls any proxy loss pays. Reported: ours / PML and
+ours / floor (the goal: ours <= 0.5 x PML, or <= 1.25 x the floor, and no more peak memory).
 
 Ablation (``--ablate NAME``): one CPU special path of ``deepmetric.losses._autograd``, or the
 unit-norm check's row norms (see ``ablation_switches``), switched on and off between
@@ -33,8 +44,10 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
+import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -387,6 +400,130 @@ def ablate(switch: str, losses: list[str], batch_sizes: list[int], dim: int, k: 
                 ablate_one(switch, name, b, dim, k)
 
 
+# ---------------------------------------------------------------------------------------
+# proxy losses (--proxy): embeddings against C K learnable proxies
+# ---------------------------------------------------------------------------------------
+PROXY_OURS: dict[str, dict] = {
+    "proxy_anchor": {},
+    "proxy_nca": {},
+    "soft_triple": {"tau": 0.0},  # PML has no centre regulariser
+    "normalized_softmax": {},
+    "cosface": {},
+    "arcface": {},
+}
+
+PROXY_NOTES = {
+    "proxy_anchor": "PML ProxyAnchorLoss(margin=0.1, alpha=32): same value",
+    "proxy_nca": "PML ProxyNCALoss(softmax_scale=9) = ours at T = 1/9 (ProxyNCA++)",
+    "soft_triple": "PML SoftTripleLoss(centers_per_class=10, la=20, gamma=0.1, margin=0.01) = "
+    "ours with tau = 0 (timed so: PML has no centre regulariser R; C K = 10 C proxies)",
+    "normalized_softmax": "PML NormalizedSoftmaxLoss(temperature=0.05): same value",
+    "cosface": "PML CosFaceLoss(margin=0.35, scale=64): same value",
+    "arcface": "PML ArcFaceLoss(margin=28.6 degrees, scale=64) = ours at m = 0.5 rad",
+}
+
+
+def pml_proxy_loss(name: str, c: int, dim: int) -> tuple[torch.nn.Module, str, bool]:
+    """(PML module, name of its proxy parameter, whether that is (d, C K))."""
+    from pytorch_metric_learning import losses
+
+    if name == "proxy_anchor":
+        return losses.ProxyAnchorLoss(c, dim, margin=0.1, alpha=32), "proxies", False
+    if name == "proxy_nca":
+        return losses.ProxyNCALoss(c, dim, softmax_scale=9.0), "proxies", False
+    if name == "soft_triple":
+        return losses.SoftTripleLoss(c, dim, centers_per_class=10), "fc", True
+    if name == "normalized_softmax":
+        return losses.NormalizedSoftmaxLoss(c, dim, temperature=0.05), "W", True
+    if name == "cosface":
+        return losses.CosFaceLoss(c, dim, margin=0.35, scale=64), "W", True
+    if name == "arcface":
+        return losses.ArcFaceLoss(c, dim, margin=math.degrees(0.5), scale=64), "W", True
+    raise ValueError(name)
+
+
+class ProxyFloor(torch.nn.Module):
+    """S = E P^T for (N, d) proxies, forward and backward (autograd: dE = G P, dP = G^T E)."""
+
+    def __init__(self, n: int, dim: int) -> None:
+        super().__init__()
+        self.proxies = torch.nn.Parameter(torch.randn(n, dim))
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return (emb @ self.proxies.T).sum()
+
+
+def make_proxy_batch(b: int, proxies: torch.Tensor, c: int, seed: int = 0):
+    """Random labels of c classes; unit embeddings near their class's first proxy row."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, c, (b,), generator=g)
+    per_class = proxies.shape[0] // c
+    centre = F.normalize(proxies[labels * per_class], dim=1)
+    noise = torch.randn(b, proxies.shape[1], generator=g) / proxies.shape[1] ** 0.5
+    return F.normalize(centre + 1.5 * noise, dim=1), labels
+
+
+def proxy_fwd_bwd(module: torch.nn.Module, emb: torch.Tensor, labels: torch.Tensor) -> float:
+    """Seconds of one forward + backward (gradients of the embeddings and the proxies)."""
+    module.zero_grad(set_to_none=True)
+    x = emb.detach().clone().requires_grad_(True)
+    start = time.perf_counter()
+    loss = module(x, labels)
+    loss.backward()
+    elapsed = time.perf_counter() - start
+    assert torch.isfinite(loss), "non-finite loss"
+    return elapsed
+
+
+def bench_proxy(name: str, b: int, c: int, dim: int, with_pml: bool) -> dict:
+    ours = build_loss(name, num_classes=c, embedding_dim=dim, **PROXY_OURS[name])
+    emb, labels = make_proxy_batch(b, ours.proxies.detach(), c)
+    floor = ProxyFloor(ours.proxies.shape[0], dim)
+    modules = {"ours": ours, "floor": floor}
+    if with_pml:
+        pml, attr, transposed = pml_proxy_loss(name, c, dim)
+        with torch.no_grad():
+            weight = ours.proxies.T if transposed else ours.proxies
+            getattr(pml, attr).copy_(weight)
+        v_ours, v_pml = ours(emb, labels).item(), pml(emb, labels).item()
+        assert abs(v_ours - v_pml) <= 1e-4 * max(1.0, abs(v_pml)), (v_ours, v_pml)
+        modules["pml"] = pml
+    repeats = 5 if b * ours.proxies.shape[0] > 10**7 else 11
+    times: dict[str, list[float]] = {k: [] for k in modules}
+    for r in range(repeats + 2):  # 2 warm-up rounds; the order rotates
+        names = list(modules)
+        names = names[r % len(names) :] + names[: r % len(names)]
+        for key in names:
+            t = proxy_fwd_bwd(modules[key], emb, labels)
+            if r >= 2:
+                times[key].append(t)
+    row = {"loss": name, "B": b, "C": c}
+    for key, module in modules.items():
+        row[f"{key}_ms"] = 1e3 * statistics.median(times[key])
+        row[f"{key}_min"] = 1e3 * min(times[key])
+        module.zero_grad(set_to_none=True)
+        row[f"{key}_mb"] = peak_bytes(module, emb, labels) / 2**20
+    return row
+
+
+def proxy_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| loss | B | C | ours ms median (min) | PML ms median (min) | floor ms median (min) "
+        "| ours / PML | ours / floor | ours peak MB | PML peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        pml = "pml_ms" in r
+        ratio = f"{r['ours_ms'] / r['pml_ms']:.3f}" if pml else "—"
+        lines.append(
+            f"| {r['loss']} | {r['B']} | {r['C']:,} | {ms(r['ours_ms'], r['ours_min'])} | "
+            f"{ms(r.get('pml_ms'), r.get('pml_min'))} | {ms(r['floor_ms'], r['floor_min'])} | "
+            f"{ratio} | {r['ours_ms'] / r['floor_ms']:.3f} | {fmt(r['ours_mb'])} | "
+            f"{fmt(r.get('pml_mb'))} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[80, 256, 1024])
@@ -395,6 +532,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--losses", nargs="+", default=list(OURS), choices=list(OURS))
     parser.add_argument("--no-pml", action="store_true")
+    parser.add_argument("--proxy", action="store_true", help="the proxy losses' table")
+    parser.add_argument("--classes", type=int, nargs="+", default=[100, 11318])
+    parser.add_argument(
+        "--proxy-losses", nargs="+", default=list(PROXY_OURS), choices=list(PROXY_OURS)
+    )
     parser.add_argument("--profile", choices=list(OURS), help="profile ours only, then exit")
     parser.add_argument(
         "--ablate", choices=ABLATIONS, help="time ours with and without one switch, then exit"
@@ -412,6 +554,24 @@ def main() -> None:
     if args.profile:
         for b in args.batch_sizes:
             profile_ours(args.profile, b, args.dim, args.k)
+        return
+    if args.proxy:
+        batch_sizes = args.batch_sizes if "--batch-sizes" in sys.argv else [180, 1024]
+        load_before = load_average()
+        rows = []
+        for name in args.proxy_losses:
+            for c in args.classes:
+                for b in batch_sizes:
+                    rows.append(bench_proxy(name, b, c, args.dim, not args.no_pml))
+                    print(proxy_markdown(rows[-1:]).splitlines()[-1], flush=True)
+        print(
+            f"\ntorch {torch.__version__}, {args.threads} threads, d = {args.dim}, float32 "
+            f"CPU, load average before/after: {load_before} / {load_average()}\n"
+        )
+        print(proxy_markdown(rows))
+        print()
+        for name in args.proxy_losses:
+            print(f"- {name}: {PROXY_NOTES[name]}")
         return
     pml = None if args.no_pml or not pml_available() else pml_factories()
     load_before = load_average()

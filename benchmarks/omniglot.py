@@ -13,12 +13,18 @@ AccuracyCalculator: precision_at_1 and mean_average_precision_at_r).
 - PML: a plain loop with ``MultiSimilarityLoss`` + ``MultiSimilarityMiner`` and
   ``MPerClassSampler(m=4, batch_size=64)``.
 
+``--loss NAME`` with a proxy loss (proxy_anchor, proxy_nca, soft_triple, normalized_softmax,
+cosface, arcface; each with its paper defaults on both sides): random batches of 64 on both
+sides (deepmetric ``sampler.name: random``; PML a shuffled DataLoader with drop_last), the
+same initial proxies (deepmetric's, copied into PML's parameter), and Adam with the proxies in
+their own group at ``--loss-lr`` (default 100 x the network's 1e-3, Proxy-Anchor's ratio).
+
 Images/s = training images processed per second of training loop (data loading included,
 evaluation and set-up excluded), after a short warm-up of the network; the pipeline that runs
 first alternates between seeds. Prints a Markdown table.
 
 Usage: .venv/bin/python benchmarks/omniglot.py [--iterations 2000] [--seeds 0]
-       [--data ../shared/data/omniglot/images_background.npz]
+       [--data ../shared/data/omniglot/images_background.npz] [--loss proxy_anchor]
 """
 
 from __future__ import annotations
@@ -40,23 +46,79 @@ CONFIG = ROOT / "configs" / "omniglot.yaml"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "omniglot" / "images_background.npz"
 
 
-def omniglot_config(data: Path, iterations: int, seed: int, out: Path):
-    """configs/omniglot.yaml with the benchmark's data path, budget, seed and run folder."""
+PROXY_LOSSES = (
+    "proxy_anchor",
+    "proxy_nca",
+    "soft_triple",
+    "normalized_softmax",
+    "cosface",
+    "arcface",
+)
+
+
+def omniglot_config(
+    data: Path, iterations: int, seed: int, out: Path, loss: str = "multi_similarity", loss_lr=0.1
+):
+    """configs/omniglot.yaml with the benchmark's data path, budget, seed and run folder; a
+    proxy loss with random batches of 64 and its proxies at ``loss_lr``."""
     from deepmetric.config import load_config
 
-    return load_config(
-        CONFIG,
-        [
-            f"--data.root={data}",
-            f"--train.iterations={iterations}",
-            f"--seed={seed}",
-            f"--output.dir={out}",
-            "--train.progress=false",
-            "--eval.every=0",
-            "--train.checkpoint_every=0",
-            "--output.plots=false",
-        ],
-    )
+    overrides = [
+        f"--data.root={data}",
+        f"--train.iterations={iterations}",
+        f"--seed={seed}",
+        f"--output.dir={out}",
+        "--train.progress=false",
+        "--eval.every=0",
+        "--train.checkpoint_every=0",
+        "--output.plots=false",
+    ]
+    if loss in PROXY_LOSSES:
+        overrides += [
+            f"--loss.name={loss}",
+            "--sampler.name=random",
+            "--sampler.batch_size=64",
+            f"--optim.loss_lr={loss_lr}",
+        ]
+    return load_config(CONFIG, overrides)
+
+
+def pml_proxy_loss(cfg, num_classes: int, initial: torch.Tensor):
+    """PML's version of the proxy loss ``cfg.loss.name`` (paper defaults, as deepmetric's),
+    holding deepmetric's initial proxies ``initial`` (C K, d)."""
+    import math
+
+    from pytorch_metric_learning import losses
+
+    name, dim = cfg.loss.name, cfg.model.embedding_dim
+    if name == "proxy_anchor":
+        loss, weight = losses.ProxyAnchorLoss(num_classes, dim, margin=0.1, alpha=32), "proxies"
+    elif name == "proxy_nca":
+        loss, weight = losses.ProxyNCALoss(num_classes, dim, softmax_scale=9.0), "proxies"
+    elif name == "soft_triple":  # + the tau = 0.2 centre regulariser, as deepmetric's default
+        from pytorch_metric_learning.regularizers import SparseCentersRegularizer
+
+        loss = losses.SoftTripleLoss(
+            num_classes,
+            dim,
+            centers_per_class=10,
+            weight_regularizer=SparseCentersRegularizer(num_classes, 10),
+            weight_reg_weight=0.2,
+        )
+        weight = "fc"
+    elif name == "normalized_softmax":
+        loss, weight = losses.NormalizedSoftmaxLoss(num_classes, dim, temperature=0.05), "W"
+    elif name == "cosface":
+        loss, weight = losses.CosFaceLoss(num_classes, dim, margin=0.35, scale=64), "W"
+    elif name == "arcface":
+        loss = losses.ArcFaceLoss(num_classes, dim, margin=math.degrees(0.5), scale=64)
+        weight = "W"
+    else:
+        raise ValueError(name)
+    param = getattr(loss, weight)
+    with torch.no_grad():
+        param.copy_(initial if weight == "proxies" else initial.T)
+    return loss
 
 
 def run_deepmetric(cfg) -> dict:
@@ -68,7 +130,7 @@ def run_deepmetric(cfg) -> dict:
     out = Path(cfg.output.dir)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_s = max(r["time_s"] for r in records if "loss" in r)
-    batch = cfg.sampler.p * cfg.sampler.k
+    batch = cfg.sampler.images_per_batch()
     return {
         "metrics": summary["final"],
         "train_s": train_s,
@@ -81,44 +143,66 @@ def run_pml(cfg, iterations: int, seed: int) -> dict:
     from pytorch_metric_learning import losses, miners, samplers
     from torch.utils.data import DataLoader
 
-    from deepmetric.engine import Evaluator, build_data, build_model_from_config, seed_everything
+    from deepmetric.engine import (
+        Evaluator,
+        build_criterion,
+        build_data,
+        build_model_from_config,
+        seed_everything,
+    )
 
     seed_everything(seed)
     train_ds, eval_sets = build_data(cfg)
     model = build_model_from_config(cfg)  # same seeded initialisation as deepmetric's run
-    batch = cfg.sampler.p * cfg.sampler.k
-    sampler = samplers.MPerClassSampler(
-        train_ds.labels.numpy(),
-        m=cfg.sampler.k,
-        batch_size=batch,
-        length_before_new_iter=iterations * batch,
-    )
-    loader = DataLoader(
-        train_ds,
-        batch_size=batch,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=cfg.data.num_workers,
-    )
-    p = cfg.loss.params
-    loss_func = losses.MultiSimilarityLoss(alpha=p["alpha"], beta=p["beta"], base=p["base"])
-    miner = miners.MultiSimilarityMiner(epsilon=p["epsilon"])
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
-    )
+    batch = cfg.sampler.images_per_batch()
+    groups = [{"params": list(model.parameters()), "lr": cfg.optim.lr}]
+    if cfg.loss.name in PROXY_LOSSES:  # random batches; deepmetric's initial proxies
+        initial = build_criterion(cfg, train_ds.num_classes).proxies.detach()
+        loss_func = pml_proxy_loss(cfg, train_ds.num_classes, initial)
+        miner = None
+        groups.append({"params": list(loss_func.parameters()), "lr": cfg.optim.loss_lr})
+        loader = DataLoader(
+            train_ds,
+            batch_size=batch,
+            shuffle=True,
+            drop_last=True,
+            num_workers=cfg.data.num_workers,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    else:
+        sampler = samplers.MPerClassSampler(
+            train_ds.labels.numpy(),
+            m=cfg.sampler.k,
+            batch_size=batch,
+            length_before_new_iter=iterations * batch,
+        )
+        loader = DataLoader(
+            train_ds,
+            batch_size=batch,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=cfg.data.num_workers,
+        )
+        p = cfg.loss.params
+        loss_func = losses.MultiSimilarityLoss(alpha=p["alpha"], beta=p["beta"], base=p["base"])
+        miner = miners.MultiSimilarityMiner(epsilon=p["epsilon"])
+    optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     model.train()
     start = time.perf_counter()
     done = 0
-    for images, labels in loader:
-        embeddings = model(images)
-        pairs = miner(embeddings, labels)
-        loss = loss_func(embeddings, labels, pairs)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        done += 1
-        if done == iterations:
-            break
+    while done < iterations:  # epochs of the shuffled loader (one long one for MPerClass)
+        for images, labels in loader:
+            embeddings = model(images)
+            if miner is None:
+                loss = loss_func(embeddings, labels)
+            else:
+                loss = loss_func(embeddings, labels, miner(embeddings, labels))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == iterations:
+                break
     train_s = time.perf_counter() - start
     es = eval_sets["val"]
     evaluator = Evaluator(cfg, {"val": es}, torch.device("cpu"), None, persistent_workers=False)
@@ -132,12 +216,14 @@ def run_pml(cfg, iterations: int, seed: int) -> dict:
     }
 
 
-def speed_rounds(data: Path, rounds: int, iterations: int, tmp: Path) -> dict[str, list[float]]:
+def speed_rounds(
+    data: Path, rounds: int, iterations: int, tmp: Path, loss: str, loss_lr: float
+) -> dict[str, list[float]]:
     """Training images/s of both pipelines measured in alternating short runs (deepmetric,
     PML, deepmetric, PML, ...), so that a change in the machine's load hits both alike."""
     speeds: dict[str, list[float]] = {"deepmetric": [], "PML": []}
     for r in range(rounds):
-        cfg = omniglot_config(data, iterations, 100 + r, tmp / f"speed{r}")
+        cfg = omniglot_config(data, iterations, 100 + r, tmp / f"speed{r}", loss, loss_lr)
         order = ("deepmetric", "PML") if r % 2 == 0 else ("PML", "deepmetric")
         for name in order:
             result = (
@@ -153,7 +239,7 @@ def warm_up(cfg, steps: int = 30) -> None:
     from deepmetric.engine import build_model_from_config
 
     model = build_model_from_config(cfg)
-    x = torch.randn(cfg.sampler.p * cfg.sampler.k, 1, 28, 28)
+    x = torch.randn(cfg.sampler.images_per_batch(), 1, 28, 28)
     for _ in range(steps):
         model(x).square().sum().backward()
 
@@ -180,6 +266,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument(
+        "--loss", default="multi_similarity", choices=("multi_similarity", *PROXY_LOSSES)
+    )
+    parser.add_argument(
+        "--loss-lr", type=float, default=0.1, help="proxy losses: the proxies' Adam lr"
+    )
+    parser.add_argument(
         "--speed-rounds",
         type=int,
         default=4,
@@ -201,7 +293,9 @@ def main() -> None:
     for seed in args.seeds:
         pml_first = args.order == "pml-first" or (args.order == "alternate" and seed % 2 == 1)
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = omniglot_config(args.data, args.iterations, seed, Path(tmp) / "run")
+            cfg = omniglot_config(
+                args.data, args.iterations, seed, Path(tmp) / "run", args.loss, args.loss_lr
+            )
             warm_up(cfg)
             if pml_first:
                 pml = run_pml(cfg, args.iterations, seed)
@@ -241,12 +335,21 @@ def main() -> None:
     speeds: dict[str, list[float]] = {}
     if args.speed_rounds:
         with tempfile.TemporaryDirectory() as tmp:
-            speeds = speed_rounds(args.data, args.speed_rounds, args.speed_iterations, Path(tmp))
+            speeds = speed_rounds(
+                args.data, args.speed_rounds, args.speed_iterations, Path(tmp), args.loss,
+                args.loss_lr,
+            )  # fmt: skip
 
     print(
         f"Omniglot background set, train characters 0-763 (15,280 images), evaluate on "
         f"characters 764-963 (4,000 images, each against the other 3,999); "
-        f"{args.iterations} iterations of batch 64 = 16 x 4; torch {torch.__version__}, "
+        f"loss {args.loss}"
+        + (
+            f" (proxies' lr {args.loss_lr}), random batches of 64"
+            if args.loss in PROXY_LOSSES
+            else ", batches of 64 = 16 x 4"
+        )
+        + f"; {args.iterations} iterations; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}.\n"
     )
     print(

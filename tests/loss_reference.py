@@ -7,7 +7,11 @@ LeCun (CVPR 2006) and the similarity form of Wang et al. (CVPR 2019); triplet, S
 (FaceNet, CVPR 2015) and Hermans, Beyer, Leibe (2017); lifted structure, Oh Song et al.
 (CVPR 2016) and Deep_Metric's variant (github.com/bnu-wangxun/Deep_metric); binomial
 deviance, Yi et al. (ICPR 2014); NCA, Goldberger et al. (NIPS 2004); multi-similarity, Wang
-et al. (CVPR 2019); margin loss and its sampling, Wu et al. (ICCV 2017).
+et al. (CVPR 2019); margin loss and its sampling, Wu et al. (ICCV 2017). Proxy losses (at the
+end, on a :class:`ProxyBatch`): Proxy-Anchor, Kim et al. (CVPR 2020); ProxyNCA,
+Movshovitz-Attias et al. (ICCV 2017) and ProxyNCA++, Teh et al. (ECCV 2020); SoftTriple, Qian
+et al. (ICCV 2019); normalized softmax, Zhai and Wu (BMVC 2019); CosFace, Wang et al. (CVPR
+2018); ArcFace, Deng et al. (CVPR 2019).
 
 Every function takes a :class:`Batch` and returns ``(loss, count)``: the loss as a 0-d float64
 tensor connected to the inputs (an exact zero with a graph when nothing is valid) and the
@@ -421,6 +425,145 @@ ORACLES = {
 def reference_loss(name: str, batch: Batch, **hparams) -> tuple[Tensor, int]:
     """Reference value and count for every loss except "margin" (see margin_given_triplets)."""
     return ORACLES[name](batch, **hparams)
+
+
+# proxy losses -----------------------------------------------------------------------------
+class ProxyBatch:
+    """Embeddings x proxies with scalar access: the proxies are normalised here, one row at a
+    time with plain operations (autograd gives the reference gradients w.r.t. them)."""
+
+    def __init__(self, emb: Tensor, labels: Tensor, proxies: Tensor, per_class: int = 1) -> None:
+        self.emb = emb
+        self.B = emb.shape[0]
+        self.y = [int(v) for v in labels.tolist()]
+        self.K = per_class
+        self.C = proxies.shape[0] // per_class
+        self._e = [emb.double()[i] for i in range(self.B)]
+        self._p = []
+        for row in proxies.double():
+            self._p.append(row / torch.sqrt((row * row).sum()))
+        self.proxies = proxies
+
+    def cos(self, i: int, c: int, k: int = 0) -> Tensor:
+        """cos(x_i, centre k of class c)."""
+        return torch.dot(self._e[i], self._p[c * self.K + k])
+
+    def sq_dist(self, i: int, c: int) -> Tensor:
+        """||x_i - p_c / ||p_c||||^2, written as a squared difference."""
+        diff = self._e[i] - self._p[c]
+        return (diff * diff).sum()
+
+    def centre_dot(self, c: int, k: int, k2: int) -> Tensor:
+        return torch.dot(self._p[c * self.K + k], self._p[c * self.K + k2])
+
+    def zero(self) -> Tensor:
+        return self.emb.sum() * 0.0 + self.proxies.sum() * 0.0
+
+
+def _cross_entropy(logits: list[list[Tensor]], y: list[int], exclude_target: bool = False):
+    """Mean over rows of LSE(row) - row[y] (LSE over the other entries with exclude_target)."""
+    terms = []
+    for row, t in zip(logits, y):
+        others = [z for c, z in enumerate(row) if c != t] if exclude_target else row
+        terms.append(lse(others) - row[t])
+    return sum(terms) / len(terms)
+
+
+def proxy_anchor(batch: ProxyBatch, alpha: float = 32.0, delta: float = 0.1):
+    pos_terms, neg_terms = [], []
+    for c in range(batch.C):
+        pos = [i for i in range(batch.B) if batch.y[i] == c]
+        neg = [i for i in range(batch.B) if batch.y[i] != c]
+        if pos:
+            xs = [-alpha * (batch.cos(i, c) - delta) for i in pos]
+            pos_terms.append(lse(xs, include_zero=True))
+        if neg:
+            neg_terms.append(lse([alpha * (batch.cos(i, c) + delta) for i in neg], True))
+    value = sum(pos_terms) / len(pos_terms) + (sum(neg_terms) + batch.zero()) / batch.C
+    return value, len(pos_terms)
+
+
+def proxy_nca(batch: ProxyBatch, temperature: float = 1.0 / 9.0, variant: str = "plus_plus"):
+    logits = [[-batch.sq_dist(i, c) / temperature for c in range(batch.C)] for i in range(batch.B)]
+    return _cross_entropy(logits, batch.y, exclude_target=variant == "original"), batch.B
+
+
+def normalized_softmax(batch: ProxyBatch, temperature: float = 0.05):
+    logits = [[batch.cos(i, c) / temperature for c in range(batch.C)] for i in range(batch.B)]
+    return _cross_entropy(logits, batch.y), batch.B
+
+
+def cosface(batch: ProxyBatch, scale: float = 64.0, margin: float = 0.35):
+    logits = [
+        [scale * (batch.cos(i, c) - (margin if c == batch.y[i] else 0.0)) for c in range(batch.C)]
+        for i in range(batch.B)
+    ]
+    return _cross_entropy(logits, batch.y), batch.B
+
+
+def arcface(batch: ProxyBatch, scale: float = 64.0, margin: float = 0.5):
+    """Target logit s cos(theta + m) with theta = acos(cos) while theta + m <= pi, else
+    s (cos theta - m sin m)."""
+    logits = []
+    for i in range(batch.B):
+        row = []
+        for c in range(batch.C):
+            cos = batch.cos(i, c)
+            if c == batch.y[i]:
+                theta = torch.acos(cos)
+                if _v(theta) + margin <= math.pi:
+                    cos = torch.cos(theta + margin)
+                else:
+                    cos = cos - margin * math.sin(margin)
+            row.append(scale * cos)
+        logits.append(row)
+    return _cross_entropy(logits, batch.y), batch.B
+
+
+def soft_triple(
+    batch: ProxyBatch,
+    centers_per_class: int = 10,
+    scale: float = 20.0,
+    gamma: float = 0.1,
+    margin: float = 0.01,
+    tau: float = 0.2,
+):
+    assert centers_per_class == batch.K
+    logits = []
+    for i in range(batch.B):
+        row = []
+        for c in range(batch.C):
+            s = [batch.cos(i, c, k) for k in range(batch.K)]
+            m = max(_v(v) for v in s)
+            w = [torch.exp((v - m) / gamma) for v in s]
+            relaxed = sum(wk * sk for wk, sk in zip(w, s)) / sum(w)
+            row.append(scale * (relaxed - (margin if c == batch.y[i] else 0.0)))
+        logits.append(row)
+    value = _cross_entropy(logits, batch.y)
+    if tau > 0 and batch.K > 1:
+        reg = []
+        for c in range(batch.C):
+            for k in range(batch.K):
+                for k2 in range(k + 1, batch.K):
+                    reg.append(torch.sqrt(2.0 + 1e-5 - 2.0 * batch.centre_dot(c, k, k2)))
+        value = value + tau * sum(reg) / (batch.C * batch.K * (batch.K - 1))
+    return value, batch.B
+
+
+PROXY_ORACLES = {
+    "proxy_anchor": proxy_anchor,
+    "proxy_nca": proxy_nca,
+    "soft_triple": soft_triple,
+    "normalized_softmax": normalized_softmax,
+    "cosface": cosface,
+    "arcface": arcface,
+}
+
+
+def reference_proxy_loss(name: str, batch: ProxyBatch, **hparams) -> tuple[Tensor, int]:
+    """Reference value and count of proxy loss ``name`` (hparams without num_classes,
+    embedding_dim and seed)."""
+    return PROXY_ORACLES[name](batch, **hparams)
 
 
 # test data --------------------------------------------------------------------------------

@@ -44,7 +44,51 @@ def test_presets_exist() -> None:
         "xbm_cars196.yaml",
         "xbm_sop.yaml",
         "xbm_inshop.yaml",
+        "proxy_anchor_cub.yaml",
+        "proxy_anchor_cars196.yaml",
+        "proxy_anchor_sop.yaml",
+        "proxy_anchor_inshop.yaml",
     } <= names
+
+
+@pytest.mark.parametrize(
+    ("name", "lr", "step_epochs", "gamma", "freeze_bn", "images"),
+    [
+        ("cub", 1e-4, 10, 0.5, True, 5864),
+        ("cars196", 1e-4, 20, 0.5, True, 8054),
+        ("sop", 6e-4, 20, 0.25, False, 59551),
+        ("inshop", 6e-4, 20, 0.25, False, 25882),
+    ],
+)
+def test_proxy_anchor_presets_follow_the_official_recipe(
+    name, lr, step_epochs, gamma, freeze_bn, images
+) -> None:
+    """BN-Inception 512-d, avg + max pooling, AdamW, proxies at 100 x lr, weight decay 1e-4,
+    random batches of 180, 60 epochs, warm-up 1 epoch, step decay (in epochs of 180)."""
+    cfg = load_config(ROOT / "configs" / f"proxy_anchor_{name}.yaml")
+    epoch = images // 180
+    assert (cfg.data.name, cfg.model.backbone, cfg.model.embedding_dim) == (
+        name,
+        "bninception",
+        512,
+    )
+    assert cfg.model.pooling == "avgmax" and cfg.model.freeze_bn is freeze_bn
+    assert cfg.loss.name == "proxy_anchor" and cfg.loss.params == {"alpha": 32.0, "delta": 0.1}
+    assert (cfg.sampler.name, cfg.sampler.images_per_batch()) == ("random", 180)
+    o = cfg.optim
+    assert (o.name, o.lr, o.loss_lr, o.weight_decay, o.loss_weight_decay) == (
+        "adamw",
+        lr,
+        pytest.approx(100 * lr),
+        1e-4,
+        1e-4,
+    )
+    assert (cfg.schedule.name, cfg.schedule.step_size, cfg.schedule.gamma) == (
+        "step",
+        step_epochs * epoch,
+        gamma,
+    )
+    assert cfg.train.iterations == 60 * epoch and cfg.train.freeze_backbone_iterations == epoch
 
 
 def test_overrides_both_forms_and_yaml_values(tmp_path: Path) -> None:
@@ -115,8 +159,8 @@ def test_bad_loss_hyper_parameter_names_loss_key(tmp_path: Path) -> None:
     assert "neg_margin" in str(e.value)  # lists the accepted ones
     with pytest.raises(ConfigError, match=r"loss.alfa"):
         load_config(None, ["--loss.name=multi_similarity", "--loss.alfa=2"])
-    with pytest.raises(ConfigError, match=r"loss.name: unknown loss 'arcface'"):
-        load_config(None, ["--loss.name=arcface"])
+    with pytest.raises(ConfigError, match=r"loss.name: unknown loss 'sphereface'"):
+        load_config(None, ["--loss.name=sphereface"])
     with pytest.raises(ConfigError, match=r"loss \(contrastive\)"):  # value the loss rejects
         load_config(None, ["--loss.name=contrastive", "--loss.form=cosine"])
 
@@ -130,6 +174,43 @@ def test_cross_field_checks() -> None:
         load_config(None, ["--schedule.name=multistep"])
     with pytest.raises(ConfigError, match=r"eval\.val_fraction"):
         load_config(None, ["--eval.protocol=val", "--eval.val_fraction=1.5"])
+
+
+def test_proxy_loss_and_random_sampler_checks() -> None:
+    """A proxy loss needs no num_classes in the config (the trainer passes the training
+    split's); it cannot sit in a cross-batch memory; its embedding_dim is the model's."""
+    cfg = load_config(None, ["--loss.name=proxy_anchor", "--loss.alpha=16"])
+    assert cfg.loss.params == {"alpha": 16}
+    load_config(None, ["--loss.name=proxy_nca", "--loss.variant=original"])  # needs C >= 2
+    with pytest.raises(ConfigError, match=r"xbm\.enabled: .*'proxy_anchor' is a proxy loss"):
+        load_config(None, ["--loss.name=proxy_anchor", "--xbm.enabled=true"])
+    with pytest.raises(ConfigError, match=r"loss\.embedding_dim: 64 differs from model"):
+        load_config(None, ["--loss.name=arcface", "--loss.embedding_dim=64"])
+    load_config(None, ["--loss.name=arcface", "--loss.embedding_dim=512"])  # the same: fine
+    with pytest.raises(ConfigError, match=r"loss \(normalized_softmax\): temperature"):
+        load_config(None, ["--loss.name=normalized_softmax", "--loss.temperature=0"])
+    with pytest.raises(ConfigError, match=r"loss \(soft_triple\): num_classes must be"):
+        load_config(None, ["--loss.name=soft_triple", "--loss.num_classes=0"])
+    with pytest.raises(ConfigError, match=r"loss\.centres: not a hyper-parameter"):
+        load_config(None, ["--loss.name=soft_triple", "--loss.centres=3"])
+    random = load_config(None, ["--sampler.name=random", "--sampler.batch_size=180"])
+    assert random.sampler.images_per_batch() == 180
+    with pytest.raises(ConfigError, match=r"--sampler\.name=random needs --sampler\.batch_size"):
+        load_config(None, ["--sampler.name=random"])
+    with pytest.raises(ConfigError, match=r"sampler\.batch_size: P x K batches hold p x k = 64"):
+        load_config(None, ["--sampler.batch_size=100"])
+    with pytest.raises(ConfigError, match=r"xbm\.size"):
+        load_config(
+            None,
+            [
+                "--sampler.name=random",
+                "--sampler.batch_size=300",
+                "--xbm.enabled=true",
+                "--xbm.size=200",
+            ],
+        )
+    with pytest.raises(ConfigError, match=r"train\.freeze_backbone_iterations"):
+        load_config(None, ["--train.freeze_backbone_iterations=-1"])
 
 
 def test_malformed_overrides() -> None:

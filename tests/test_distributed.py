@@ -53,7 +53,21 @@ LOSS_CASES: dict[str, tuple[str, dict]] = {
     # random negative sampling: identical generator seed on every rank and in the reference
     "margin": ("margin", {"seed": 7}),
     "margin_per_class": ("margin", {"seed": 7, "num_classes": NUM_CLASSES}),
+    # proxy losses: the proxies (same seed on every rank) get the global loss's gradient
+    "proxy_anchor": ("proxy_anchor", {"num_classes": NUM_CLASSES, "embedding_dim": DIM_OUT}),
+    "proxy_nca": ("proxy_nca", {"num_classes": NUM_CLASSES, "embedding_dim": DIM_OUT}),
+    "soft_triple": (
+        "soft_triple",
+        {"num_classes": NUM_CLASSES, "embedding_dim": DIM_OUT, "centers_per_class": 3},
+    ),
+    "normalized_softmax": (
+        "normalized_softmax",
+        {"num_classes": NUM_CLASSES, "embedding_dim": DIM_OUT},
+    ),
+    "cosface": ("cosface", {"num_classes": NUM_CLASSES, "embedding_dim": DIM_OUT, "scale": 8.0}),
+    "arcface": ("arcface", {"num_classes": NUM_CLASSES, "embedding_dim": DIM_OUT, "scale": 8.0}),
 }
+PROXY_STEPS = 3
 
 XBM_STEPS = 4
 XBM_SIZE = 40  # < 2 global batches: the ring buffer wraps during the test
@@ -137,6 +151,44 @@ def _xbm_steps() -> dict:
     }
 
 
+class _UnitLinear(nn.Module):
+    """The tiny linear model followed by L2 normalisation (what a proxy loss expects)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = _model()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.linear(x), dim=1)
+
+
+def _proxy_train_steps() -> dict:
+    """A few steps of the trainer's own ``train_step`` with Proxy-Anchor (gather, global
+    loss, loss-parameter gradients averaged over ranks, AdamW with the loss group at 10x)."""
+    from deepmetric.config import OptimConfig
+    from deepmetric.engine.optim import build_optimizer
+    from deepmetric.engine.trainer import train_step
+
+    model = D.wrap_model(_UnitLinear())
+    criterion = build_loss("proxy_anchor", num_classes=NUM_CLASSES, embedding_dim=DIM_OUT)
+    optim = OptimConfig(name="adamw", lr=0.05, loss_lr=0.5, loss_weight_decay=1e-4)
+    optimizer = build_optimizer(optim, D.unwrap_model(model), criterion)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = []
+    for step in range(PROXY_STEPS):
+        x, labels = _inputs(step)
+        loss = train_step(
+            model, criterion, optimizer, scaler, _local(x), _local(labels),
+            lr_scale=1.0, amp=None, grad_clip=0.0,
+        )  # fmt: skip
+        losses.append(loss)
+    return {
+        "losses": torch.stack(losses),
+        "proxies": criterion.proxies.detach().clone(),
+        "params": {n: p.detach().clone() for n, p in D.unwrap_model(model).named_parameters()},
+    }
+
+
 def _uneven_weights(n: int) -> Tensor:
     return torch.linspace(-1.0, 2.0, n * 3, dtype=torch.float64).reshape(n, 3)
 
@@ -203,6 +255,7 @@ def _worker_all(out_dir: Path) -> None:
 
     res["losses"] = {case: _loss_step(case) for case in LOSS_CASES}
     res["xbm"] = _xbm_steps()
+    res["proxy_steps"] = _proxy_train_steps()
 
     # Uneven all_gather_with_grad: the same loss on every rank, and a rank-dependent loss.
     x = _uneven_local(rank).requires_grad_(True)
@@ -391,6 +444,23 @@ def test_xbm_memories_identical_across_ranks_and_match_single_process(dist_resul
     # the ring buffer wrapped: the memory holds rows of the last steps
     assert int(mem0["filled"]) == XBM_SIZE
     assert int(mem0["ptr"]) == (XBM_STEPS - 1) * B_GLOBAL % XBM_SIZE
+
+
+def test_proxies_identical_across_ranks_and_match_single_process(dist_results):
+    """Proxy-Anchor trained by train_step: after each rank's optimizer steps the proxies
+    are bit-identical on every rank and equal one process's on the global batch."""
+    ref = _proxy_train_steps()
+    proxies0 = dist_results[0]["proxy_steps"]["proxies"]
+    assert not torch.equal(
+        proxies0, build_loss("proxy_anchor", num_classes=6, embedding_dim=6).proxies
+    )
+    for res in dist_results:
+        got = res["proxy_steps"]
+        assert torch.equal(got["proxies"], proxies0), "proxies differ between ranks"
+        torch.testing.assert_close(got["proxies"], ref["proxies"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+        for name, p in ref["params"].items():
+            torch.testing.assert_close(got["params"][name], p, rtol=1e-5, atol=1e-6)
 
 
 def test_uneven_all_gather_with_grad(dist_results):

@@ -257,6 +257,72 @@ def test_resume_continues_exactly_in_process(tmp_path: Path) -> None:
     assert '"event": "resume"' in records and "train.iterations" in records  # config diff
 
 
+PROXY = [
+    "--loss.name=proxy_anchor",
+    "--sampler.name=random",
+    "--sampler.batch_size=10",
+    "--train.freeze_backbone_iterations=5",
+    "--optim.loss_lr=1e-2",
+    "--optim.loss_weight_decay=1e-4",
+]
+
+
+def test_proxy_loss_resume_continues_exactly_in_process(tmp_path: Path) -> None:
+    """Proxy-Anchor with random batches and a frozen-backbone warm-up: stop at 20 and resume
+    to 40 == 40 straight, proxies and their optimizer moments included."""
+    args = [*PROXY, "--train.checkpoint_every=10"]
+    run_in_process(tmp_path / "straight", "--train.iterations=40", *args)
+    run_in_process(tmp_path / "resumed", "--train.iterations=20", *args)
+    run_in_process(tmp_path / "resumed", "--train.iterations=40", "--train.resume=auto", *args)
+    assert_same_state(tmp_path / "straight", tmp_path / "resumed")
+    state = load_checkpoint(tmp_path / "straight" / "last", state=True)[1]
+    proxies = state["criterion"]["proxies"]
+    assert proxies.shape == (5, 16) and proxies.dtype == torch.float32  # digits 0-4, 16-d
+    groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
+    # own lr and weight decay; the step schedule (x0.1 from iteration 25) applies to it too
+    assert groups["loss"]["lr"] == pytest.approx(1e-3) and groups["loss"]["weight_decay"] == 1e-4
+    initial = build_loss("proxy_anchor", num_classes=5, embedding_dim=16, seed=0).proxies
+    assert not torch.equal(proxies, initial.detach())  # trained
+    # the run's config (a proxy loss without num_classes) evaluates like any other
+    again = evaluate_checkpoint(tmp_path / "straight", out=tmp_path / "e.json", progress=False)
+    records = [json.loads(r) for r in (tmp_path / "straight" / "metrics.jsonl").open()]
+    assert again["metrics"]["recall@1"] == [r for r in records if "recall@1" in r][-1]["recall@1"]
+
+
+def test_freeze_backbone_iterations(tmp_path: Path) -> None:
+    """During the warm-up only the head and the proxies change: the same weights as a run
+    whose backbone learning rate is 0; after it the backbone trains."""
+    common = [*PROXY[:3], "--train.iterations=3"]
+    run_in_process(tmp_path / "frozen", *common, "--train.freeze_backbone_iterations=3")
+    run_in_process(tmp_path / "lr0", *common, "--optim.backbone_lr=0")
+    run_in_process(tmp_path / "free", *common)
+    frozen, lr0, free = (
+        weights(tmp_path / "frozen"),
+        weights(tmp_path / "lr0"),
+        weights(tmp_path / "free"),
+    )
+    for key in frozen:
+        assert torch.equal(frozen[key], lr0[key]), key
+    backbone = [k for k in frozen if k.startswith("backbone.") and "running" not in k]
+    assert backbone and any(not torch.equal(frozen[k], free[k]) for k in backbone)
+    head = [k for k in frozen if k.startswith("head.")]
+    assert head and all(not torch.equal(frozen[k], free[k]) for k in head)
+    # the frozen backbone got no Adam moments (as with requires_grad off)
+    state = load_checkpoint(tmp_path / "frozen" / "last", state=True)[1]
+    groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
+    assert not any(i in state["optimizer"]["state"] for i in groups["backbone"]["params"])
+    assert all(i in state["optimizer"]["state"] for i in groups["loss"]["params"])
+
+
+def test_proxy_loss_num_classes_comes_from_the_training_split(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"loss\.num_classes: 7, but the training split has 5"):
+        run_in_process(tmp_path / "a", "--train.iterations=1", *PROXY, "--loss.num_classes=7")
+    summary = run_in_process(
+        tmp_path / "b", "--train.iterations=2", "--loss.name=cosface", "--loss.num_classes=5"
+    )
+    assert summary["iteration"] == 2
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "deepmetric", "train", "--config", str(DEMO), *TINY, *args]
 

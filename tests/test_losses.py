@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepmetric.losses import LOSSES, build_loss
+from deepmetric.losses import PAIR_LOSSES, build_loss
 from loss_reference import (
     Batch,
     make_case,
@@ -315,7 +315,7 @@ def test_duplicates_counted_float32():
     assert int(loss_fn.num_active) == 10
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
 @pytest.mark.parametrize("where", ["embeddings", "ref_emb"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_input_raises(name, where, bad):
@@ -377,7 +377,7 @@ def _bf16_autocast_unit(b: int, d: int, seed: int) -> torch.Tensor:
     return emb.float()
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
 def test_raw_embeddings_raise(name):
     """Rows that are not unit vectors raise a ValueError that gives the norms found and the
     fix, in-batch and for the anchors of a call with references."""
@@ -395,7 +395,7 @@ def test_raw_embeddings_raise(name):
         loss_fn(raw, labels, emb, labels, torch.arange(8))
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
 def test_raw_ref_emb_raise(name):
     """Unit anchors against references that are not unit vectors: the error names ref_emb."""
     emb = _unit(8, seed=4).detach()
@@ -454,7 +454,7 @@ def test_cross_batch_memory_checks_rows_when_written():
     assert calls == [True, False]  # the in-batch term, then the memory term
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
 @pytest.mark.parametrize("kind", ["float32", "float64", "bf16_autocast"])
 def test_normalised_embeddings_pass(name, kind):
     """Unit rows pass in float32 and float64, and so do bfloat16-autocast outputs cast to

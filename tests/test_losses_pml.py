@@ -8,6 +8,8 @@ pair, which is deepmetric's ``self_index=None``.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -289,3 +291,167 @@ def test_margin_vs_pml_given_triplets(case, per_class):
     g_ours = torch.autograd.grad(ours, inputs, retain_graph=True)
     g_theirs = torch.autograd.grad(theirs, inputs, allow_unused=True)
     assert_same(ours, theirs, g_ours, g_theirs, inputs, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# proxy losses: the same proxies copied into PML's parameter (PML's W / fc is proxies^T)
+# ---------------------------------------------------------------------------------------
+PROXY_DIM = 12
+
+
+def proxy_case(b=24, c=10, per_class=1, seed=0):
+    """Raw leaves x (B, d) of random norms, labels leaving some classes out, proxies."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, c - 2, (b,), generator=g)  # classes c-2, c-1 absent
+    proxies = torch.randn(c * per_class, PROXY_DIM, generator=g, dtype=torch.float64)
+    centre = F.normalize(proxies[labels * per_class], dim=1)
+    x = centre + 0.6 * torch.randn(b, PROXY_DIM, generator=g, dtype=torch.float64)
+    x = x * (0.5 + torch.rand(b, 1, generator=g, dtype=torch.float64))
+    return x.requires_grad_(True), labels, proxies
+
+
+def ours_with(name, proxies, per_class=1, **hp):
+    ours = build_loss(
+        name, num_classes=proxies.shape[0] // per_class, embedding_dim=PROXY_DIM, **hp
+    ).double()
+    with torch.no_grad():
+        ours.proxies.copy_(proxies)
+    return ours
+
+
+def compare_proxy_losses(ours, pml, pml_weight, x, labels, transposed, rtol=1e-9):
+    """Values and gradients w.r.t. the raw leaf x and the proxies (PML's parameter
+    ``pml_weight``, transposed when it is (d, C))."""
+    with torch.no_grad():
+        pml_weight.copy_(ours.proxies.T if transposed else ours.proxies)
+    emb = F.normalize(x, dim=1)
+    v_ours, v_pml = ours(emb, labels), pml(emb, labels)
+    g_ours = torch.autograd.grad(v_ours, [x, ours.proxies], retain_graph=True)
+    g_pml = torch.autograd.grad(v_pml, [x, pml_weight])
+    g_pml = (g_pml[0], g_pml[1].T if transposed else g_pml[1])
+    assert_same(v_ours, v_pml, g_ours, g_pml, [x, ours.proxies], rtol=rtol)
+    return v_ours, v_pml
+
+
+@pytest.mark.parametrize("hp", [{}, {"alpha": 8.0, "delta": 0.3}])
+def test_proxy_anchor_vs_pml(hp):
+    x, labels, proxies = proxy_case()
+    ours = ours_with("proxy_anchor", proxies, **hp)
+    pml = pml_losses.ProxyAnchorLoss(
+        10, PROXY_DIM, margin=hp.get("delta", 0.1), alpha=hp.get("alpha", 32.0)
+    ).double()
+    compare_proxy_losses(ours, pml, pml.proxies, x, labels, transposed=False)
+
+
+@pytest.mark.parametrize("temperature", [1 / 9, 0.5])
+def test_proxy_nca_plus_plus_vs_pml(temperature):
+    """ProxyNCA++ = PML's ProxyNCALoss(softmax_scale=1/T) (softmax over all proxies)."""
+    x, labels, proxies = proxy_case(seed=1)
+    ours = ours_with("proxy_nca", proxies, temperature=temperature)
+    pml = pml_losses.ProxyNCALoss(10, PROXY_DIM, softmax_scale=1 / temperature).double()
+    compare_proxy_losses(ours, pml, pml.proxies, x, labels, transposed=False)
+
+
+def test_proxy_nca_differs_from_pml_where_pml_drops_samples():
+    """On purpose: a sample whose positive probability underflows to 0 keeps its (large)
+    loss here; PML leaves it out of the mean (float32, T = 1/200, one sample on the far side
+    of the sphere from its proxy)."""
+    x, labels, proxies = proxy_case(seed=2)
+    x32, proxies32 = x.detach().float(), proxies.float()
+    x32[0] = -proxies32[labels[0]]  # cos = -1 to its own proxy
+    emb = F.normalize(x32, dim=1)
+    ours = build_loss("proxy_nca", num_classes=10, embedding_dim=PROXY_DIM, temperature=1 / 200)
+    pml = pml_losses.ProxyNCALoss(10, PROXY_DIM, softmax_scale=200.0)
+    with torch.no_grad():
+        ours.proxies.copy_(proxies32)
+        pml.proxies.copy_(proxies32)
+    per_sample = [ours(emb[i : i + 1], labels[i : i + 1]).item() for i in range(len(labels))]
+    assert per_sample[0] > 500  # -log p_y with p_y ~ e^-800
+    kept = [v for v in per_sample if v < 80]  # PML keeps exactly the samples with p_y > 0
+    assert len(kept) < len(per_sample)
+    assert ours(emb, labels).item() == pytest.approx(sum(per_sample) / len(per_sample), rel=1e-5)
+    assert pml(emb, labels).item() == pytest.approx(sum(kept) / len(kept), rel=1e-4)
+
+
+@pytest.mark.parametrize("hp", [{}, {"scale": 8.0, "margin": 0.2}])
+def test_cosface_vs_pml(hp):
+    x, labels, proxies = proxy_case(seed=3)
+    ours = ours_with("cosface", proxies, **hp)
+    pml = pml_losses.CosFaceLoss(
+        10, PROXY_DIM, margin=hp.get("margin", 0.35), scale=hp.get("scale", 64.0)
+    ).double()
+    compare_proxy_losses(ours, pml, pml.W, x, labels, transposed=True)
+
+
+@pytest.mark.parametrize("hp", [{}, {"scale": 8.0, "margin": 0.3}, {"scale": 4.0, "margin": 2.0}])
+def test_arcface_vs_pml(hp):
+    """PML's margin is in degrees; both use cos theta - m sin m past pi - m."""
+    x, labels, proxies = proxy_case(seed=4)
+    ours = ours_with("arcface", proxies, **hp)
+    margin_deg = math.degrees(hp.get("margin", 0.5))
+    pml = pml_losses.ArcFaceLoss(
+        10, PROXY_DIM, margin=margin_deg, scale=hp.get("scale", 64.0)
+    ).double()
+    compare_proxy_losses(ours, pml, pml.W, x, labels, transposed=True)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.5])
+def test_normalized_softmax_vs_pml(temperature):
+    x, labels, proxies = proxy_case(seed=6)
+    ours = ours_with("normalized_softmax", proxies, temperature=temperature)
+    pml = pml_losses.NormalizedSoftmaxLoss(10, PROXY_DIM, temperature=temperature).double()
+    compare_proxy_losses(ours, pml, pml.W, x, labels, transposed=True)
+
+
+@pytest.mark.parametrize("hp", [{}, {"scale": 10.0, "gamma": 0.5, "margin": 0.2}])
+def test_soft_triple_vs_pml(hp):
+    """tau = 0: PML's SoftTripleLoss (which has no centre regulariser)."""
+    x, labels, proxies = proxy_case(per_class=3, seed=7)
+    ours = ours_with("soft_triple", proxies, per_class=3, centers_per_class=3, tau=0.0, **hp)
+    pml = pml_losses.SoftTripleLoss(
+        10,
+        PROXY_DIM,
+        centers_per_class=3,
+        la=hp.get("scale", 20.0),
+        gamma=hp.get("gamma", 0.1),
+        margin=hp.get("margin", 0.01),
+    ).double()
+    compare_proxy_losses(ours, pml, pml.fc, x, labels, transposed=True)
+
+
+def test_soft_triple_regulariser_vs_pml_sparse_centers():
+    """tau > 0: PML's SoftTripleLoss + SparseCentersRegularizer (weight tau) has the same
+    sum and divisor; it adds the smallest float under the root where the official code (and
+    ours) adds 1e-5, a relative difference below 1e-5 for centres that are not identical."""
+    from pytorch_metric_learning.regularizers import SparseCentersRegularizer
+
+    x, labels, proxies = proxy_case(per_class=3, seed=8)
+    ours = ours_with("soft_triple", proxies, per_class=3, centers_per_class=3, tau=0.2)
+    pml = pml_losses.SoftTripleLoss(
+        10,
+        PROXY_DIM,
+        centers_per_class=3,
+        weight_regularizer=SparseCentersRegularizer(10, 3),
+        weight_reg_weight=0.2,
+    ).double()
+    compare_proxy_losses(ours, pml, pml.fc, x, labels, transposed=True, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,pml_cls,attr",
+    [
+        ("proxy_anchor", "ProxyAnchorLoss", "proxies"),
+        ("normalized_softmax", "NormalizedSoftmaxLoss", "W"),
+        ("arcface", "ArcFaceLoss", "W"),
+    ],
+)
+def test_proxies_keep_their_dtype_unlike_pml(name, pml_cls, attr):
+    """On purpose: PML re-assigns its proxies in place to the input's dtype (float64 input
+    makes the parameter float64 for good, PML #309 with fp16 under AMP); ours stay float32."""
+    emb = F.normalize(torch.randn(6, PROXY_DIM, dtype=torch.float64), dim=1)
+    labels = torch.arange(6) % 4
+    ours = build_loss(name, num_classes=4, embedding_dim=PROXY_DIM)
+    pml = getattr(pml_losses, pml_cls)(4, PROXY_DIM)
+    ours(emb, labels), pml(emb, labels)
+    assert ours.proxies.dtype == torch.float32
+    assert getattr(pml, attr).dtype == torch.float64

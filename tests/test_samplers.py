@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from deepmetric.samplers import PKSampler
+from deepmetric.samplers import PKSampler, RandomBatchSampler
 
 
 def labels_from_sizes(sizes) -> np.ndarray:
@@ -281,3 +281,52 @@ def test_sop_sized_epoch_is_fast() -> None:
     n = len(sampler)
     assert time.perf_counter() - start < 1.0
     assert n * 16 + sampler.dropped_chunks == sum(max(1, -(-int(s) // 4)) for s in sizes)
+
+
+# ---------------------------------------------------------------- RandomBatchSampler
+def test_random_batches_cover_an_epoch_once_and_drop_the_last_partial_batch() -> None:
+    sampler = RandomBatchSampler(103, 10, seed=5)
+    batches = epoch(sampler, 0)
+    assert len(batches) == len(sampler) == 10 and all(len(b) == 10 for b in batches)
+    seen = [i for b in batches for i in b]
+    assert len(set(seen)) == 100 and set(seen) <= set(range(103))  # 3 indices left out
+    labels = np.arange(103) % 7  # not class-balanced: batches hold what the shuffle gives
+    assert len({tuple(sorted(Counter(labels[b]).values())) for b in batches}) > 1
+
+
+def test_random_batches_seeded_per_epoch_and_independent_of_global_rng() -> None:
+    a, b = RandomBatchSampler(50, 8, seed=1), RandomBatchSampler(50, 8, seed=1)
+    torch.manual_seed(0)
+    np.random.seed(0)  # noqa: NPY002
+    first = epoch(a, 3)
+    torch.manual_seed(1)
+    np.random.seed(1)  # noqa: NPY002
+    assert epoch(b, 3) == first
+    assert epoch(a, 4) != first and epoch(RandomBatchSampler(50, 8, seed=2), 3) != first
+
+
+def test_random_batches_resume_inside_an_epoch() -> None:
+    sampler = RandomBatchSampler(64, 5, seed=3)
+    full = epoch(sampler, 2)
+    sampler.set_epoch(2, start_batch=4)
+    assert list(sampler) == full[4:]
+    assert list(sampler) == full  # the next pass starts at batch 0 again
+    assert len(sampler) == len(full) == 12
+
+
+def test_random_batches_ranks_disjoint_equal_counts() -> None:
+    one = epoch(RandomBatchSampler(100, 7, seed=9, num_replicas=1, rank=0), 1)  # 14 batches
+    ranks = [epoch(RandomBatchSampler(100, 7, seed=9, num_replicas=3, rank=r), 1) for r in range(3)]
+    assert [len(b) for b in ranks] == [4, 4, 4]  # 14 -> 12, a multiple of 3
+    assert [b for trio in zip(*ranks) for b in trio] == one[:12]  # rank r: batches r, r + 3, ...
+    assert len({i for b in ranks for batch in b for i in batch}) == 12 * 7
+
+
+def test_random_batches_errors() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        RandomBatchSampler(10, 0)
+    with pytest.raises(ValueError, match="num_samples"):
+        RandomBatchSampler(0, 4)
+    with pytest.raises(ValueError, match="rank"):
+        RandomBatchSampler(10, 2, num_replicas=2, rank=2)
+    assert len(RandomBatchSampler(10, 11)) == 0

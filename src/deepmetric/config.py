@@ -136,11 +136,19 @@ class XBMConfig:
 
 @dataclass
 class SamplerConfig:
-    """P x K batches: P classes, K images each (batch size = P * K)."""
+    """Training batches on each rank. ``pk``: P classes, K images each (batch size P * K);
+    ``random``: ``batch_size`` images drawn without replacement from a shuffled epoch, not
+    class-balanced (the proxy losses' papers train this way)."""
 
+    name: Literal["pk", "random"] = "pk"
     p: int = 16
     k: int = 4
     small_classes: Literal["replace", "skip"] = "replace"
+    batch_size: int | None = None  # random: images per batch on each rank; pk: leave null
+
+    def images_per_batch(self) -> int:
+        """Images in one batch on one rank: p x k, or batch_size for random batches."""
+        return self.p * self.k if self.name == "pk" else int(self.batch_size or 0)
 
 
 @dataclass
@@ -204,6 +212,9 @@ class TrainConfig:
     # last good checkpoint) or "skip" (no update; stop after max_nonfinite_in_row in a row)
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_nonfinite_in_row: int = 10
+    # warm-up of the Proxy-Anchor code: the backbone gets no update for the first N
+    # iterations (only the embedding head and the loss's parameters, e.g. proxies, train)
+    freeze_backbone_iterations: int = 0
 
 
 @dataclass
@@ -596,10 +607,26 @@ def validate_config(cfg: Config) -> None:
     def err(key: str, msg: str) -> ConfigError:
         return ConfigError(f"{_where(cfg, key)}: {key}: {msg}")
 
-    if cfg.sampler.k < 2:
-        raise err("sampler.k", f"expected at least 2 images per class, got {cfg.sampler.k}")
-    if cfg.sampler.p < 1:
-        raise err("sampler.p", f"expected at least 1 class per batch, got {cfg.sampler.p}")
+    sampler = cfg.sampler
+    if sampler.name == "pk":
+        if sampler.k < 2:
+            raise err("sampler.k", f"expected at least 2 images per class, got {sampler.k}")
+        if sampler.p < 1:
+            raise err("sampler.p", f"expected at least 1 class per batch, got {sampler.p}")
+        if sampler.batch_size is not None and sampler.batch_size != sampler.p * sampler.k:
+            raise err(
+                "sampler.batch_size",
+                f"P x K batches hold p x k = {sampler.p * sampler.k} images, got "
+                f"{sampler.batch_size}: leave it null, or set --sampler.name=random",
+            )
+    elif sampler.batch_size is None or sampler.batch_size < 1:
+        raise err(
+            "sampler.batch_size",
+            f"--sampler.name=random needs --sampler.batch_size=N (images per batch on each "
+            f"rank, N >= 1), got {sampler.batch_size}",
+        )
+    if cfg.train.freeze_backbone_iterations < 0:
+        raise err("train.freeze_backbone_iterations", "expected >= 0")
     if cfg.train.iterations < 0:
         raise err("train.iterations", f"expected >= 0, got {cfg.train.iterations}")
     for key in ("train.keep_last", "train.max_nonfinite_in_row"):
@@ -616,10 +643,10 @@ def validate_config(cfg: Config) -> None:
         raise err("optim.lr", "expected >= 0")
     if len(cfg.optim.betas) != 2:
         raise err("optim.betas", f"expected two numbers, got {cfg.optim.betas}")
-    if cfg.xbm.enabled and cfg.xbm.size < cfg.sampler.p * cfg.sampler.k:
+    if cfg.xbm.enabled and cfg.xbm.size < sampler.images_per_batch():
         raise err(
             "xbm.size",
-            f"must hold at least one batch ({cfg.sampler.p * cfg.sampler.k}), got {cfg.xbm.size}",
+            f"must hold at least one batch ({sampler.images_per_batch()}), got {cfg.xbm.size}",
         )
     if cfg.eval.protocol == "val" and not 0.0 < cfg.eval.val_fraction < 1.0:
         raise err(
@@ -723,9 +750,12 @@ def check_loss(cfg: Config) -> None:
     """Check ``loss.name`` and every ``loss.<key>`` against the loss's constructor.
 
     Unknown names and hyper-parameters (``build_loss`` raises TypeError) become a
-    ConfigError naming ``loss.<key>``; a value the loss rejects (ValueError) too.
+    ConfigError naming ``loss.<key>``; a value the loss rejects (ValueError) too. A proxy
+    loss is built with ``model.embedding_dim`` (``loss.embedding_dim`` may only repeat it)
+    and two classes unless ``loss.num_classes`` is set (the trainer passes the training
+    split's count); it cannot sit in a cross-batch memory (``xbm.enabled``).
     """
-    from deepmetric.losses import LOSSES, build_loss
+    from deepmetric.losses import LOSSES, PROXY_LOSSES, build_loss
 
     name = cfg.loss.name
     if name not in LOSSES:
@@ -740,8 +770,24 @@ def check_loss(cfg: Config) -> None:
                 f"{_where(cfg, 'loss.' + key)}: loss.{key}: not a hyper-parameter of loss "
                 f"{name!r}; expected one of: {', '.join(accepted)}"
             )
+    params = dict(cfg.loss.params)
+    if name in PROXY_LOSSES:
+        if cfg.xbm.enabled:
+            raise ConfigError(
+                f"{_where(cfg, 'xbm.enabled')}: xbm.enabled: a cross-batch memory needs a "
+                f"pair-based loss; {name!r} is a proxy loss (embeddings against class proxies, "
+                "no pairs): set --xbm.enabled=false or choose a pair-based --loss.name"
+            )
+        dim = params.setdefault("embedding_dim", cfg.model.embedding_dim)
+        if dim != cfg.model.embedding_dim:
+            raise ConfigError(
+                f"{_where(cfg, 'loss.embedding_dim')}: loss.embedding_dim: {dim} differs from "
+                f"model.embedding_dim {cfg.model.embedding_dim}; leave it unset (the proxies "
+                "take --model.embedding_dim)"
+            )
+        params.setdefault("num_classes", 2)  # placeholder: the training split's count comes later
     try:
-        build_loss(name, **cfg.loss.params)
+        build_loss(name, **params)
     except TypeError as e:
         m = re.search(r"argument '(\w+)'", str(e))
         key = f"loss.{m.group(1)}" if m else "loss"

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from deepmetric.losses.pairs import EmbeddingError, PairLoss, check_unit_norms, row_norms
+from deepmetric.losses.proxies import ProxyLoss
 
 
 class CrossBatchMemory(nn.Module):
@@ -74,6 +75,12 @@ class CrossBatchMemory(nn.Module):
         super().__init__()
         if not isinstance(loss, nn.Module):
             raise TypeError(f"loss must be an nn.Module (a deepmetric loss), got {type(loss)}")
+        if isinstance(loss, ProxyLoss):
+            raise ValueError(
+                f"{type(loss).__name__} is a proxy loss: it compares embeddings with class "
+                "proxies, has no pairs and takes no reference set, so a cross-batch memory "
+                "cannot add anything to it; use a pair-based loss"
+            )
         if int(size) < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         if int(dim) < 1:

@@ -1,4 +1,5 @@
-"""P x K class-balanced batch sampling.
+"""Batch samplers: P x K class-balanced batches (:class:`PKSampler`) and plain random batches
+(:class:`RandomBatchSampler`, at the end of this module).
 
 ``PKSampler`` yields batches of P distinct classes x K samples each, covering every sample
 about once per epoch, reproducibly from ``(seed, epoch)`` and independently of torch's and
@@ -44,7 +45,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-__all__ = ["PKSampler"]
+__all__ = ["PKSampler", "RandomBatchSampler"]
 
 _MAX_REJECTIONS = 32
 
@@ -264,3 +265,72 @@ class PKSampler(torch.utils.data.Sampler):
         """Number of batches of the current epoch on this rank (whole epoch, even when
         resuming at ``start_batch``)."""
         return len(self._epoch_batches(self.epoch))
+
+
+class RandomBatchSampler(torch.utils.data.Sampler):
+    """Batch sampler of random, not class-balanced batches: each epoch is a random permutation
+    of the N indices cut into batches of ``batch_size``, the last partial batch dropped (the
+    proxy papers' ``shuffle=True, drop_last=True``).
+
+    Same protocol as :class:`PKSampler`: the permutation comes from
+    ``numpy.random.default_rng(SeedSequence([seed, epoch]))`` (independent of the global random
+    state), ``set_epoch(epoch, start_batch)`` resumes inside an epoch, and under distributed
+    training every rank builds the same global batch list, truncates it to a multiple of the
+    world size W, and rank r takes batches r, r + W, ... (disjoint batches, equal counts).
+
+    Args:
+        num_samples: N, the data set's length.
+        batch_size: indices per batch (on each rank).
+        seed: base seed; the epoch's generator is seeded from (seed, epoch).
+        num_replicas, rank: distributed world size and this rank; default from
+            torch.distributed when initialised, else 1 and 0.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.num_samples, self.batch_size = int(num_samples), int(batch_size)
+        self.seed = int(seed)
+        self.num_replicas, self.rank = _default_replicas(num_replicas, rank)
+        self.epoch = 0
+        self._start_batch = 0
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch``, each a list of ``batch_size`` indices."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed % 2**64, int(epoch)]))
+        order = rng.permutation(self.num_samples)
+        usable = self.num_samples // self.batch_size
+        usable -= usable % self.num_replicas
+        batches = order[: usable * self.batch_size].reshape(usable, self.batch_size)
+        return batches[self.rank :: self.num_replicas].tolist()
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch of the next iteration, which starts at this rank's batch
+        ``start_batch`` (resume after ``start_batch`` batches were consumed)."""
+        if int(epoch) < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if int(start_batch) < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.epoch = int(epoch)
+        self._start_batch = int(start_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """This rank's batches of the current epoch, from ``start_batch`` on (then from 0)."""
+        batches = self._epoch_batches(self.epoch)
+        start, self._start_batch = self._start_batch, 0
+        return iter(batches[start:])
+
+    def __len__(self) -> int:
+        """Number of batches of an epoch on this rank (the same for every epoch)."""
+        usable = self.num_samples // self.batch_size
+        return (usable - usable % self.num_replicas) // self.num_replicas

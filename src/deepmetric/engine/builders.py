@@ -180,13 +180,31 @@ def build_model_from_config(cfg: Config, *, pretrained: bool = True) -> nn.Modul
         raise ConfigError(f"model ({m.backbone}): {e}") from None
 
 
-def build_criterion(cfg: Config) -> nn.Module:
+def build_criterion(cfg: Config, num_classes: int | None = None) -> nn.Module:
     """The loss ``loss.name`` with its hyper-parameters, wrapped in a
-    :class:`~deepmetric.memory.CrossBatchMemory` when ``xbm.enabled``."""
-    from deepmetric.losses import build_loss
+    :class:`~deepmetric.memory.CrossBatchMemory` when ``xbm.enabled``.
+
+    A proxy loss gets ``num_classes`` (the training split's number of classes: required),
+    ``embedding_dim`` (``model.embedding_dim``) and ``seed`` (the run's) unless ``loss.*``
+    sets them; a ``loss.num_classes`` other than the training split's is a ConfigError.
+    """
+    from deepmetric.losses import PROXY_LOSSES, build_loss
     from deepmetric.memory import CrossBatchMemory
 
-    loss = build_loss(cfg.loss.name, **cfg.loss.params)
+    params = dict(cfg.loss.params)
+    if cfg.loss.name in PROXY_LOSSES:
+        if num_classes is None:
+            raise ValueError(f"build_criterion: proxy loss {cfg.loss.name!r} needs num_classes")
+        given = params.setdefault("num_classes", num_classes)
+        if given != num_classes:
+            raise ConfigError(
+                f"loss.num_classes: {given}, but the training split has {num_classes} classes "
+                f"(labels 0..{num_classes - 1}): leave --loss.num_classes unset, the trainer "
+                "takes it from the training split"
+            )
+        params.setdefault("embedding_dim", cfg.model.embedding_dim)
+        params.setdefault("seed", cfg.seed)
+    loss = build_loss(cfg.loss.name, **params)
     if not cfg.xbm.enabled:
         return loss
     x = cfg.xbm
@@ -215,12 +233,12 @@ def _too_few_classes(cfg: Config, num_classes: int, what: str) -> ConfigError:
 
 
 def build_batches(cfg: Config, train_set: Any, rank: int, world_size: int) -> SeededBatches:
-    """This rank's P x K batches of ``train_set`` (``sampler``; per-sample augmentation
-    seeds from ``seed``). ConfigError when the training split has fewer than 2 classes,
-    fewer than P usable ones, or not one batch can be drawn."""
+    """This rank's batches of ``train_set``: P x K, or random with ``sampler.name: random``
+    (per-sample augmentation seeds from ``seed``). ConfigError when the training split has
+    fewer than 2 classes, fewer than P usable ones, or not one batch can be drawn."""
     import numpy as np
 
-    from deepmetric.samplers import PKSampler
+    from deepmetric.samplers import PKSampler, RandomBatchSampler
 
     s = cfg.sampler
     what = "the training split"
@@ -229,6 +247,16 @@ def build_batches(cfg: Config, train_set: Any, rank: int, world_size: int) -> Se
     counts = np.unique(np.asarray(train_set.labels), return_counts=True)[1]
     if len(counts) < 2:
         raise _too_few_classes(cfg, len(counts), what)
+    if s.name == "random":
+        random_batches = RandomBatchSampler(
+            len(train_set), s.batch_size, seed=cfg.seed, num_replicas=world_size, rank=rank
+        )
+        if len(random_batches) == 0:
+            raise ConfigError(
+                f"--sampler.batch_size={s.batch_size}: not one batch per rank x {world_size} "
+                f"rank(s) can be drawn from {len(train_set)} training images; lower it"
+            )
+        return SeededBatches(random_batches, cfg.seed)
     usable = int((counts >= s.k).sum()) if s.small_classes == "skip" else len(counts)
     if s.p > usable:
         having = f" with at least k={s.k} images" if s.small_classes == "skip" else ""
@@ -294,7 +322,7 @@ def worker_init(worker_id: int) -> None:
 def build_train_loader(
     cfg: Config, dataset: Dataset, batches: SeededBatches, device: torch.device
 ) -> DataLoader:
-    """Training batches of ``batches`` (P x K, seeded augmentation per sample)."""
+    """Training batches of ``batches`` (seeded augmentation per sample)."""
     workers = cfg.data.num_workers
     return DataLoader(
         SeededDataset(dataset),

@@ -76,10 +76,14 @@ def train_step(
     lr_scale: float,
     amp: torch.dtype | None,
     grad_clip: float,
+    freeze_backbone: bool = False,
 ) -> Tensor:
     """One optimisation step on this rank's batch (B_r, C, H, W), (B_r,); returns the
-    detached loss of the global batch. Raises :class:`NonFiniteStep`, having updated
-    nothing, when the model's embeddings, the loss or a gradient hold NaN or inf."""
+    detached loss of the global batch. ``freeze_backbone``: the backbone group's gradients
+    are dropped before the step, so only the head and the loss's parameters change (as with
+    requires_grad off, but DDP's bookkeeping stays as built). Raises :class:`NonFiniteStep`,
+    having updated nothing, when the model's embeddings, the loss or a gradient hold NaN or
+    inf."""
     set_lr(optimizer, lr_scale)
     with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
         emb = model(images)
@@ -91,6 +95,11 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     dist.average_gradients(criterion.parameters())  # outside DDP: keep the copies identical
+    if freeze_backbone:  # train.freeze_backbone_iterations: no update, no moments, no decay
+        for group in optimizer.param_groups:
+            if group["name"] == "backbone":
+                for p in group["params"]:
+                    p.grad = None
     params = [p for group in optimizer.param_groups for p in group["params"]]
     check_step(loss, params, gradients=not scaler.is_enabled())  # fp16: the scaler's job
     if grad_clip > 0:
@@ -148,7 +157,7 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
         batches = build_batches(cfg, train_set, rank, world_size)
         loader = build_train_loader(cfg, train_set, batches, device)
         model = build_model_from_config(cfg).to(device)
-        criterion = build_criterion(cfg).to(device)
+        criterion = build_criterion(cfg, train_set.num_classes).to(device)
         optimizer = build_optimizer(cfg.optim, model, criterion)
         scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
         state = TrainState(model, optimizer, criterion, scaler)
@@ -204,6 +213,7 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
                         lr_scale=lr_factor(state.iteration, cfg.schedule, total),
                         amp=amp,
                         grad_clip=cfg.optim.grad_clip,
+                        freeze_backbone=state.iteration < cfg.train.freeze_backbone_iterations,
                     )
                     meter.add(loss, images.shape[0] * world_size)
                     guard.step_applied()
@@ -364,10 +374,11 @@ def _say_start(
         for name, es in eval_sets.items()
     )
     ranks = f" x {world_size} ranks" if world_size > 1 else ""
+    s = cfg.sampler
+    per_rank = f"{s.p} x {s.k}" if s.name == "pk" else f"{s.batch_size} random images"
     say(
         f"training {len(train_set):,} images of {train_set.num_classes:,} classes, {sets}; "
-        f"batch {cfg.sampler.p * cfg.sampler.k * world_size} = {cfg.sampler.p} x "
-        f"{cfg.sampler.k}{ranks}; device {device}"
+        f"batch {s.images_per_batch() * world_size} = {per_rank}{ranks}; device {device}"
     )
     if cfg.eval.protocol == "test":
         say(

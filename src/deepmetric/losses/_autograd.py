@@ -9,6 +9,8 @@ tests/loss_reference.py (values and gradients).
 - :func:`masked_logsumexp`: log-sum-exp over the masked entries of each row.
 - :func:`with_gradient`: a scalar computed without autograd, made differentiable from its
   derivative in S, which the loss writes down.
+- :func:`cosine_logits_loss`: a loss of the logits s cos(x_i, w_j) against normalised rows
+  w_j (the proxy losses), from its derivative in the logits, which the loss writes down.
 """
 
 from __future__ import annotations
@@ -158,3 +160,53 @@ def with_gradient(sim: Tensor, value: Tensor, grad_sim: Tensor) -> Tensor:
     more time and memory.
     """
     return _WithGradient.apply(sim, value, grad_sim)
+
+
+class _CosineLogitsLoss(torch.autograd.Function):
+    """The loss ``value_and_grad(logits)`` of cosine logits s <x_i, w_j> / ||w_j||: one
+    matmul forward, two back, and no normalised copy of W (the column scale is applied to
+    the (B, N) logits, and the normalisation's backward is one projection of dL/dW)."""
+
+    @staticmethod
+    def forward(ctx, emb: Tensor, weight: Tensor, norms: Tensor, scale: float, value_and_grad):
+        col = scale / norms.clamp(min=1e-12)  # (N,) s / ||w_j||
+        logits = (emb @ weight.T).mul_(col)  # (B, N), handed over: the callee may reuse it
+        value, grad = value_and_grad(logits)
+        # G' = G c (columns scaled), in place: the callee's buffer, read only by backward
+        ctx.save_for_backward(emb, weight, grad.mul_(col), norms)
+        return value
+
+    @staticmethod
+    def backward(ctx, up: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        # logits_ij = c_j <x_i, w_j> with c_j = s / ||w_j||. With G = d value / d logits and
+        # G' = G c (columns scaled):
+        #   dL/dx_i = sum_j G'_ij w_j                                 = (G' W)_i
+        #   dL/dw_j = sum_j G_ij c_j (x_i - <x_i, w_j> w_j / ||w_j||^2)
+        #           = D_j - (<w_j, D_j> / ||w_j||^2) w_j,  D = G'^T X   (no radial part)
+        # The upstream gradient multiplies the (B, d) factors, not the (B, N) G' (a fresh
+        # B x N buffer would cost more than the rest of the backward but the matmuls).
+        # Checked by tests/test_losses_proxy.py::test_matches_reference (d/d embeddings and
+        # d/d proxies against autograd through the float64 loop oracles).
+        emb, weight, grad, norms = ctx.saved_tensors
+        d_emb = (grad @ weight).mul_(up) if ctx.needs_input_grad[0] else None
+        d_weight = None
+        if ctx.needs_input_grad[1]:
+            d_weight = grad.T @ (emb * up)  # (N, d) D times the upstream gradient
+            # (row dot products as multiply + sum: 4-6x faster than linalg.vecdot on the CPU)
+            coef = (weight * d_weight).sum(1) / norms.clamp(min=1e-12).square()
+            d_weight.addcmul_(weight, coef[:, None], value=-1.0)
+        return d_emb, d_weight, None, None, None
+
+
+def cosine_logits_loss(
+    emb: Tensor, weight: Tensor, norms: Tensor, scale: float, value_and_grad
+) -> Tensor:
+    """``value`` of ``value_and_grad(logits) -> (value, grad)`` at the (B, N) logits
+    ``scale * <emb_i, weight_j> / norms_j``, differentiable in ``emb`` (B, d) and ``weight``
+    (N, d) through ``grad`` = d value / d logits, which the callee writes down.
+
+    ``norms`` (N,): the rows' norms of ``weight``, computed by the caller without gradient.
+    value_and_grad runs without autograd; it owns ``logits`` (it may overwrite them, e.g.
+    reuse them as ``grad``).
+    """
+    return _CosineLogitsLoss.apply(emb, weight, norms, float(scale), value_and_grad)
