@@ -81,13 +81,17 @@ class SoftTripleLoss(ProxyLoss):
         b, c, k = sims.shape[0], self.num_classes, self.proxies_per_class
         rows = torch.arange(b, device=sims.device)
         s = sims.view(b, c, k)
-        weights = torch.softmax(s / self.gamma, dim=2)  # (B, C, K)
-        relaxed = torch.linalg.vecdot(weights, s)  # (B, C) S_ic
+        # softmax over the K centres, written out (torch.softmax over a last dimension of 10
+        # takes 3x longer on the CPU); shifted by each class's largest cosine
+        weights = (s - s.amax(2, keepdim=True)).mul_(1.0 / self.gamma).exp_()  # (B, C, K)
+        weights.div_(weights.sum(2, keepdim=True))
+        relaxed = (weights * s).sum(2)  # (B, C) S_ic
         target = self.scale * (relaxed[rows, labels] - self.margin)
         value, grad_logits = softmax_cross_entropy(relaxed * self.scale, labels, target)
-        # S_ic = sum_k p_k s_k with p = softmax(s / gamma): dS/ds_j = p_j + sum_k s_k dp_k/ds_j
-        # = p_j + p_j (s_j - S) / gamma; times dL/dS = lambda dL/dlogit. Oracle:
+        # S_ic = sum_k p_k s_k with p = softmax(s / gamma): dS/ds_j = p_j + sum_k s_k
+        # dp_k/ds_j = p_j (1 + (s_j - S) / gamma); times g = dL/dS = lambda dL/dlogit, in
+        # place of the cosines: p (g + (s - S) g / gamma). Oracle:
         # tests/test_losses_proxy.py::test_matches_reference, soft_triple configs.
-        grad = s.sub_(relaxed[:, :, None]).mul_(1.0 / self.gamma).add_(1.0).mul_(weights)
-        grad.mul_((self.scale * grad_logits)[:, :, None])
+        g = (self.scale * grad_logits)[:, :, None]  # (B, C, 1)
+        grad = s.sub_(relaxed[:, :, None]).mul_(g / self.gamma).add_(g).mul_(weights)
         return value, grad.view(b, c * k)
