@@ -11,6 +11,8 @@
     deepmetric export --checkpoint runs/x --format onnx|torchscript --out model.onnx
     deepmetric report --checkpoint runs/x [--split test|val] [--out report.html]
     deepmetric report --index gallery.index --images QUERIES [--out report.html]
+    deepmetric tune --config PRESET --space SPACE.yaml --trials 30 [--out DIR] [--storage URL]
+    deepmetric compare --configs A.yaml B.yaml --seeds 3 [--out DIR]
 
 Exit status:
 
@@ -21,7 +23,8 @@ Exit status:
   than there are, images of different sizes without a resize option, a run that diverged
   (NaN or inf), a full disk.
 - 75: ``train`` stopped by SIGTERM, SIGINT or SIGUSR1 after finishing its step and writing a
-  checkpoint (the line printed says where); continue with ``--train.resume=auto``.
+  checkpoint (the line printed says where); continue with ``--train.resume=auto``. ``tune``
+  and ``compare`` likewise; run the same command again to continue.
 - 1: a failed ``datasets check``, or an unexpected error, with its traceback: that is a bug.
 - 130: interrupted (Ctrl-C) outside the training loop.
 """
@@ -187,6 +190,56 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--images", default=None, help="images for the check (default: the run's test split)"
     )
+
+    p = sub.add_parser(
+        "tune",
+        allow_abbrev=False,
+        help="search hyper-parameters with Optuna on class-disjoint validation data",
+        description="Hyper-parameter search (Optuna: TPE, median pruning). Every trial is a "
+        "deepmetric run of the preset with a point of the search space, scored on "
+        "class-disjoint validation data only (eval.protocol=val; --folds K: K class-disjoint "
+        "folds of the training classes, as in 'A Metric Learning Reality Check'). The study "
+        "is stored in OUT/study.journal (several workers on one machine may share it) or in "
+        "--storage; run the same command again to continue a stopped tune. Writes "
+        "OUT/best.yaml (a ready preset), OUT/trials.csv and .md, OUT/importance.png. "
+        "Search space format: docs/tune.md. " + _OVERRIDES,
+    )
+    p.add_argument("--config", required=True, metavar="PRESET", help="YAML preset to tune")
+    p.add_argument("--space", required=True, metavar="SPACE.yaml", help="search space file")
+    p.add_argument(
+        "--trials", required=True, type=int, help="finished (complete or pruned) trials wanted"
+    )
+    p.add_argument("--out", metavar="DIR", help="tune folder (default runs/tune-PRESET)")
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="database URL Optuna supports (e.g. postgresql+psycopg2://user:pw@host/db) to "
+        "share the study between machines; default OUT/study.journal",
+    )
+    p.add_argument("--study", metavar="NAME", help="study name (default: the preset's stem)")
+    p.add_argument(
+        "--metric",
+        default="map@r",
+        help="validation metric maximised (default map@r; recall@1, r_precision)",
+    )
+    p.add_argument(
+        "--folds", type=int, default=0, help="class-disjoint folds per trial (default 0: one split)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
+    p.add_argument("--no-prune", action="store_true", help="run every trial to its end")
+
+    p = sub.add_parser(
+        "compare",
+        allow_abbrev=False,
+        help="train configs with the same budget and seeds; table of mean and 95% interval",
+        description="Train each config with seeds 0..N-1 and the same iteration budget, score "
+        "each run once (the best-on-validation checkpoint on the test split, or the last "
+        "checkpoint on the config's evaluation split), and write OUT/compare.md, compare.csv, "
+        "runs.csv and compare.png. Run it again to continue stopped runs. " + _OVERRIDES,
+    )
+    p.add_argument("--configs", required=True, nargs="+", metavar="CONFIG", help="YAML configs")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per config (default 3)")
+    p.add_argument("--out", default="runs/compare", metavar="DIR", help="default runs/compare")
 
     p = sub.add_parser(
         "report",
@@ -380,6 +433,30 @@ def _run(argv: Sequence[str]) -> int:
     if args.command == "search":
         return _search(args, extra)
 
+    if args.command == "tune":
+        from deepmetric.tune import tune
+
+        tune(
+            args.config,
+            args.space,
+            trials=args.trials,
+            out=args.out,
+            storage=args.storage,
+            study_name=args.study,
+            metric=args.metric,
+            folds=args.folds,
+            seed=args.seed,
+            prune=not args.no_prune,
+            overrides=extra,
+        )
+        return 0
+
+    if args.command == "compare":
+        from deepmetric.tune import compare
+
+        compare(args.configs, seeds=args.seeds, out=args.out, overrides=extra)
+        return 0
+
     if args.command == "report":
         return _report(args, extra)
 
@@ -569,6 +646,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
     except Exception as e:
+        if type(e).__name__ == "TuneStopped":  # tune / compare: a run stopped with a checkpoint
+            from deepmetric.engine.preemption import EXIT_STOPPED
+
+            print(
+                f"deepmetric: stopped by {e}; run the same command again to continue (finished "
+                "runs are kept, the stopped one resumes from its checkpoint)",
+                file=sys.stderr,
+            )
+            return EXIT_STOPPED
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             where = f" writing {e.filename}" if e.filename else ""
             print(

@@ -229,6 +229,10 @@ class EvalConfig:
 
     protocol: Literal["test", "val"] = "test"
     val_fraction: float = 0.2
+    # val_folds >= 2: validation = fold val_fold of val_folds contiguous blocks of the sorted
+    # training classes (the Reality Check's cross-validation folds) instead of val_fraction
+    val_folds: int = 0
+    val_fold: int = 0
     every: int = 0  # iterations between evaluations (0 = at the end only)
     at_start: bool = False  # also evaluate the untrained network (iteration 0)
     recall_at: list[int] | None = None  # None: deepmetric.evaluation.RECALL_AT[data.name]
@@ -651,6 +655,17 @@ def validate_config(cfg: Config) -> None:
     if cfg.eval.protocol == "val" and not 0.0 < cfg.eval.val_fraction < 1.0:
         raise err(
             "eval.val_fraction", f"expected a fraction in (0, 1), got {cfg.eval.val_fraction}"
+        )
+    folds = cfg.eval.val_folds
+    if folds == 1 or folds < 0:
+        raise err("eval.val_folds", f"expected 0 (off) or at least 2 folds, got {folds}")
+    if folds and not 0 <= cfg.eval.val_fold < folds:
+        raise err("eval.val_fold", f"expected a fold in 0..{folds - 1}, got {cfg.eval.val_fold}")
+    if folds and cfg.data.val_options is not None:
+        raise err(
+            "eval.val_folds",
+            "folds are carved from the training classes, but data.val_options names the "
+            "validation data; set --data.val_options=null",
         )
     test_classes = cfg.data.test_classes
     if test_classes is not None:

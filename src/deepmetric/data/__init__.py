@@ -36,6 +36,7 @@ from .registry import (
 from .splits import (
     ClassSubset,
     class_disjoint_split,
+    class_fold_split,
     describe_split,
     split_unsplit,
     subset_classes,
@@ -72,6 +73,7 @@ __all__ = [
     "check_counts",
     "check_dataset",
     "class_disjoint_split",
+    "class_fold_split",
     "describe_split",
     "describe_transform",
     "inspect_image",

@@ -17,6 +17,7 @@ __all__ = [
     "SPLIT_BY",
     "ClassSubset",
     "class_disjoint_split",
+    "class_fold_split",
     "describe_split",
     "split_unsplit",
     "subset_classes",
@@ -141,6 +142,28 @@ def class_disjoint_split(
     val = torch.sort(classes[perm[:n_val]]).values
     train = torch.sort(classes[perm[n_val:]]).values
     return train, val
+
+
+def class_fold_split(
+    labels: Sequence[int] | np.ndarray | torch.Tensor, folds: int, fold: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``fold`` of ``folds`` class-disjoint cross-validation folds ("A Metric Learning
+    Reality Check"): the classes present in ``labels``, sorted, cut into ``folds`` contiguous
+    blocks of (nearly) equal size; block ``fold`` is validation, the others train.
+
+    Returns:
+        ``(train_classes, val_classes)``: sorted (C_train,) and (C_val,) long tensors.
+    """
+    classes = torch.unique(_as_long(labels))  # sorted
+    c = classes.numel()
+    if not 2 <= folds <= c:
+        raise ValueError(f"need 2 <= folds <= number of classes ({c}), got folds={folds}")
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold must be in 0..{folds - 1}, got {fold}")
+    start, stop = (fold * c) // folds, ((fold + 1) * c) // folds
+    in_val = torch.zeros(c, dtype=torch.bool)
+    in_val[start:stop] = True
+    return classes[~in_val], classes[in_val]
 
 
 def _held_out_count(test_classes: float | int, num_classes: int) -> int:

@@ -106,11 +106,12 @@ def build_data(cfg: Config, *, test_only: bool = False) -> tuple[Any, dict[str, 
 
     ``test``: the training split, and the test split as ``"test"``.
     ``val``: the training split's classes divided by
-    ``class_disjoint_split(labels, eval.val_fraction, seed)`` into training classes and
-    ``"val"`` classes (test transform), or, with ``data.val_options``, the training split
-    built with those options as ``"val"``. ``test_only``: ``(None, {"test": ...})``.
+    ``class_disjoint_split(labels, eval.val_fraction, seed)`` (with ``eval.val_folds``:
+    ``class_fold_split(labels, val_folds, val_fold)``) into training classes and ``"val"``
+    classes (test transform), or, with ``data.val_options``, the training split built with
+    those options as ``"val"``. ``test_only``: ``(None, {"test": ...})``.
     """
-    from deepmetric.data import class_disjoint_split, subset_classes
+    from deepmetric.data import class_disjoint_split, class_fold_split, subset_classes
 
     data = cfg.data
     train_tf, test_tf = build_transforms(cfg)
@@ -127,9 +128,17 @@ def build_data(cfg: Config, *, test_only: bool = False) -> tuple[Any, dict[str, 
         return train_set, {"val": _eval_set("val", val)}
     if train_set.num_classes < 2:
         raise _too_few_classes(cfg, train_set.num_classes, "the training split")
-    train_classes, val_classes = class_disjoint_split(
-        train_set.labels, cfg.eval.val_fraction, cfg.seed
-    )
+    if cfg.eval.val_folds:
+        try:
+            train_classes, val_classes = class_fold_split(
+                train_set.labels, cfg.eval.val_folds, cfg.eval.val_fold
+            )
+        except ValueError as e:
+            raise ConfigError(f"eval.val_folds: {e}") from None
+    else:
+        train_classes, val_classes = class_disjoint_split(
+            train_set.labels, cfg.eval.val_fraction, cfg.seed
+        )
     val = subset_classes(train_set, val_classes, transform=test_tf)
     return subset_classes(train_set, train_classes), {"val": _eval_set("val", val)}
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +127,19 @@ def _due(iteration: int, every: int, total: int) -> bool:
     return (every > 0 and iteration % every == 0) or iteration == total
 
 
-def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    *,
+    config_name: str | None = None,
+    on_evaluate: Callable[[int, dict[str, dict[str, float]]], None] | None = None,
+) -> dict[str, Any]:
     """Train as configured; returns the summary (run folder, iteration, metrics at start
     and end, best checkpoint). Rank 0 writes the run folder: config.yaml, run.json,
     metrics.jsonl, loss.png / recall.png, checkpoints, summary.json, report.html.
+
+    ``on_evaluate(iteration, {split: metrics})`` is called after each evaluation during
+    training, once its checkpoint is written; an exception it raises ends the run there
+    (``deepmetric tune`` prunes a trial this way).
 
     Stopped by SIGTERM, SIGINT or SIGUSR1, it writes a checkpoint after the current step and
     returns ``{"run_dir", "iteration", "stopped_by": signal name, "checkpoint"}``. Raises
@@ -238,6 +247,8 @@ def train(cfg: Config, *, config_name: str | None = None) -> dict[str, Any]:
                 if stop_signal:
                     bar.close()
                     return _stopped(stop_signal, state, guard.last_good, run_dir, log)
+                if evaluated and on_evaluate is not None:
+                    on_evaluate(state.iteration, last_metrics)
                 if links or evaluated:
                     meter.restart_clock()  # evaluating and saving are not training speed
         bar.close()

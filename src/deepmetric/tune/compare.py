@@ -1,0 +1,201 @@
+"""``deepmetric compare``: several configs trained with the same iteration budget and the same
+seeds, each run scored once, and a table of mean and 95% interval per config.
+
+Which numbers a run contributes (the ``scored on`` column): with ``eval.protocol: val`` and
+``eval.final_test``, the best-on-validation checkpoint evaluated once on the test split;
+otherwise the last checkpoint on the config's evaluation split (no selection on it).
+Runs live in OUT/<config>/seed-<s> and resume when the command is run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from deepmetric.config import ConfigError, load_config
+
+from .study import TuneStopped
+
+__all__ = ["METRICS", "compare", "mean_interval"]
+
+#: The metrics of the table, as the evaluation names them.
+METRICS = ("recall@1", "map@r", "r_precision")
+
+
+def mean_interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the two-sided 95% Student t interval); half-width nan for n = 1."""
+    from scipy import stats
+
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, math.nan
+    return mean, float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
+
+
+def compare(
+    configs: list[str],
+    *,
+    seeds: int = 3,
+    out: str | Path = "runs/compare",
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Train every config with seeds 0..seeds-1 (resuming finished or stopped runs) and write
+    OUT/compare.md, OUT/compare.csv (one row per config), OUT/runs.csv (one row per run) and
+    OUT/compare.png. Returns ``{"rows": [...], "runs": [...], "files": [...]}``."""
+    from deepmetric.engine import train
+
+    if len(configs) < 1 or seeds < 1:
+        raise ConfigError(
+            "compare needs at least one config (--configs A.yaml B.yaml) and --seeds >= 1"
+        )
+    out = Path(out)
+    names = _names(configs)
+    loaded = {name: load_config(path, overrides) for name, path in zip(names, configs)}
+    budgets = {name: cfg.train.iterations for name, cfg in loaded.items()}
+    if len(set(budgets.values())) > 1:
+        shown = ", ".join(f"{n}: {b}" for n, b in budgets.items())
+        raise ConfigError(
+            f"compare: the configs train for different numbers of iterations ({shown}); give "
+            "them one budget, e.g. --train.iterations=N"
+        )
+    runs = []
+    for name, path in zip(names, configs):
+        for seed in range(seeds):
+            run_dir = out / name / f"seed-{seed}"
+            cfg = load_config(
+                path,
+                [
+                    *list(overrides or []),
+                    f"--seed={seed}",
+                    f"--output.dir={run_dir}",
+                    "--train.resume=auto",
+                    "--train.progress=false",
+                    "--output.report=false",
+                ],
+            )
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log):
+                summary = train(cfg, config_name=path)
+            if summary.get("stopped_by"):
+                raise TuneStopped(
+                    f"{summary['stopped_by']} during {name} seed {seed} (checkpoint "
+                    f"{summary.get('checkpoint')})"
+                )
+            scored_on, metrics = _scored(summary, cfg)
+            runs.append(
+                {
+                    "config": name,
+                    "seed": seed,
+                    "scored_on": scored_on,
+                    "images": cfg.train.iterations * cfg.sampler.images_per_batch(),
+                    **{m: metrics.get(m, math.nan) for m in METRICS},
+                    "run_dir": str(run_dir),
+                }
+            )
+            print(
+                f"compare: {name} seed {seed}: "
+                + " ".join(f"{m} {runs[-1][m]:.4f}" for m in METRICS)
+                + f" ({scored_on})",
+                flush=True,
+            )
+    rows = _summarise(runs, names)
+    files = _write(rows, runs, out)
+    print((out / "compare.md").read_text(), end="")
+    print(f"written: {', '.join(str(f) for f in files)}")
+    return {"rows": rows, "runs": runs, "files": [str(f) for f in files]}
+
+
+def _names(configs: list[str]) -> list[str]:
+    """Short unique names: the file stems, with their folder where two stems clash."""
+    stems = [Path(c).stem for c in configs]
+    names = [
+        s if stems.count(s) == 1 else f"{Path(c).parent.name}-{s}" for s, c in zip(stems, configs)
+    ]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"compare: a config is listed twice: {configs}")
+    return names
+
+
+def _scored(summary: dict[str, Any], cfg: Any) -> tuple[str, dict[str, float]]:
+    if summary.get("test_of_best"):
+        return f"test, best-on-val checkpoint (iteration {summary['best']['iteration']})", summary[
+            "test_of_best"
+        ]
+    split = "validation" if cfg.eval.protocol == "val" else "test"
+    return f"{split}, last checkpoint (iteration {summary['iteration']})", summary["final"]
+
+
+def _summarise(runs: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name in names:
+        mine = [r for r in runs if r["config"] == name]
+        row: dict[str, Any] = {
+            "config": name,
+            "runs": len(mine),
+            "images": mine[0]["images"],
+            "scored_on": mine[0]["scored_on"].split(" (")[0],
+        }
+        for m in METRICS:
+            row[m], row[f"{m} 95%"] = mean_interval([r[m] for r in mine])
+        rows.append(row)
+    return rows
+
+
+def _write(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "compare.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(runs[0]))
+        writer.writeheader()
+        writer.writerows(runs)
+    header = ["config", "runs", "training images", *METRICS, "scored on"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|" + "---:|" * len(METRICS) + "---|"]
+    for row in rows:
+        cells = [f"{row[m]:.4f} ± {row[f'{m} 95%']:.4f}" for m in METRICS]
+        lines.append(
+            f"| {row['config']} | {row['runs']} | {row['images']:,} | "
+            + " | ".join(cells)
+            + f" | {row['scored_on']} |"
+        )
+    lines.append("")
+    lines.append("mean ± half-width of the 95% Student t interval over the seeds")
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    return [out / "compare.md", out / "compare.csv", out / "runs.csv", _plot(rows, out)]
+
+
+def _plot(rows: list[dict[str, Any]], out: Path) -> Path:
+    """compare.png: one group of bars per metric, one bar per config, 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(METRICS))]
+        errors = [0.0 if math.isnan(row[f"{m} 95%"]) else row[f"{m} 95%"] for m in METRICS]
+        ax.bar(xs, [row[m] for m in METRICS], width, yerr=errors, capsize=4, label=row["config"])
+    ax.set_xticks(range(len(METRICS)), METRICS)
+    lows = [
+        row[m] - (row[f"{m} 95%"] if not math.isnan(row[f"{m} 95%"]) else 0)
+        for row in rows
+        for m in METRICS
+    ]
+    ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
+    ax.set_ylabel("mean over seeds (95% interval)")
+    ax.set_title(f"deepmetric compare: {rows[0]['runs']} seeds, {rows[0]['scored_on']}")
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=100)
+    plt.close(fig)
+    return out / "compare.png"

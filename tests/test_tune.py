@@ -1,0 +1,522 @@
+"""deepmetric tune and compare (issue 18): search space files, class-disjoint folds, a tiny
+tune on digits, pruning, a stopped or killed tune that resumes without repeating finished
+trials, two workers on one study (journal file; PostgreSQL when a server is given), compare's
+table.
+
+Runs are the tiny digits set: training digits 0-4 split into 3 training and 2 validation
+classes (eval.val_fraction 0.4), Conv-4 16-d on 16 x 16 images, batches of 3 x 4.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepmetric.cli import main
+from deepmetric.config import ConfigError, load_config, parse_overrides
+from deepmetric.data import class_fold_split
+from deepmetric.engine import build_data
+from deepmetric.engine.preemption import EXIT_STOPPED
+from deepmetric.tune import compare, load_space, mean_interval, space_corners, suggest, tune
+
+optuna = pytest.importorskip("optuna")
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+DEMO = ROOT / "configs" / "demo.yaml"
+TINY = [
+    "--data.transform_options.size=16",
+    "--model.embedding_dim=16",
+    "--sampler.p=3",
+    "--sampler.k=4",
+    "--eval.val_fraction=0.4",
+    "--train.iterations=20",
+    "--train.threads=1",
+    "--train.log_every=5",
+    "--train.checkpoint_every=10",
+    "--eval.at_start=false",
+    "--eval.every=10",
+    "--eval.batch_size=512",
+    "--schedule.warmup_iterations=0",
+    "--output.plots=false",
+]
+SPACE = """\
+optim.lr: {log_uniform: [1.0e-4, 3.0e-3]}
+loss.name:
+  choice:
+    multi_similarity:
+      loss.base: {uniform: [0.3, 0.7]}
+    contrastive:
+      loss.neg_margin: {uniform: [0.3, 0.6]}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _space(tmp_path: Path, text: str = SPACE) -> Path:
+    path = tmp_path / f"space-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(text)
+    return path
+
+
+def _trials(out: Path, name: str = "demo") -> list:
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))
+    )
+    return optuna.load_study(study_name=name, storage=storage).get_trials()
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _tune_command(space: Path, out: Path, trials: int, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "deepmetric",
+        "tune",
+        "--config",
+        str(DEMO),
+        "--space",
+        str(space),
+        "--trials",
+        str(trials),
+        "--out",
+        str(out),
+        *TINY,
+        *extra,
+    ]
+
+
+# --------------------------------------------------------------------------- space files
+
+
+def test_space_file_parses_distributions_choices_sub_spaces_and_fixed_values(tmp_path) -> None:
+    space = load_space(
+        _space(
+            tmp_path,
+            SPACE
+            + "sampler.k: {int: [2, 6]}\nxbm.size: {log_int: [64, 1024]}\n"
+            + "data.transform_options.augment: false\n",
+        )
+    )
+    assert [p.key for p in space] == [
+        "optim.lr",
+        "loss.name",
+        "sampler.k",
+        "xbm.size",
+        "data.transform_options.augment",
+    ]
+    point = suggest(
+        optuna.trial.FixedTrial(
+            {
+                "optim.lr": 1e-3,
+                "loss.name": "contrastive",
+                "contrastive/loss.neg_margin": 0.4,
+                "sampler.k": 3,
+                "xbm.size": 128,
+            }
+        ),
+        space,
+    )
+    # the choice comes before its sub-space's keys; the other branch's keys are absent
+    assert point == [
+        ("optim.lr", 1e-3),
+        ("loss.name", "contrastive"),
+        ("loss.neg_margin", 0.4),
+        ("sampler.k", 3),
+        ("xbm.size", 128),
+        ("data.transform_options.augment", False),
+    ]
+    corners = space_corners(space)
+    names = {dict(c)["loss.name"] for c in corners}
+    assert names == {"multi_similarity", "contrastive"}
+    assert {dict(c)["optim.lr"] for c in corners} == {1e-4, 3e-3}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("optim.lrr: {uniform: [0.1, 0.2]}\n", "unknown key 'optim.lrr'"),
+        ("optim.lr: {uniforn: [0.1, 0.2]}\n", "optim.lr: expected one distribution"),
+        ("optim.lr: {uniform: [0.2, 0.1]}\n", "optim.lr: uniform needs low < high"),
+        ("optim.lr: {log_uniform: [0, 0.1]}\n", "log_uniform needs low > 0"),
+        ("sampler.k: {int: [2.5, 4]}\n", "sampler.k: int takes [low, high] integers"),
+        ("loss.name: {choice: []}\n", "loss.name: choice needs at least one value"),
+        ("lr: {uniform: [0.1, 0.2]}\n", "a key is a dotted config key"),
+        ("optim.lr: 0.1\n", "nothing to search"),
+        ("optim.betas: {choice: [[0.9, 0.99]]}\n", "values must be numbers, strings"),
+        (
+            "loss.name: {choice: {contrastive: {loss.alpah: {uniform: [1, 2]}}}}\n",
+            "alpah",
+        ),
+        ("sampler.k: {uniform: [2.0, 4.0]}\n", "sampler.k"),
+        ("[1, 2]\n", "expected a mapping of config keys"),
+    ],
+)
+def test_bad_search_spaces_are_one_line_errors_naming_the_key(
+    tmp_path, capsys, text, expected
+) -> None:
+    space = _space(tmp_path, text)
+    code = main(
+        [
+            "tune",
+            "--config",
+            str(DEMO),
+            "--space",
+            str(space),
+            "--trials",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+            *TINY,
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("deepmetric: error: "), err
+    assert expected in err, err
+    assert str(space) in err or "unknown key" not in expected
+    assert not (tmp_path / "out" / "trials").exists()  # nothing trained
+
+
+# --------------------------------------------------------------------------- folds
+
+
+def test_class_folds_partition_the_sorted_classes_into_contiguous_blocks() -> None:
+    labels = torch.tensor([7, 3, 3, 9, 1, 5, 5, 2, 8, 0])  # classes 0 1 2 3 5 7 8 9
+    vals = []
+    for fold in range(3):
+        train, val = class_fold_split(labels, 3, fold)
+        assert set(train.tolist()).isdisjoint(val.tolist())
+        assert sorted(train.tolist() + val.tolist()) == [0, 1, 2, 3, 5, 7, 8, 9]
+        vals.append(val.tolist())
+    assert vals == [[0, 1], [2, 3, 5], [7, 8, 9]]  # blocks of 8 // 3 ...: 0-2, 2-5, 5-8
+    with pytest.raises(ValueError, match=r"fold must be in 0\.\.2"):
+        class_fold_split(labels, 3, 3)
+    with pytest.raises(ValueError, match="folds <= number of classes"):
+        class_fold_split(labels, 9, 0)
+
+
+def test_val_folds_select_the_validation_classes_of_a_run() -> None:
+    seen = []
+    for fold in range(2):
+        cfg = load_config(
+            DEMO, [*TINY, "--eval.protocol=val", "--eval.val_folds=2", f"--eval.val_fold={fold}"]
+        )
+        train_set, evals = build_data(cfg)
+        val_ids = evals["val"].dataset.class_ids.tolist()
+        assert set(val_ids).isdisjoint(train_set.class_ids.tolist())
+        seen += val_ids
+    assert sorted(seen) == [0, 1, 2, 3, 4]  # each training digit validates in one fold
+    with pytest.raises(ConfigError, match=r"eval\.val_fold"):
+        load_config(DEMO, ["--eval.val_folds=2", "--eval.val_fold=2"])
+    with pytest.raises(ConfigError, match=r"eval\.val_folds"):
+        load_config(DEMO, ["--eval.val_folds=1"])
+
+
+# --------------------------------------------------------------------------- tune
+
+
+def test_tiny_tune_finds_its_best_trial_and_writes_a_preset_that_trains(tmp_path) -> None:
+    out = tmp_path / "tune"
+    result = tune(str(DEMO), str(_space(tmp_path)), trials=3, out=out, overrides=TINY)
+    trials = _trials(out)
+    values = {t.number: t.value for t in trials if t.state.name == "COMPLETE"}
+    assert len(values) == 3
+    best = max(values, key=values.get)
+    assert result["best"]["trial"] == best and result["best"]["value"] == values[best]
+    for t in trials:  # each trial is a run scored on validation classes only
+        summary = json.loads((Path(t.user_attrs["run_dir"]) / "summary.json").read_text())
+        assert summary["protocol"] == "val" and summary["best"]["metric"] == "map@r"
+        assert summary["best"]["value"] == pytest.approx(t.value)
+        assert summary["test_of_best"] == {}  # the test split is never looked at
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["trial"]) for r in rows] == [0, 1, 2]
+    assert float(rows[best]["map@r"]) == pytest.approx(values[best], abs=1e-4)
+    assert (out / "importance.png").stat().st_size > 10_000
+    # best.yaml is the preset + the user's overrides + the best point; it trains as it is
+    preset = load_config(out / "best.yaml")
+    expected = load_config(DEMO, parse_overrides(TINY) + result["best"]["overrides"])
+    assert preset.optim.lr == expected.optim.lr and preset.loss == expected.loss
+    assert preset.eval.protocol == "test"  # the preset's own protocol, not the trials' val
+    code = main(
+        [
+            "train",
+            "--config",
+            str(out / "best.yaml"),
+            f"--output.dir={tmp_path / 'r'}",
+            "--train.iterations=5",
+            "--train.progress=false",
+            "--output.report=false",
+        ]
+    )
+    assert code == 0
+    # the same command again: already finished, nothing trained again
+    before = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/metrics.jsonl")}
+    tune(str(DEMO), str(_space(tmp_path)), trials=3, out=out, overrides=TINY)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("trials/*/metrics.jsonl")} == before
+
+
+def test_tune_with_folds_scores_the_mean_over_class_disjoint_folds(tmp_path) -> None:
+    out = tmp_path / "tune"
+    overrides = [*TINY, "--sampler.p=2"]  # fold 1 leaves 2 of the 5 digits for training
+    tune(str(DEMO), str(_space(tmp_path)), trials=1, out=out, folds=2, overrides=overrides)
+    (trial,) = _trials(out)
+    scores = trial.user_attrs["fold_scores"]
+    assert len(scores) == 2 and trial.value == pytest.approx(np.mean(scores))
+    assert trial.intermediate_values == {0: scores[0], 1: scores[1]}
+    run_dir = Path(trial.user_attrs["run_dir"])
+    for fold in range(2):
+        cfg = load_config(run_dir / f"fold-{fold}" / "config.yaml")
+        assert (cfg.eval.val_folds, cfg.eval.val_fold) == (2, fold)
+
+
+def test_a_trial_below_the_median_is_pruned_at_an_evaluation(tmp_path, monkeypatch) -> None:
+    """The pruner's answer stops the run right after the evaluation it was asked about."""
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)
+    out = tmp_path / "tune"
+    tune(str(DEMO), str(_space(tmp_path)), trials=2, out=out, overrides=TINY)
+    states = {t.number: t for t in _trials(out)}
+    assert states[0].state.name == "COMPLETE"
+    assert states[1].state.name == "PRUNED" and list(states[1].intermediate_values) == [10]
+    records = (out / "trials" / "0001" / "metrics.jsonl").read_text().splitlines()
+    assert max(json.loads(r)["iteration"] for r in records) == 10  # of 20
+    assert "pruned at step 10" in (out / "trials.md").read_text()
+
+
+def test_a_settings_change_in_the_same_folder_is_refused(tmp_path, capsys) -> None:
+    out = tmp_path / "tune"
+    space = _space(tmp_path)
+    tune(str(DEMO), str(space), trials=1, out=out, overrides=TINY)
+    code = main(
+        [
+            "tune",
+            "--config",
+            str(DEMO),
+            "--space",
+            str(space),
+            "--trials",
+            "2",
+            "--out",
+            str(out),
+            "--metric",
+            "recall@1",
+            *TINY,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "metric" in err and "holds another tune" in err, err
+
+
+def _wait_for(path: Path, at_least: int, proc: subprocess.Popen, timeout_s: float = 180) -> None:
+    """Poll until the run folder ``path`` has a checkpoint >= ``at_least``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        last = path / "last"
+        if last.is_symlink() and int(os.readlink(last).rsplit("-", 1)[1]) >= at_least:
+            return
+        if proc.poll() is not None:
+            pytest.fail("tune ended early: " + proc.stderr.read().decode())
+        time.sleep(0.01)
+    pytest.fail(f"no checkpoint >= {at_least} in {path}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_or_killed_tune_resumes_without_repeating_finished_trials(
+    tmp_path, signum
+) -> None:
+    """Trial 0 finishes; trial 1 is stopped (SIGTERM: exit 75 after a checkpoint) or killed
+    (SIGKILL: left RUNNING, its process gone). The same command again keeps trial 0 and
+    continues trial 1's run from its checkpoint as a new trial of the same point."""
+    out, space = tmp_path / "tune", _space(tmp_path)
+    longer = ["--train.iterations=300", "--eval.every=100"]
+    proc = subprocess.Popen(
+        _tune_command(space, out, 2, *longer),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for(out / "trials" / "0001", 20, proc)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if signum == signal.SIGTERM:
+        assert proc.returncode == EXIT_STOPPED, err.decode()
+        assert b"run the same command again" in err and b"Traceback" not in err
+    finished_0 = (out / "trials" / "0000" / "metrics.jsonl").read_bytes()
+    stopped_at = int(os.readlink(out / "trials" / "0001" / "last").rsplit("-", 1)[1])
+
+    tune(str(DEMO), str(space), trials=2, out=out, overrides=[*TINY, *longer])
+    trials = {t.number: t for t in _trials(out)}
+    assert trials[0].state.name == "COMPLETE"
+    assert (out / "trials" / "0000" / "metrics.jsonl").read_bytes() == finished_0
+    assert trials[1].state.name == "FAIL"
+    assert trials[2].state.name == "COMPLETE" and trials[2].user_attrs["retry_of"] == 1
+    assert trials[2].params == trials[1].params
+    assert trials[2].user_attrs["run_dir"] == str(out / "trials" / "0001")
+    log = (out / "trials" / "0001" / "train.log").read_text()
+    assert "resum" in log and f"iteration {stopped_at}" in log, log[-2000:]
+    assert not (out / "trials" / "0002").exists()
+    assert len(trials) == 3
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_in_the_journal_file(tmp_path) -> None:
+    out, space = tmp_path / "tune", _space(tmp_path)
+    more = ["--train.iterations=60", "--eval.every=30"]
+    procs = [
+        subprocess.Popen(
+            _tune_command(space, out, 4, *more),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err.decode()
+    trials = _trials(out)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert 4 <= len(complete) <= 5  # each worker stops once 4 are finished
+    assert len({t.number for t in trials}) == len(trials)
+    workers = {t.user_attrs["worker"] for t in complete}
+    assert len(workers) == 2, workers  # both processes ran trials
+    assert len({t.user_attrs["run_dir"] for t in complete}) == len(complete)
+
+
+def _postgres_url() -> str:
+    url = os.environ.get("DEEPMETRIC_TEST_POSTGRES", "")
+    if not url:
+        pytest.skip(
+            "no PostgreSQL server given: set DEEPMETRIC_TEST_POSTGRES to a database URL, e.g. "
+            "after `apt-get install postgresql && service postgresql start && su postgres -c "
+            "'createuser -s root' && createdb deepmetric`: "
+            "DEEPMETRIC_TEST_POSTGRES='postgresql+psycopg2:///deepmetric?host=/var/run/postgresql'"
+            " (.ci/run does this)"
+        )
+    return url
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_in_postgresql(tmp_path) -> None:
+    url = _postgres_url()
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    space = _space(tmp_path)
+    more = ["--train.iterations=60", "--eval.every=30", "--storage", url, "--study", name]
+    procs = [
+        subprocess.Popen(
+            _tune_command(space, tmp_path / f"worker{i}", 4, *more),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err.decode()
+    study = optuna.load_study(study_name=name, storage=url)
+    complete = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    assert 4 <= len(complete) <= 5
+    assert len({t.user_attrs["worker"] for t in complete}) == 2
+    for i in range(2):  # each worker wrote the results of the whole study
+        assert (tmp_path / f"worker{i}" / "best.yaml").is_file()
+    optuna.delete_study(study_name=name, storage=url)
+
+
+def test_an_unreachable_storage_is_a_one_line_error(tmp_path, capsys) -> None:
+    url = f"postgresql+psycopg2://nobody@/none?host={tmp_path}"  # no server on that socket
+    code = main(
+        [
+            "tune",
+            "--config",
+            str(DEMO),
+            "--space",
+            str(_space(tmp_path)),
+            "--trials",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+            "--storage",
+            url,
+            *TINY,
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"--storage {url}" in err, err
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def test_mean_interval_is_the_student_t_interval() -> None:
+    mean, half = mean_interval([0.80, 0.82, 0.87])
+    s = np.std([0.80, 0.82, 0.87], ddof=1)
+    assert mean == pytest.approx(0.83)
+    assert half == pytest.approx(4.302652729911275 * s / math.sqrt(3))  # t_{0.975, 2}
+    assert math.isnan(mean_interval([0.5])[1])
+
+
+def test_compare_two_configs_writes_the_table_with_one_run_per_seed(tmp_path) -> None:
+    other = tmp_path / "contrastive.yaml"
+    other.write_text(DEMO.read_text().replace("name: multi_similarity", "name: contrastive"))
+    out = tmp_path / "cmp"
+    result = compare(
+        [str(DEMO), str(other)], seeds=2, out=out, overrides=[*TINY, "--eval.protocol=val"]
+    )
+    runs = list(csv.DictReader(open(out / "runs.csv")))
+    assert [(r["config"], r["seed"]) for r in runs] == [
+        ("demo", "0"),
+        ("demo", "1"),
+        ("contrastive", "0"),
+        ("contrastive", "1"),
+    ]
+    for r in runs:  # scored once, on the test split, with the best-on-validation checkpoint
+        summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+        assert float(r["map@r"]) == pytest.approx(summary["test_of_best"]["map@r"])
+        assert r["scored_on"].startswith("test, best-on-val checkpoint")
+        assert load_config(Path(r["run_dir"]) / "config.yaml").seed == int(r["seed"])
+    rows = {r["config"]: r for r in result["rows"]}
+    for name in ("demo", "contrastive"):
+        mine = [float(r["recall@1"]) for r in runs if r["config"] == name]
+        assert rows[name]["recall@1"] == pytest.approx(np.mean(mine))
+        assert rows[name]["runs"] == 2
+    table = (out / "compare.md").read_text()
+    assert table.count("\n| ") == 2 and "| demo | 2 | 240 |" in table, table
+    assert (out / "compare.png").stat().st_size > 5_000
+
+
+def test_compare_refuses_configs_with_different_budgets(tmp_path, capsys) -> None:
+    other = tmp_path / "short.yaml"
+    other.write_text(DEMO.read_text().replace("iterations: 600", "iterations: 300"))
+    code = main(["compare", "--configs", str(DEMO), str(other), "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and "demo: 600, short: 300" in err and "--train.iterations" in err, err
