@@ -340,7 +340,7 @@ def _train(
         shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to resume
     run_dir.mkdir(parents=True, exist_ok=True)
     with (
-        open(run_dir / "train.log", "a") as log,
+        open(run_dir / "train.log", "a", buffering=1) as log,
         contextlib.redirect_stdout(log),
     ):
         summary = train(
