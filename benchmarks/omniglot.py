@@ -57,10 +57,18 @@ PROXY_LOSSES = (
 
 
 def omniglot_config(
-    data: Path, iterations: int, seed: int, out: Path, loss: str = "multi_similarity", loss_lr=0.1
+    data: Path,
+    iterations: int,
+    seed: int,
+    out: Path,
+    loss: str = "multi_similarity",
+    loss_lr=0.1,
+    config: Path = CONFIG,
+    extra: tuple[str, ...] = (),
 ):
-    """configs/omniglot.yaml with the benchmark's data path, budget, seed and run folder; a
-    proxy loss with random batches of 64 and its proxies at ``loss_lr``."""
+    """``config`` (configs/omniglot.yaml) with the benchmark's data path, budget, seed and run
+    folder; a proxy loss with random batches of 64 and its proxies at ``loss_lr``; then the
+    ``extra`` overrides (``--sampler.p=32`` ...)."""
     from deepmetric.config import load_config
 
     overrides = [
@@ -80,7 +88,7 @@ def omniglot_config(
             "--sampler.batch_size=64",
             f"--optim.loss_lr={loss_lr}",
         ]
-    return load_config(CONFIG, overrides)
+    return load_config(config, overrides + list(extra))
 
 
 def pml_proxy_loss(cfg, num_classes: int, initial: torch.Tensor):
@@ -271,6 +279,14 @@ def main() -> None:
     parser.add_argument(
         "--loss-lr", type=float, default=0.1, help="proxy losses: the proxies' Adam lr"
     )
+    parser.add_argument("--config", type=Path, default=CONFIG, help="default configs/omniglot.yaml")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for both pipelines, e.g. --set sampler.p=32 (repeatable)",
+    )
     parser.add_argument(
         "--speed-rounds",
         type=int,
@@ -294,7 +310,14 @@ def main() -> None:
         pml_first = args.order == "pml-first" or (args.order == "alternate" and seed % 2 == 1)
         with tempfile.TemporaryDirectory() as tmp:
             cfg = omniglot_config(
-                args.data, args.iterations, seed, Path(tmp) / "run", args.loss, args.loss_lr
+                args.data,
+                args.iterations,
+                seed,
+                Path(tmp) / "run",
+                args.loss,
+                args.loss_lr,
+                args.config,
+                tuple(f"--{kv}" for kv in args.set),
             )
             warm_up(cfg)
             if pml_first:
@@ -345,10 +368,13 @@ def main() -> None:
         f"characters 764-963 (4,000 images, each against the other 3,999); "
         f"loss {args.loss}"
         + (
-            f" (proxies' lr {args.loss_lr}), random batches of 64"
+            f" (proxies' lr {args.loss_lr}), random batches of {cfg.sampler.images_per_batch()}"
             if args.loss in PROXY_LOSSES
-            else ", batches of 64 = 16 x 4"
+            else f", batches of {cfg.sampler.images_per_batch()} = {cfg.sampler.p} x "
+            f"{cfg.sampler.k}"
         )
+        + (f"; config {args.config}" if args.config != CONFIG else "")
+        + (f"; overrides {' '.join(args.set)}" if args.set else "")
         + f"; {args.iterations} iterations; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}.\n"
     )

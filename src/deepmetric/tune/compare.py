@@ -79,7 +79,10 @@ def compare(
                 ],
             )
             run_dir.mkdir(parents=True, exist_ok=True)
-            with open(run_dir / "train.log", "a", buffering=1) as log, contextlib.redirect_stdout(log):
+            with (
+                open(run_dir / "train.log", "a", buffering=1) as log,
+                contextlib.redirect_stdout(log),
+            ):
                 summary = train(cfg, config_name=path)
             if summary.get("stopped_by"):
                 raise TuneStopped(

@@ -97,11 +97,29 @@ def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+#: Overrides of a tune's command line that set how trials are validated, logged and run,
+#: not what they learn: used by the trials, left out of best.yaml (which keeps the preset's).
+TRIAL_ONLY = (
+    "eval.",
+    "data.val_options",
+    "output.",
+    "train.progress",
+    "train.threads",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.resume",
+)
+
+
 def _write_preset(
     settings: Any, trial: Any, point: list[tuple[str, Any]], finished: int, path: Path
 ) -> Path:
-    """The preset with the user's overrides and the best point, as a complete config."""
-    cfg = load_config(settings.preset, parse_overrides(settings.overrides) + point)
+    """The preset with the user's overrides (but those in :data:`TRIAL_ONLY`) and the best
+    point, as a complete config."""
+    given = parse_overrides(settings.overrides)
+    kept = [(k, v) for k, v in given if not k.startswith(TRIAL_ONLY)]
+    dropped = [(k, v) for k, v in given if k.startswith(TRIAL_ONLY)]
+    cfg = load_config(settings.preset, kept + point)
     how = f" --folds {settings.folds}" if settings.folds else ""
     header = [
         f"# Tuned by deepmetric tune from {settings.preset} with the search space "
@@ -111,14 +129,19 @@ def _write_preset(
         f"{trial.value:.4f}; the test split was never used to choose.",
         "# The trial's point on top of the preset:",
         *[f"#   {k}: {v}" for k, v in point],
+        *([f"# Set on the tune's command line: {_shown(kept)}"] if kept else []),
         *(
-            ["# Command-line overrides of the tune: " + " ".join(settings.overrides)]
-            if settings.overrides
+            [f"# Used by the trials only (the preset's own here): {_shown(dropped)}"]
+            if dropped
             else []
         ),
     ]
     path.write_text("\n".join(header) + "\n" + dump_config(cfg))
     return path
+
+
+def _shown(pairs: list[tuple[str, Any]]) -> str:
+    return " ".join(f"--{k}={v}" for k, v in pairs)
 
 
 def _write_plots(study: Any, out: Path) -> list[Path]:
