@@ -171,33 +171,40 @@ def _write(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) ->
     lines.append("")
     lines.append("mean ± half-width of the 95% Student t interval over the seeds")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
-    return [out / "compare.md", out / "compare.csv", out / "runs.csv", _plot(rows, out)]
+    return [out / "compare.md", out / "compare.csv", out / "runs.csv", _plot(rows, runs, out)]
 
 
-def _plot(rows: list[dict[str, Any]], out: Path) -> Path:
-    """compare.png: one group of bars per metric, one bar per config, 95% intervals."""
+def _plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> Path:
+    """compare.png: one panel per metric, its own scale; per config the seeds' values (dots)
+    and their mean with the 95% interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.8 / len(rows)
-    for i, row in enumerate(rows):
-        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(METRICS))]
-        errors = [0.0 if math.isnan(row[f"{m} 95%"]) else row[f"{m} 95%"] for m in METRICS]
-        ax.bar(xs, [row[m] for m in METRICS], width, yerr=errors, capsize=4, label=row["config"])
-    ax.set_xticks(range(len(METRICS)), METRICS)
-    lows = [
-        row[m] - (row[f"{m} 95%"] if not math.isnan(row[f"{m} 95%"]) else 0)
-        for row in rows
-        for m in METRICS
-    ]
-    ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
-    ax.set_ylabel("mean over seeds (95% interval)")
-    ax.set_title(f"deepmetric compare: {rows[0]['runs']} seeds, {rows[0]['scored_on']}")
-    ax.legend(loc="lower right")
-    ax.grid(axis="y", alpha=0.3)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4.2))
+    names = [row["config"] for row in rows]
+    for ax, metric in zip(axes, METRICS):
+        for i, row in enumerate(rows):
+            values = [r[metric] for r in runs if r["config"] == row["config"]]
+            ax.plot([i] * len(values), values, "o", color="0.6", markersize=4, zorder=1)
+            half = row[f"{metric} 95%"]
+            ax.errorbar(
+                i,
+                row[metric],
+                yerr=None if math.isnan(half) else half,
+                fmt="s",
+                color=f"C{i}",
+                capsize=6,
+                markersize=7,
+                zorder=2,
+            )
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_title(metric)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("seeds (dots), mean and 95% interval")
+    fig.suptitle(f"deepmetric compare: {rows[0]['runs']} seeds, scored on {rows[0]['scored_on']}")
     fig.tight_layout()
     fig.savefig(out / "compare.png", dpi=100)
     plt.close(fig)
