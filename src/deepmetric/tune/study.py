@@ -21,12 +21,9 @@ import contextlib
 import hashlib
 import json
 import os
-import random
 import shutil
 import socket
 import statistics
-import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +33,9 @@ from deepmetric.engine.divergence import TrainingDiverged
 from deepmetric.engine.run_folder import newest_good_checkpoint, run_contents
 
 from .space import Param, load_space, space_corners, suggest
+from .storage import open_study, optuna_module, retry_abandoned
 
-__all__ = ["TuneSettings", "TuneStopped", "open_study", "tune"]
+__all__ = ["TuneSettings", "TuneStopped", "trial_config", "tune"]
 
 
 class TuneStopped(Exception):
@@ -67,74 +65,6 @@ def _sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _optuna() -> Any:
-    try:
-        import optuna
-    except ImportError:
-        raise ConfigError(
-            "deepmetric tune needs Optuna: pip install 'optuna>=4.5' (or the package's [tune] "
-            "extra)"
-        ) from None
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # tune prints a line per trial
-    return optuna
-
-
-def open_study(settings: TuneSettings, out: Path) -> Any:
-    """Create or load the study (TPE + median pruning) in its storage."""
-    optuna = _optuna()
-    if settings.storage:
-        storage = _database(settings.storage)
-    else:
-        from optuna.storages.journal import JournalFileBackend
-
-        storage = optuna.storages.JournalStorage(JournalFileBackend(str(out / "study.journal")))
-    pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
-        if settings.prune
-        else optuna.pruners.NopPruner()
-    )
-    with warnings.catch_warnings():  # group= is "experimental" (since Optuna 2.8)
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(
-            seed=settings.seed, multivariate=True, group=True, constant_liar=True
-        )
-    return optuna.create_study(
-        storage=storage,
-        study_name=settings.study_name,
-        direction="maximize",
-        sampler=sampler,
-        pruner=pruner,
-        load_if_exists=True,
-    )
-
-
-def _database(url: str) -> Any:
-    """Optuna's RDBStorage at ``url``, with heartbeats so that another worker retries the
-    trial of a worker that died. Workers that start together on a new database race to
-    create its tables: the loser tries again."""
-    import optuna
-    from sqlalchemy import exc
-
-    for attempt in range(5):
-        try:
-            with warnings.catch_warnings():  # heartbeat_interval is "experimental"
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    url,
-                    heartbeat_interval=60,
-                    grace_period=180,
-                    heartbeat_stale_trial_callback=_retry,
-                )
-        except exc.IntegrityError:  # another worker created the same table meanwhile
-            if attempt == 4:
-                raise
-            time.sleep(0.5 + random.random())
-        except (ImportError, ValueError, exc.SQLAlchemyError) as e:  # no driver, server, db
-            msg = str(e).strip().splitlines()[0]
-            raise ConfigError(f"--storage {url}: cannot open it: {msg}") from None
-    raise AssertionError("unreachable")
-
-
 def tune(
     preset: str,
     space_path: str,
@@ -155,7 +85,7 @@ def tune(
     when a signal stopped a trial (its checkpoint is kept and it resumes next time)."""
     from .results import write_results
 
-    optuna = _optuna()
+    optuna = optuna_module()
     overrides = list(overrides or [])
     out = Path(out) if out else Path("runs") / f"tune-{Path(preset).stem}"
     settings = _settings(preset, space_path, overrides, metric, folds, seed, prune, storage)
@@ -170,7 +100,7 @@ def tune(
         )
     _claim_folder(out, settings)
     study = open_study(settings, out)
-    _retry_abandoned(study)
+    retry_abandoned(study)
     done = _finished(study)
     if done < trials:
         say_line(f"tune: {done} of {trials} trials finished in study {settings.study_name!r}")
@@ -186,7 +116,7 @@ def tune(
                 gc_after_trial=True,
             )
         except TuneStopped:
-            _retry_abandoned(study)
+            retry_abandoned(study)
             raise
     return write_results(study, settings, space, out)
 
@@ -306,7 +236,7 @@ def _objective(trial: Any, settings: TuneSettings, space: list[Param], out: Path
             trial.set_user_attr("fold_scores", scores)
             trial.report(scores[-1], fold)
             if settings.prune and trial.should_prune():
-                raise _optuna().TrialPruned(f"fold {fold}: {scores[-1]:.4f}")
+                raise optuna_module().TrialPruned(f"fold {fold}: {scores[-1]:.4f}")
         return statistics.fmean(scores)
     except TrainingDiverged as e:
         trial.set_user_attr("failure", f"diverged: {e}")
@@ -314,7 +244,7 @@ def _objective(trial: Any, settings: TuneSettings, space: list[Param], out: Path
     except (TuneStopped, KeyboardInterrupt):
         trial.set_user_attr("failure", "interrupted")
         raise
-    except _optuna().TrialPruned:
+    except optuna_module().TrialPruned:
         raise
     except Exception as e:
         trial.set_user_attr("failure", f"error: {type(e).__name__}: {e}")
@@ -327,7 +257,7 @@ def _train(
     """One training run of the trial; returns its best validation value of the metric."""
     from deepmetric.engine import train
 
-    optuna = _optuna()
+    optuna = optuna_module()
     cfg = trial_config(settings, point, run_dir, fold)
 
     def report(iteration: int, metrics: dict[str, dict[str, float]]) -> None:
@@ -378,45 +308,3 @@ def _print_trial(study: Any, trial: Any, metric: str) -> None:
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-# --------------------------------------------------------------------------- retries
-
-
-def _retry_abandoned(study: Any) -> None:
-    """Fail the RUNNING trials whose worker process on this machine is gone, then queue once
-    more every trial that was interrupted or killed (not one that diverged or raised), to
-    resume in its run folder from the newest good checkpoint there."""
-    from optuna.trial import TrialState
-
-    host = socket.gethostname()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker_host, _, pid = t.user_attrs.get("worker", "").rpartition(":")
-        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(Exception):  # another worker got there first
-                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        if t.user_attrs.get("failure", "interrupted") == "interrupted":
-            _retry(study, t)
-
-
-def _retry(study: Any, trial: Any) -> None:
-    """Queue ``trial``'s point again (once), with its run folder to resume from."""
-    retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
-    if trial.number in retried:
-        return
-    attrs: dict[str, Any] = {"retry_of": trial.number}
-    run_dir = trial.user_attrs.get("run_dir")
-    if run_dir and Path(run_dir).is_dir():
-        attrs["resume_dir"] = run_dir
-    study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
