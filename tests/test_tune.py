@@ -389,20 +389,8 @@ def test_a_stopped_or_killed_tune_resumes_without_repeating_finished_trials(
 
 @pytest.mark.slow
 def test_two_workers_share_one_study_in_the_journal_file(tmp_path) -> None:
-    out, space = tmp_path / "tune", _space(tmp_path)
-    more = ["--train.iterations=60", "--eval.every=30"]
-    procs = [
-        subprocess.Popen(
-            _tune_command(space, out, 4, *more),
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for _ in range(2)
-    ]
-    results = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err.decode()
+    out = tmp_path / "tune"
+    _two_workers(_space(tmp_path), [out, out])
     trials = _trials(out)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert 4 <= len(complete) <= 5  # each worker stops once 4 are finished
@@ -410,6 +398,23 @@ def test_two_workers_share_one_study_in_the_journal_file(tmp_path) -> None:
     workers = {t.user_attrs["worker"] for t in complete}
     assert len(workers) == 2, workers  # both processes ran trials
     assert len({t.user_attrs["run_dir"] for t in complete}) == len(complete)
+
+
+def _two_workers(space: Path, outs: list[Path], *extra: str) -> None:
+    """Two ``deepmetric tune`` processes started together, 4 trials wanted; both exit 0."""
+    more = ["--train.iterations=60", "--eval.every=30", *extra]
+    procs = [
+        subprocess.Popen(
+            _tune_command(space, out, 4, *more),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for out in outs
+    ]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err.decode()
 
 
 def _postgres_url() -> str:
@@ -429,20 +434,8 @@ def _postgres_url() -> str:
 def test_two_workers_share_one_study_in_postgresql(tmp_path) -> None:
     url = _postgres_url()
     name = f"test-{uuid.uuid4().hex[:8]}"
-    space = _space(tmp_path)
-    more = ["--train.iterations=60", "--eval.every=30", "--storage", url, "--study", name]
-    procs = [
-        subprocess.Popen(
-            _tune_command(space, tmp_path / f"worker{i}", 4, *more),
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for i in range(2)
-    ]
-    results = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err.decode()
+    outs = [tmp_path / "worker0", tmp_path / "worker1"]  # e.g. two machines
+    _two_workers(_space(tmp_path), outs, "--storage", url, "--study", name)
     study = optuna.load_study(study_name=name, storage=url)
     complete = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
     assert 4 <= len(complete) <= 5
