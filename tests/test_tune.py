@@ -203,6 +203,16 @@ def test_bad_search_spaces_are_one_line_errors_naming_the_key(
 # --------------------------------------------------------------------------- folds
 
 
+def test_the_shipped_omniglot_space_loads_with_its_preset_in_every_corner() -> None:
+    space = load_space(ROOT / "configs" / "spaces" / "omniglot.yaml")
+    corners = space_corners(space)
+    losses = set()
+    for corner in corners:
+        cfg = load_config(ROOT / "configs" / "omniglot.yaml", corner)
+        losses.add(cfg.loss.name)
+    assert {"multi_similarity", "arcface"} <= losses
+
+
 def test_class_folds_partition_the_sorted_classes_into_contiguous_blocks() -> None:
     labels = torch.tensor([7, 3, 3, 9, 1, 5, 5, 2, 8, 0])  # classes 0 1 2 3 5 7 8 9
     vals = []

@@ -231,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare",
         allow_abbrev=False,
-        help="train configs with the same budget and seeds; table of mean and 95% interval",
+        help="train configs with the same budget and seeds; table of mean and 95%% interval",
         description="Train each config with seeds 0..N-1 and the same iteration budget, score "
         "each run once (the best-on-validation checkpoint on the test split, or the last "
         "checkpoint on the config's evaluation split), and write OUT/compare.md, compare.csv, "
