@@ -75,7 +75,55 @@ def _default_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, 
     return int(num_replicas), int(rank)
 
 
-class PKSampler(torch.utils.data.Sampler):
+class _EpochBatchSampler(torch.utils.data.Sampler):
+    """What both batch samplers share: the epoch's generator from (seed, epoch), the
+    ``set_epoch(epoch, start_batch)`` protocol, and the split of the global batch list among
+    the ranks. Subclasses write ``_epoch_batches(epoch)`` (with :meth:`_shard`) and
+    ``__len__``.
+
+    Attributes: ``truncated_batches``: global batches of the last generated epoch cut to make
+    the count a multiple of ``num_replicas``.
+    """
+
+    def __init__(self, seed: int, num_replicas: int | None, rank: int | None) -> None:
+        self.seed = int(seed)
+        self.num_replicas, self.rank = _default_replicas(num_replicas, rank)
+        self.epoch = 0
+        self._start_batch = 0
+        self.truncated_batches = 0
+
+    def _generator(self, epoch: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.seed % 2**64, int(epoch)]))
+
+    def _shard(self, batches: np.ndarray) -> list[list[int]]:
+        """This rank's batches of the (num global batches, batch size) index array: the list
+        truncated to a multiple of the world size W, then rank r takes r, r + W, ..."""
+        w = self.num_replicas
+        usable = len(batches) - len(batches) % w
+        self.truncated_batches = len(batches) - usable
+        return batches[self.rank : usable : w].tolist()
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch of the next iteration, which starts at this rank's batch
+        ``start_batch`` (resume after ``start_batch`` batches were consumed)."""
+        if int(epoch) < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if int(start_batch) < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.epoch = int(epoch)
+        self._start_batch = int(start_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """This rank's batches of the current epoch, from ``start_batch`` on (then from 0)."""
+        batches = self._epoch_batches(self.epoch)
+        start, self._start_batch = self._start_batch, 0
+        return iter(batches[start:])
+
+
+class PKSampler(_EpochBatchSampler):
     """Batch sampler of P distinct classes x K samples (see the module docstring).
 
     Args:
@@ -112,11 +160,10 @@ class PKSampler(torch.utils.data.Sampler):
             )
         if small_classes not in ("replace", "skip"):
             raise ValueError(f"small_classes must be 'replace' or 'skip', got {small_classes!r}")
+        super().__init__(seed, num_replicas, rank)
         self.p = int(p)
         self.k = int(k)
-        self.seed = int(seed)
         self.small_classes = small_classes
-        self.num_replicas, self.rank = _default_replicas(num_replicas, rank)
 
         arr = _labels_to_numpy(labels)
         _, inverse, counts = np.unique(arr, return_inverse=True, return_counts=True)
@@ -155,16 +202,10 @@ class PKSampler(torch.utils.data.Sampler):
         self._num_chunks = np.maximum(-(-self._sizes // self.k), 1)  # (C',) ceil(n_c / K)
         self.num_classes = len(self._sizes)
 
-        self.epoch = 0
-        self._start_batch = 0
         self._cache: tuple[int, list[list[int]]] | None = None
         self.dropped_chunks = 0
-        self.truncated_batches = 0
 
     # ------------------------------------------------------------------ epoch generation
-    def _generator(self, epoch: int) -> np.random.Generator:
-        return np.random.default_rng(np.random.SeedSequence([self.seed % 2**64, int(epoch)]))
-
     def _chunks(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """All chunks of the epoch: (T, K) dataset indices and (T,) class of each chunk."""
         k = self.k
@@ -237,29 +278,9 @@ class PKSampler(torch.utils.data.Sampler):
         chunks, chunk_class = self._chunks(rng)
         order = np.asarray(self._schedule(chunk_class, rng), dtype=np.int64)
         batches = chunks[order].reshape(-1, self.p * self.k)  # (num global batches, P*K)
-        w = self.num_replicas
-        usable = len(batches) - len(batches) % w
-        self.truncated_batches = len(batches) - usable
-        mine = batches[self.rank : usable : w].tolist()
+        mine = self._shard(batches)
         self._cache = (epoch, mine)
         return mine
-
-    # ------------------------------------------------------------------ sampler protocol
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch of the next iteration, which starts at this rank's batch
-        ``start_batch`` (resume after ``start_batch`` batches were consumed)."""
-        if int(epoch) < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if int(start_batch) < 0:
-            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-        self.epoch = int(epoch)
-        self._start_batch = int(start_batch)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        """This rank's batches of the current epoch, from ``start_batch`` on (then from 0)."""
-        batches = self._epoch_batches(self.epoch)
-        start, self._start_batch = self._start_batch, 0
-        return iter(batches[start:])
 
     def __len__(self) -> int:
         """Number of batches of the current epoch on this rank (whole epoch, even when
@@ -267,7 +288,7 @@ class PKSampler(torch.utils.data.Sampler):
         return len(self._epoch_batches(self.epoch))
 
 
-class RandomBatchSampler(torch.utils.data.Sampler):
+class RandomBatchSampler(_EpochBatchSampler):
     """Batch sampler of random, not class-balanced batches: each epoch is a random permutation
     of the N indices cut into batches of ``batch_size``, the last partial batch dropped (the
     proxy papers' ``shuffle=True, drop_last=True``).
@@ -299,36 +320,14 @@ class RandomBatchSampler(torch.utils.data.Sampler):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        super().__init__(seed, num_replicas, rank)
         self.num_samples, self.batch_size = int(num_samples), int(batch_size)
-        self.seed = int(seed)
-        self.num_replicas, self.rank = _default_replicas(num_replicas, rank)
-        self.epoch = 0
-        self._start_batch = 0
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of ``epoch``, each a list of ``batch_size`` indices."""
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed % 2**64, int(epoch)]))
-        order = rng.permutation(self.num_samples)
-        usable = self.num_samples // self.batch_size
-        usable -= usable % self.num_replicas
-        batches = order[: usable * self.batch_size].reshape(usable, self.batch_size)
-        return batches[self.rank :: self.num_replicas].tolist()
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch of the next iteration, which starts at this rank's batch
-        ``start_batch`` (resume after ``start_batch`` batches were consumed)."""
-        if int(epoch) < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if int(start_batch) < 0:
-            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-        self.epoch = int(epoch)
-        self._start_batch = int(start_batch)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        """This rank's batches of the current epoch, from ``start_batch`` on (then from 0)."""
-        batches = self._epoch_batches(self.epoch)
-        start, self._start_batch = self._start_batch, 0
-        return iter(batches[start:])
+        order = self._generator(epoch).permutation(self.num_samples)
+        n = self.num_samples // self.batch_size
+        return self._shard(order[: n * self.batch_size].reshape(n, self.batch_size))
 
     def __len__(self) -> int:
         """Number of batches of an epoch on this rank (the same for every epoch)."""

@@ -55,7 +55,27 @@ class NormalizedSoftmaxLoss(ProxyLoss):
         return loss, torch.tensor(emb.shape[0])
 
 
-class CosFaceLoss(ProxyLoss):
+class _MarginSoftmaxLoss(ProxyLoss):
+    """What CosFace and ArcFace share: scale s, margin m, one proxy per class initialised
+    normal(0, 0.01) (insightface), the mean over the B samples. Subclasses write
+    ``value_and_grad(labels, logits)``: the loss and its derivative in the (B, C) logits
+    s cos theta, with the target's margin applied."""
+
+    def __init__(
+        self, num_classes: int, embedding_dim: int, scale: float, margin: float, seed: int
+    ) -> None:
+        super().__init__(num_classes, embedding_dim, seed=seed, init=_normal_001)
+        self.scale, self.margin = float(scale), float(margin)
+
+    def compute(self, emb: Tensor, labels: Tensor, proxies: Proxies) -> tuple[Tensor, Tensor]:
+        loss = cosine_loss(emb, proxies, self.scale, partial(self.value_and_grad, labels))
+        return loss, torch.tensor(emb.shape[0])
+
+    def value_and_grad(self, labels: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class CosFaceLoss(_MarginSoftmaxLoss):
     """CosFace (large margin cosine loss): the target's cosine lowered by a margin m,
 
         L = 1/B sum_i -log( e^{s (cos theta_iy - m)}
@@ -74,12 +94,7 @@ class CosFaceLoss(ProxyLoss):
         margin: float = 0.35,
         seed: int = 0,
     ) -> None:
-        super().__init__(num_classes, embedding_dim, seed=seed, init=_normal_001)
-        self.scale, self.margin = float(scale), float(margin)
-
-    def compute(self, emb: Tensor, labels: Tensor, proxies: Proxies) -> tuple[Tensor, Tensor]:
-        loss = cosine_loss(emb, proxies, self.scale, partial(self.value_and_grad, labels))
-        return loss, torch.tensor(emb.shape[0])
+        super().__init__(num_classes, embedding_dim, scale, margin, seed)
 
     def value_and_grad(self, labels: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
         """The loss and its derivative in the (B, C) logits s cos theta (overwritten)."""
@@ -88,7 +103,7 @@ class CosFaceLoss(ProxyLoss):
         return softmax_cross_entropy(logits, labels, target)
 
 
-class ArcFaceLoss(ProxyLoss):
+class ArcFaceLoss(_MarginSoftmaxLoss):
     """ArcFace (additive angular margin): the target's angle widened by a margin m,
 
         L = 1/B sum_i -log( e^{s phi_i} / (e^{s phi_i} + sum_{c != y} e^{s cos theta_ic}) )
@@ -114,12 +129,7 @@ class ArcFaceLoss(ProxyLoss):
     ) -> None:
         if not 0.0 <= margin < math.pi:
             raise ValueError(f"margin must be in [0, pi) radians, got {margin}")
-        super().__init__(num_classes, embedding_dim, seed=seed, init=_normal_001)
-        self.scale, self.margin = float(scale), float(margin)
-
-    def compute(self, emb: Tensor, labels: Tensor, proxies: Proxies) -> tuple[Tensor, Tensor]:
-        loss = cosine_loss(emb, proxies, self.scale, partial(self.value_and_grad, labels))
-        return loss, torch.tensor(emb.shape[0])
+        super().__init__(num_classes, embedding_dim, scale, margin, seed)
 
     def value_and_grad(self, labels: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
         """The loss and its derivative in the (B, C) logits s cos theta (overwritten)."""
