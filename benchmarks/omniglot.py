@@ -8,8 +8,8 @@ pipeline (the same data set object: 28 x 28, ink bright) and iteration budget, o
 characters 764-963 (deepmetric.evaluation: Recall@K, MAP@R; cross-checked with PML's
 AccuracyCalculator: precision_at_1 and mean_average_precision_at_r).
 
-- deepmetric: ``deepmetric.engine.train`` with ``configs/omniglot.yaml`` (PKSampler, the
-  MS loss with built-in mining, per-iteration logging, one checkpoint at the end).
+- deepmetric: ``deepmetric.engine.train`` with ``configs/omniglot_multi_similarity.yaml``
+  (PKSampler, the MS loss with built-in mining, per-iteration logging, one checkpoint at the end).
 - PML: a plain loop with ``MultiSimilarityLoss`` + ``MultiSimilarityMiner`` and
   ``MPerClassSampler(m=4, batch_size=64)``.
 
@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "omniglot.yaml"
+CONFIG = ROOT / "configs" / "omniglot_multi_similarity.yaml"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "omniglot" / "images_background.npz"
 
 
@@ -66,9 +66,9 @@ def omniglot_config(
     config: Path = CONFIG,
     extra: tuple[str, ...] = (),
 ):
-    """``config`` (configs/omniglot.yaml) with the benchmark's data path, budget, seed and run
-    folder; a proxy loss with random batches of 64 and its proxies at ``loss_lr``; then the
-    ``extra`` overrides (``--sampler.p=32`` ...)."""
+    """``config`` (configs/omniglot_multi_similarity.yaml) with the benchmark's data path,
+    budget, seed and run folder; a proxy loss with random batches of 64 and its proxies at
+    ``loss_lr``; then the ``extra`` overrides (``--sampler.p=32`` ...)."""
     from deepmetric.config import load_config
 
     overrides = [
@@ -92,15 +92,21 @@ def omniglot_config(
 
 
 def pml_proxy_loss(cfg, num_classes: int, initial: torch.Tensor):
-    """PML's version of the proxy loss ``cfg.loss.name`` (paper defaults, as deepmetric's),
-    holding deepmetric's initial proxies ``initial`` (C K, d)."""
+    """PML's version of the proxy loss ``cfg.loss.name`` with the config's parameters (each
+    defaulting to the paper's, as deepmetric's), holding deepmetric's initial proxies
+    ``initial`` (C K, d)."""
     import math
 
     from pytorch_metric_learning import losses
 
-    name, dim = cfg.loss.name, cfg.model.embedding_dim
+    name, dim, p = cfg.loss.name, cfg.model.embedding_dim, cfg.loss.params
     if name == "proxy_anchor":
-        loss, weight = losses.ProxyAnchorLoss(num_classes, dim, margin=0.1, alpha=32), "proxies"
+        loss, weight = (
+            losses.ProxyAnchorLoss(
+                num_classes, dim, margin=p.get("delta", 0.1), alpha=p.get("alpha", 32)
+            ),
+            "proxies",
+        )
     elif name == "proxy_nca":
         loss, weight = losses.ProxyNCALoss(num_classes, dim, softmax_scale=9.0), "proxies"
     elif name == "soft_triple":  # + the tau = 0.2 centre regulariser, as deepmetric's default
@@ -115,11 +121,24 @@ def pml_proxy_loss(cfg, num_classes: int, initial: torch.Tensor):
         )
         weight = "fc"
     elif name == "normalized_softmax":
-        loss, weight = losses.NormalizedSoftmaxLoss(num_classes, dim, temperature=0.05), "W"
+        loss, weight = (
+            losses.NormalizedSoftmaxLoss(num_classes, dim, temperature=p.get("temperature", 0.05)),
+            "W",
+        )
     elif name == "cosface":
-        loss, weight = losses.CosFaceLoss(num_classes, dim, margin=0.35, scale=64), "W"
+        loss, weight = (
+            losses.CosFaceLoss(
+                num_classes, dim, margin=p.get("margin", 0.35), scale=p.get("scale", 64)
+            ),
+            "W",
+        )
     elif name == "arcface":
-        loss = losses.ArcFaceLoss(num_classes, dim, margin=math.degrees(0.5), scale=64)
+        loss = losses.ArcFaceLoss(
+            num_classes,
+            dim,
+            margin=math.degrees(p.get("margin", 0.5)),  # PML's margin is in degrees
+            scale=p.get("scale", 64),
+        )
         weight = "W"
     else:
         raise ValueError(name)
@@ -279,7 +298,9 @@ def main() -> None:
     parser.add_argument(
         "--loss-lr", type=float, default=0.1, help="proxy losses: the proxies' Adam lr"
     )
-    parser.add_argument("--config", type=Path, default=CONFIG, help="default configs/omniglot.yaml")
+    parser.add_argument(
+        "--config", type=Path, default=CONFIG, help="default configs/omniglot_multi_similarity.yaml"
+    )
     parser.add_argument(
         "--set",
         action="append",

@@ -208,7 +208,7 @@ def test_the_shipped_omniglot_space_loads_with_its_preset_in_every_corner() -> N
     corners = space_corners(space)
     losses = set()
     for corner in corners:
-        cfg = load_config(ROOT / "configs" / "omniglot.yaml", corner)
+        cfg = load_config(ROOT / "configs" / "omniglot_multi_similarity.yaml", corner)
         losses.add(cfg.loss.name)
     assert {"multi_similarity", "arcface"} <= losses
 
