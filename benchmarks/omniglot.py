@@ -23,8 +23,12 @@ Images/s = training images processed per second of training loop (data loading i
 evaluation and set-up excluded), after a short warm-up of the network; the pipeline that runs
 first alternates between seeds. Prints a Markdown table.
 
+``--pml-batches deepmetric`` feeds PML's loop deepmetric's batches (same images, same order),
+so that a difference in the results comes from the loss and the loop, not the batch order.
+
 Usage: .venv/bin/python benchmarks/omniglot.py [--iterations 2000] [--seeds 0]
        [--data ../shared/data/omniglot/images_background.npz] [--loss proxy_anchor]
+       [--pml-batches deepmetric]
 """
 
 from __future__ import annotations
@@ -165,8 +169,10 @@ def run_deepmetric(cfg) -> dict:
     }
 
 
-def run_pml(cfg, iterations: int, seed: int) -> dict:
-    """The same network, loss, batch, optimizer and data with PML's loss, miner, sampler."""
+def run_pml(cfg, iterations: int, seed: int, same_batches: bool = False) -> dict:
+    """The same network, loss, batch, optimizer and data with PML's loss, miner, sampler;
+    with ``same_batches`` PML's loop gets deepmetric's batches (its sampler and seeded
+    loader), so that only the loss and the loop differ."""
     from pytorch_metric_learning import losses, miners, samplers
     from torch.utils.data import DataLoader
 
@@ -177,6 +183,7 @@ def run_pml(cfg, iterations: int, seed: int) -> dict:
         build_model_from_config,
         seed_everything,
     )
+    from deepmetric.engine.builders import build_batches, build_train_loader
 
     seed_everything(seed)
     train_ds, eval_sets = build_data(cfg)
@@ -213,11 +220,18 @@ def run_pml(cfg, iterations: int, seed: int) -> dict:
         p = cfg.loss.params
         loss_func = losses.MultiSimilarityLoss(alpha=p["alpha"], beta=p["beta"], base=p["base"])
         miner = miners.MultiSimilarityMiner(epsilon=p["epsilon"])
+    batches = None
+    if same_batches:
+        batches = build_batches(cfg, train_ds, rank=0, world_size=1)
+        loader = build_train_loader(cfg, train_ds, batches, torch.device("cpu"))
     optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     model.train()
     start = time.perf_counter()
-    done = 0
+    done, epoch = 0, 0
     while done < iterations:  # epochs of the shuffled loader (one long one for MPerClass)
+        if batches is not None:
+            batches.set_epoch(epoch)
+        epoch += 1
         for images, labels in loader:
             embeddings = model(images)
             if miner is None:
@@ -316,6 +330,13 @@ def main() -> None:
     )
     parser.add_argument("--speed-iterations", type=int, default=150)
     parser.add_argument(
+        "--pml-batches",
+        choices=("own", "deepmetric"),
+        default="own",
+        help="PML's loop draws its own batches (MPerClassSampler or a shuffled loader) or "
+        "gets deepmetric's (the same images in the same order: only the loss and loop differ)",
+    )
+    parser.add_argument(
         "--order",
         choices=("alternate", "deepmetric-first", "pml-first"),
         default="alternate",
@@ -342,10 +363,10 @@ def main() -> None:
             )
             warm_up(cfg)
             if pml_first:
-                pml = run_pml(cfg, args.iterations, seed)
+                pml = run_pml(cfg, args.iterations, seed, args.pml_batches == "deepmetric")
             ours = run_deepmetric(cfg)
             if not pml_first:
-                pml = run_pml(cfg, args.iterations, seed)
+                pml = run_pml(cfg, args.iterations, seed, args.pml_batches == "deepmetric")
             from deepmetric.engine import load_model
 
             _, our_model, _ = load_model(Path(tmp) / "run")
@@ -396,6 +417,7 @@ def main() -> None:
         )
         + (f"; config {args.config}" if args.config != CONFIG else "")
         + (f"; overrides {' '.join(args.set)}" if args.set else "")
+        + ("; PML fed deepmetric's batches" if args.pml_batches == "deepmetric" else "")
         + f"; {args.iterations} iterations; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}.\n"
     )

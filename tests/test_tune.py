@@ -76,6 +76,12 @@ def _space(tmp_path: Path, text: str = SPACE) -> Path:
     return path
 
 
+def _tune_argv(space: Path, out: Path, trials: int, *extra: str) -> list[str]:
+    """The arguments of ``deepmetric tune`` on the demo preset with the tiny settings."""
+    argv = ["tune", "--config", str(DEMO), "--space", str(space), "--trials", str(trials)]
+    return [*argv, "--out", str(out), *TINY, *extra]
+
+
 def _trials(out: Path, name: str = "demo") -> list:
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))
@@ -90,22 +96,7 @@ def _env() -> dict[str, str]:
 
 
 def _tune_command(space: Path, out: Path, trials: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "deepmetric",
-        "tune",
-        "--config",
-        str(DEMO),
-        "--space",
-        str(space),
-        "--trials",
-        str(trials),
-        "--out",
-        str(out),
-        *TINY,
-        *extra,
-    ]
+    return [sys.executable, "-m", "deepmetric", *_tune_argv(space, out, trials, *extra)]
 
 
 # --------------------------------------------------------------------------- space files
@@ -178,20 +169,7 @@ def test_bad_search_spaces_are_one_line_errors_naming_the_key(
     tmp_path, capsys, text, expected
 ) -> None:
     space = _space(tmp_path, text)
-    code = main(
-        [
-            "tune",
-            "--config",
-            str(DEMO),
-            "--space",
-            str(space),
-            "--trials",
-            "1",
-            "--out",
-            str(tmp_path / "out"),
-            *TINY,
-        ]
-    )
+    code = main(_tune_argv(space, tmp_path / "out", 1))
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("deepmetric: error: "), err
@@ -320,27 +298,12 @@ def test_a_settings_change_in_the_same_folder_is_refused(tmp_path, capsys) -> No
     out = tmp_path / "tune"
     space = _space(tmp_path)
     tune(str(DEMO), str(space), trials=1, out=out, overrides=TINY)
-    code = main(
-        [
-            "tune",
-            "--config",
-            str(DEMO),
-            "--space",
-            str(space),
-            "--trials",
-            "2",
-            "--out",
-            str(out),
-            "--metric",
-            "recall@1",
-            *TINY,
-        ]
-    )
+    code = main(_tune_argv(space, out, 2, "--metric", "recall@1"))
     err = capsys.readouterr().err
     assert code == 2 and "metric" in err and "holds another tune" in err, err
 
 
-def _wait_for(path: Path, at_least: int, proc: subprocess.Popen, timeout_s: float = 180) -> None:
+def _wait_for(path: Path, at_least: int, proc: subprocess.Popen, timeout_s: float = 600) -> None:
     """Poll until the run folder ``path`` has a checkpoint >= ``at_least``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -457,22 +420,7 @@ def test_two_workers_share_one_study_in_postgresql(tmp_path) -> None:
 
 def test_an_unreachable_storage_is_a_one_line_error(tmp_path, capsys) -> None:
     url = f"postgresql+psycopg2://nobody@/none?host={tmp_path}"  # no server on that socket
-    code = main(
-        [
-            "tune",
-            "--config",
-            str(DEMO),
-            "--space",
-            str(_space(tmp_path)),
-            "--trials",
-            "1",
-            "--out",
-            str(tmp_path / "o"),
-            "--storage",
-            url,
-            *TINY,
-        ]
-    )
+    code = main(_tune_argv(_space(tmp_path), tmp_path / "o", 1, "--storage", url))
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and f"--storage {url}" in err, err
 
