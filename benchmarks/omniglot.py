@@ -258,13 +258,16 @@ def run_pml(cfg, iterations: int, seed: int, same_batches: bool = False) -> dict
 
 
 def speed_rounds(
-    data: Path, rounds: int, iterations: int, tmp: Path, loss: str, loss_lr: float
-) -> dict[str, list[float]]:
+    data: Path, rounds: int, iterations: int, tmp: Path, loss: str, loss_lr: float,
+    config: Path = CONFIG, extra: tuple[str, ...] = (),
+) -> dict[str, list[float]]:  # fmt: skip
     """Training images/s of both pipelines measured in alternating short runs (deepmetric,
     PML, deepmetric, PML, ...), so that a change in the machine's load hits both alike."""
     speeds: dict[str, list[float]] = {"deepmetric": [], "PML": []}
     for r in range(rounds):
-        cfg = omniglot_config(data, iterations, 100 + r, tmp / f"speed{r}", loss, loss_lr)
+        cfg = omniglot_config(
+            data, iterations, 100 + r, tmp / f"speed{r}", loss, loss_lr, config, extra
+        )
         order = ("deepmetric", "PML") if r % 2 == 0 else ("PML", "deepmetric")
         for name in order:
             result = (
@@ -304,7 +307,9 @@ def pml_accuracy(model, es, cfg) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=2000)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--seeds", type=int, nargs="*", default=[0], help="accuracy runs (none: speed only)"
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument(
         "--loss", default="multi_similarity", choices=("multi_similarity", *PROXY_LOSSES)
@@ -347,6 +352,10 @@ def main() -> None:
     if not args.data.is_file():
         sys.exit(f"Omniglot file not found: {args.data} (see ../shared/data/omniglot/README.md)")
 
+    extra = tuple(f"--{kv}" for kv in args.set)
+    cfg = omniglot_config(
+        args.data, args.iterations, 0, Path("unused"), args.loss, args.loss_lr, args.config, extra
+    )  # the settings the table's header shows
     rows = []
     for seed in args.seeds:
         pml_first = args.order == "pml-first" or (args.order == "alternate" and seed % 2 == 1)
@@ -359,7 +368,7 @@ def main() -> None:
                 args.loss,
                 args.loss_lr,
                 args.config,
-                tuple(f"--{kv}" for kv in args.set),
+                extra,
             )
             warm_up(cfg)
             if pml_first:
@@ -399,10 +408,11 @@ def main() -> None:
             )
     speeds: dict[str, list[float]] = {}
     if args.speed_rounds:
+        warm_up(cfg)
         with tempfile.TemporaryDirectory() as tmp:
             speeds = speed_rounds(
                 args.data, args.speed_rounds, args.speed_iterations, Path(tmp), args.loss,
-                args.loss_lr,
+                args.loss_lr, args.config, extra,
             )  # fmt: skip
 
     print(
