@@ -30,6 +30,7 @@ from deepmetric.data import class_fold_split
 from deepmetric.engine import build_data
 from deepmetric.engine.preemption import EXIT_STOPPED
 from deepmetric.tune import compare, load_space, mean_interval, space_corners, suggest, tune
+from deepmetric.tune.space import Param
 
 optuna = pytest.importorskip("optuna")
 
@@ -145,6 +146,21 @@ def test_space_file_parses_distributions_choices_sub_spaces_and_fixed_values(tmp
     assert {dict(c)["optim.lr"] for c in corners} == {1e-4, 3e-3}
 
 
+def test_corners_reach_a_choice_inside_a_later_branch() -> None:
+    """A nested choice under the second value of a choice is loaded with each of its values
+    (a typo there fails before any training, not mid-study)."""
+    space = [
+        Param("loss.name", "loss.name", "choice", values=["a", "b"], branches=[
+            [],
+            [Param("loss.reduction", "b/loss.reduction", "choice", values=["mean", "sum"],
+                   branches=[[], []])],
+        ]),
+    ]  # fmt: skip
+    corners = [dict(c) for c in space_corners(space)]
+    assert {"loss.name": "b", "loss.reduction": "sum"} in corners
+    assert {"loss.name": "b", "loss.reduction": "mean"} in corners
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -163,6 +179,11 @@ def test_space_file_parses_distributions_choices_sub_spaces_and_fixed_values(tmp
         ),
         ("sampler.k: {uniform: [2.0, 4.0]}\n", "sampler.k"),
         ("[1, 2]\n", "expected a mapping of config keys"),
+        (  # the same name, True/xbm.size, with two distributions
+            "xbm.enabled: {choice: {true: {xbm.size: {int: [64, 128]}}}}\n"
+            "train.amp: {choice: {true: {xbm.size: {int: [32, 64]}}}}\n",
+            "True/xbm.size: two sub-spaces give this key different distributions",
+        ),
     ],
 )
 def test_bad_search_spaces_are_one_line_errors_naming_the_key(
@@ -274,7 +295,7 @@ def test_tune_with_folds_scores_the_mean_over_class_disjoint_folds(tmp_path) -> 
     (trial,) = _trials(out)
     scores = trial.user_attrs["fold_scores"]
     assert len(scores) == 2 and trial.value == pytest.approx(np.mean(scores))
-    assert trial.intermediate_values == {0: scores[0], 1: scores[1]}
+    assert trial.intermediate_values == {0: scores[0], 1: pytest.approx(np.mean(scores))}
     run_dir = Path(trial.user_attrs["run_dir"])
     for fold in range(2):
         cfg = load_config(run_dir / f"fold-{fold}" / "config.yaml")
@@ -292,6 +313,23 @@ def test_a_trial_below_the_median_is_pruned_at_an_evaluation(tmp_path, monkeypat
     records = (out / "trials" / "0001" / "metrics.jsonl").read_text().splitlines()
     assert max(json.loads(r)["iteration"] for r in records) == 10  # of 20
     assert "pruned at step 10" in (out / "trials.md").read_text()
+
+
+def test_a_trial_is_never_pruned_at_its_last_evaluation(tmp_path, monkeypatch) -> None:
+    """A finished run is scored: the pruner is not asked after the last iteration or fold."""
+    asked = []  # the step of each question to the pruner
+
+    def should_prune(trial) -> bool:
+        asked.append(max(trial.storage.get_trial(trial._trial_id).intermediate_values))
+        return True
+
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", should_prune)
+    overrides = [*TINY, "--eval.every=20"]  # one evaluation, at the last iteration
+    tune(str(DEMO), str(_space(tmp_path)), trials=1, out=tmp_path / "a", overrides=overrides)
+    assert asked == [] and _trials(tmp_path / "a")[0].state.name == "COMPLETE"
+    tune(str(DEMO), str(_space(tmp_path)), trials=1, out=tmp_path / "f", folds=2,
+         overrides=[*overrides, "--sampler.p=2"])  # fmt: skip
+    assert asked == [0]  # after fold 0 (pruned there), never after fold 1
 
 
 def test_a_settings_change_in_the_same_folder_is_refused(tmp_path, capsys) -> None:

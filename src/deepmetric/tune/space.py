@@ -76,6 +76,7 @@ def load_space(path: str | Path) -> list[Param]:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{p}: expected a mapping of config keys (optim.lr: ...), got {raw!r}")
     space = _parse(raw, p, prefix="")
+    _check_names(space, p)
     if not any(param.kind != "fixed" or param.branches for param in _walk(space)):
         raise ConfigError(f"{p}: nothing to search (every key has a fixed value)")
     return space
@@ -133,6 +134,22 @@ def _parse_choice(key: str, name: str, args: Any, path: Path, where: str) -> Par
     if len({repr(v) for v in values}) != len(values):
         raise ConfigError(f"{where}: choice lists a value twice: {values}")
     return Param(key, name, "choice", values=values, branches=branches)
+
+
+def _check_names(space: list[Param], path: Path) -> None:
+    """Optuna stores one distribution per name: two keys that share a name (the same key
+    under the same value of two choices) must have the same distribution."""
+    seen: dict[str, Param] = {}
+    for param in _walk(space):
+        if param.kind == "fixed":
+            continue
+        other = seen.setdefault(param.name, param)
+        shape = (param.kind, param.low, param.high, param.values)
+        if shape != (other.kind, other.low, other.high, other.values):
+            raise ConfigError(
+                f"{path}: {param.name}: two sub-spaces give this key different distributions "
+                "under the same choice value; rename a value or give both the same one"
+            )
 
 
 def _check_value(value: Any, where: str) -> None:
@@ -199,25 +216,37 @@ def suggest(trial: Any, space: list[Param]) -> list[tuple[str, Any]]:
 
 def space_corners(space: list[Param]) -> list[list[tuple[str, Any]]]:
     """Override sets that together touch every key and every choice value: all numbers at
-    their low bound, then at their high bound, for each value of each choice (its sub-space
-    included) with the other choices at their first value."""
+    their low bound, then at their high bound, for each value of each choice (the choices
+    above it set to reach it, its sub-space included) with the other choices at their first
+    value."""
     corners = []
     for end in ("low", "high"):
-        corners.append(_corner(space, end, pick=None))
-        for param in _walk(space):
-            if param.kind == "choice":
-                for value in param.values[1:]:
-                    corners.append(_corner(space, end, pick=(param.name, value)))
+        corners.append(_corner(space, end, pick={}))
+        for param, path in _choices_with_paths(space, {}):
+            for value in param.values[1:]:
+                corners.append(_corner(space, end, pick={**path, param.name: value}))
     return corners
 
 
-def _corner(space: list[Param], end: str, pick: tuple[str, Any] | None) -> list[tuple[str, Any]]:
+def _choices_with_paths(
+    space: list[Param], path: dict[str, Any]
+) -> list[tuple[Param, dict[str, Any]]]:
+    """Every choice of ``space`` with the choice values (name -> value) that lead to it."""
+    out = []
+    for param in space:
+        if param.kind != "choice":
+            continue
+        out.append((param, path))
+        for value, branch in zip(param.values, param.branches):
+            out.extend(_choices_with_paths(branch, {**path, param.name: value}))
+    return out
+
+
+def _corner(space: list[Param], end: str, pick: dict[str, Any]) -> list[tuple[str, Any]]:
     overrides: list[tuple[str, Any]] = []
     for param in space:
         if param.kind in ("fixed", "choice"):
-            value = param.values[0]
-            if pick is not None and pick[0] == param.name:
-                value = pick[1]
+            value = pick.get(param.name, param.values[0])
         else:
             value = getattr(param, end)
         overrides.append((param.key, value))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -234,8 +235,9 @@ def _objective(trial: Any, settings: TuneSettings, space: list[Param], out: Path
         for fold in range(settings.folds):
             scores.append(_train(trial, settings, point, run_dir / f"fold-{fold}", fold))
             trial.set_user_attr("fold_scores", scores)
-            trial.report(scores[-1], fold)
-            if settings.prune and trial.should_prune():
+            trial.report(statistics.fmean(scores), fold)  # the score so far: folds' mean
+            last = fold == settings.folds - 1  # a finished trial is scored, never pruned
+            if settings.prune and not last and trial.should_prune():
                 raise optuna_module().TrialPruned(f"fold {fold}: {scores[-1]:.4f}")
         return statistics.fmean(scores)
     except TrainingDiverged as e:
@@ -260,11 +262,17 @@ def _train(
     optuna = optuna_module()
     cfg = trial_config(settings, point, run_dir, fold)
 
+    best_so_far = -math.inf
+
     def report(iteration: int, metrics: dict[str, dict[str, float]]) -> None:
-        value = metrics["val"][settings.metric]
-        trial.report(value, iteration)
-        if settings.prune and trial.should_prune():
-            raise optuna.TrialPruned(f"iteration {iteration}: {value:.4f}")
+        """Report the trial's score so far (its best value: the score is the best over the
+        run); prune below the median, except at the last iteration (the run is done)."""
+        nonlocal best_so_far
+        best_so_far = max(best_so_far, metrics["val"][settings.metric])
+        trial.report(best_so_far, iteration)
+        last = iteration >= cfg.train.iterations
+        if settings.prune and not last and trial.should_prune():
+            raise optuna.TrialPruned(f"iteration {iteration}: {best_so_far:.4f}")
 
     if run_contents(run_dir) and newest_good_checkpoint(run_dir)[0] is None:
         shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to resume
