@@ -409,6 +409,20 @@ def test_two_workers_share_one_study_in_the_journal_file(tmp_path) -> None:
     workers = {t.user_attrs["worker"] for t in complete}
     assert len(workers) == 2, workers  # both processes ran trials
     assert len({t.user_attrs["run_dir"] for t in complete}) == len(complete)
+    points = {repr(sorted(t.params.items())) for t in trials}
+    assert len(points) == len(trials)  # each worker samples with its own seed
+
+
+def test_a_resumed_tune_draws_new_points(tmp_path) -> None:
+    """The study's creator samples with --seed; a later process with a seed of its own (with
+    --seed again, it would repeat the first random start-up points)."""
+    out, space = tmp_path / "tune", _space(tmp_path)
+    tune(str(DEMO), str(space), trials=1, out=out, overrides=TINY)
+    tune(str(DEMO), str(space), trials=2, out=out, overrides=TINY)
+    first, second = _trials(out)
+    assert first.params != second.params
+    tune(str(DEMO), str(space), trials=1, out=tmp_path / "again", overrides=TINY)
+    assert _trials(tmp_path / "again")[0].params == first.params  # --seed: reproducible
 
 
 def _two_workers(space: Path, outs: list[Path], *extra: str) -> None:

@@ -10,6 +10,7 @@ point and its run folder, so that the new attempt resumes from the folder's chec
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import socket
@@ -49,19 +50,36 @@ def open_study(settings: Any, out: Path) -> Any:
         if settings.prune
         else optuna.pruners.NopPruner()
     )
+    try:  # the worker that creates the study samples with --seed: reproducible alone
+        return optuna.create_study(
+            storage=storage,
+            study_name=settings.study_name,
+            direction="maximize",
+            sampler=_sampler(settings.seed),
+            pruner=pruner,
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        pass
+    # Another worker, or a resumed tune: a seed of its own, else it would draw the same
+    # random start-up points as the first worker (TPE's first 10 trials are random).
+    study_id = storage.get_study_id_from_name(settings.study_name)
+    trials = len(storage.get_all_trials(study_id, deepcopy=False))
+    mixed = f"{settings.seed}:{trials}:{socket.gethostname()}:{os.getpid()}".encode()
+    seed = int.from_bytes(hashlib.sha256(mixed).digest()[:4], "little")
+    return optuna.load_study(
+        study_name=settings.study_name, storage=storage, sampler=_sampler(seed), pruner=pruner
+    )
+
+
+def _sampler(seed: int) -> Any:
+    """Multivariate TPE, grouped for conditional spaces, with a constant liar for workers."""
+    import optuna
+
     with warnings.catch_warnings():  # group= is "experimental" (since Optuna 2.8)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(
-            seed=settings.seed, multivariate=True, group=True, constant_liar=True
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=True
         )
-    return optuna.create_study(
-        storage=storage,
-        study_name=settings.study_name,
-        direction="maximize",
-        sampler=sampler,
-        pruner=pruner,
-        load_if_exists=True,
-    )
 
 
 def _database(url: str) -> Any:
