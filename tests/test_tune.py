@@ -341,6 +341,16 @@ def test_a_settings_change_in_the_same_folder_is_refused(tmp_path, capsys) -> No
     assert code == 2 and "metric" in err and "holds another tune" in err, err
 
 
+@pytest.mark.parametrize("metric", ["recall@1000", "nmi", "precision_at_1"])
+def test_a_metric_the_runs_do_not_compute_is_refused_before_training(
+    tmp_path, capsys, metric
+) -> None:
+    code = main(_tune_argv(_space(tmp_path), tmp_path / "out", 1, "--metric", metric))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"--metric {metric}: not computed" in err and "recall@1" in err, err
+    assert not (tmp_path / "out" / "trials").exists()
+
+
 def _wait_for(path: Path, at_least: int, proc: subprocess.Popen, timeout_s: float = 600) -> None:
     """Poll until the run folder ``path`` has a checkpoint >= ``at_least``."""
     deadline = time.monotonic() + timeout_s
@@ -515,6 +525,16 @@ def test_compare_two_configs_writes_the_table_with_one_run_per_seed(tmp_path) ->
     table = (out / "compare.md").read_text()
     assert table.count("\n| ") == 2 and "| demo | 2 | 240 |" in table, table
     assert (out / "compare.png").stat().st_size > 5_000
+
+
+def test_compare_starts_over_a_run_stopped_before_its_first_checkpoint(tmp_path) -> None:
+    run_dir = tmp_path / "cmp" / "demo" / "seed-0"
+    run_dir.mkdir(parents=True)  # what a run killed in its first iterations leaves
+    (run_dir / "metrics.jsonl").write_text('{"iteration": 5, "loss": 1.0}\n')
+    (run_dir / "config.yaml").write_text(DEMO.read_text())
+    result = compare([str(DEMO)], seeds=1, out=tmp_path / "cmp", overrides=TINY)
+    assert result["rows"][0]["runs"] == 1
+    assert '"iteration": 5, "loss": 1.0' not in (run_dir / "metrics.jsonl").read_text()
 
 
 def test_compare_refuses_configs_with_different_budgets(tmp_path, capsys) -> None:

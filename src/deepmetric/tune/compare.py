@@ -9,7 +9,6 @@ Runs live in OUT/<config>/seed-<s> and resume when the command is run again.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import statistics
@@ -18,7 +17,7 @@ from typing import Any
 
 from deepmetric.config import ConfigError, load_config
 
-from .study import TuneStopped
+from .study import TuneStopped, train_logged
 
 __all__ = ["METRICS", "compare", "mean_interval"]
 
@@ -47,7 +46,6 @@ def compare(
     """Train every config with seeds 0..seeds-1 (resuming finished or stopped runs) and write
     OUT/compare.md, OUT/compare.csv (one row per config), OUT/runs.csv (one row per run) and
     OUT/compare.png. Returns ``{"rows": [...], "runs": [...], "files": [...]}``."""
-    from deepmetric.engine import train
 
     if len(configs) < 1 or seeds < 1:
         raise ConfigError(
@@ -78,12 +76,7 @@ def compare(
                     "--output.report=false",
                 ],
             )
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with (
-                open(run_dir / "train.log", "a", buffering=1) as log,
-                contextlib.redirect_stdout(log),
-            ):
-                summary = train(cfg, config_name=path)
+            summary = train_logged(cfg, run_dir, path)
             if summary.get("stopped_by"):
                 raise TuneStopped(
                     f"{summary['stopped_by']} during {name} seed {seed} (checkpoint "

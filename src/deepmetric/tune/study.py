@@ -186,9 +186,13 @@ def _check_space(settings: TuneSettings, space: list[Param]) -> None:
         except ConfigError as e:
             raise ConfigError(f"{settings.space}: {e}") from None
     assert cfg is not None
-    metrics = {"recall": "recall@1", "map_at_r": "map@r", "r_precision": "r_precision"}
-    known = {metrics.get(m, m) for m in cfg.eval.metrics}
-    if settings.metric not in known and not settings.metric.startswith("recall@"):
+    from deepmetric.engine.builders import recall_at
+
+    names = {"map_at_r": "map@r", "precision_at_1": "precision@1"}  # config -> result
+    known = {names.get(m, m) for m in cfg.eval.metrics if m != "recall"}
+    if "recall" in cfg.eval.metrics:
+        known |= {f"recall@{k}" for k in recall_at(cfg)}
+    if settings.metric not in known:
         raise ConfigError(
             f"--metric {settings.metric}: not computed by eval.metrics {cfg.eval.metrics}; "
             f"use one of {sorted(known)}"
@@ -253,12 +257,26 @@ def _objective(trial: Any, settings: TuneSettings, space: list[Param], out: Path
         raise
 
 
+def train_logged(cfg: Any, run_dir: Path, config_name: str, on_evaluate: Any = None) -> dict:
+    """``deepmetric.engine.train`` in ``run_dir`` (cfg's output.dir, train.resume=auto), its
+    output appended to run_dir/train.log; a folder stopped before its first checkpoint starts
+    over. Returns the run's summary."""
+    from deepmetric.engine import train
+
+    if run_contents(run_dir) and newest_good_checkpoint(run_dir)[0] is None:
+        shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to resume
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (
+        open(run_dir / "train.log", "a", buffering=1) as log,
+        contextlib.redirect_stdout(log),
+    ):
+        return train(cfg, config_name=config_name, on_evaluate=on_evaluate)
+
+
 def _train(
     trial: Any, settings: TuneSettings, point: list[tuple[str, Any]], run_dir: Path, fold: Any
 ) -> float:
     """One training run of the trial; returns its best validation value of the metric."""
-    from deepmetric.engine import train
-
     optuna = optuna_module()
     cfg = trial_config(settings, point, run_dir, fold)
 
@@ -274,16 +292,9 @@ def _train(
         if settings.prune and not last and trial.should_prune():
             raise optuna.TrialPruned(f"iteration {iteration}: {best_so_far:.4f}")
 
-    if run_contents(run_dir) and newest_good_checkpoint(run_dir)[0] is None:
-        shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to resume
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with (
-        open(run_dir / "train.log", "a", buffering=1) as log,
-        contextlib.redirect_stdout(log),
-    ):
-        summary = train(
-            cfg, config_name=settings.preset, on_evaluate=None if fold is not None else report
-        )
+    summary = train_logged(
+        cfg, run_dir, settings.preset, on_evaluate=None if fold is not None else report
+    )
     if summary.get("stopped_by"):
         raise TuneStopped(
             f"{summary['stopped_by']} during trial {trial.number} (checkpoint "
