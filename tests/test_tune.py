@@ -485,6 +485,11 @@ def test_an_unreachable_storage_is_a_one_line_error(tmp_path, capsys) -> None:
     code = main(_tune_argv(_space(tmp_path), tmp_path / "o", 1, "--storage", url))
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and f"--storage {url}" in err, err
+    assert not (tmp_path / "o" / "tune.json").exists()  # the right URL may follow
+    secret = f"postgresql+psycopg2://nobody:s3cret@/none?host={tmp_path}"
+    assert main(_tune_argv(_space(tmp_path), tmp_path / "o", 1, "--storage", secret)) == 2
+    err = capsys.readouterr().err
+    assert "s3cret" not in err and "nobody:***@" in err, err
 
 
 # --------------------------------------------------------------------------- compare

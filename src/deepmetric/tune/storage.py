@@ -21,7 +21,7 @@ from typing import Any
 
 from deepmetric.config import ConfigError
 
-__all__ = ["open_study", "optuna_module", "retry_abandoned"]
+__all__ = ["open_study", "optuna_module", "redacted", "retry_abandoned"]
 
 
 def optuna_module() -> Any:
@@ -105,8 +105,21 @@ def _database(url: str) -> Any:
             time.sleep(0.5 + random.random())
         except (ImportError, ValueError, exc.SQLAlchemyError) as e:  # no driver, server, db
             msg = str(e).strip().splitlines()[0]
-            raise ConfigError(f"--storage {url}: cannot open it: {msg}") from None
+            raise ConfigError(f"--storage {redacted(url)}: cannot open it: {msg}") from None
     raise AssertionError("unreachable")
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password, if any, shown as ***."""
+    if not url:
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception:  # not a database URL: shown as given
+        return url
+    return url if parsed.password is None else parsed.render_as_string(hide_password=True)
 
 
 # --------------------------------------------------------------------------- retries

@@ -34,7 +34,7 @@ from deepmetric.engine.divergence import TrainingDiverged
 from deepmetric.engine.run_folder import newest_good_checkpoint, run_contents
 
 from .space import Param, load_space, space_corners, suggest
-from .storage import open_study, optuna_module, retry_abandoned
+from .storage import open_study, optuna_module, redacted, retry_abandoned
 
 __all__ = ["TuneSettings", "TuneStopped", "trial_config", "tune"]
 
@@ -99,8 +99,10 @@ def tune(
             "worker per GPU (CUDA_VISIBLE_DEVICES=i deepmetric tune ... with the same --out "
             "or --storage), not torchrun"
         )
+    # a database study is opened first, so that a wrong URL leaves no tune.json behind
+    study = open_study(settings, out) if settings.storage else None
     _claim_folder(out, settings)
-    study = open_study(settings, out)
+    study = study or open_study(settings, out)
     retry_abandoned(study)
     done = _finished(study)
     if done < trials:
@@ -203,6 +205,7 @@ def _claim_folder(out: Path, settings: TuneSettings) -> None:
     """Write OUT/tune.json, or check that the tune already in OUT has the same settings."""
     path = out / "tune.json"
     mine = asdict(settings)
+    mine["storage"] = redacted(settings.storage)  # no password in the file
     if path.is_file():
         theirs = json.loads(path.read_text())
         differs = [k for k in mine if k not in ("preset", "space") and theirs.get(k) != mine.get(k)]
