@@ -332,6 +332,31 @@ def test_a_trial_is_never_pruned_at_its_last_evaluation(tmp_path, monkeypatch) -
     assert asked == [0]  # after fold 0 (pruned there), never after fold 1
 
 
+def test_a_failed_trial_is_recorded_and_the_tune_goes_on(tmp_path, monkeypatch) -> None:
+    """A trial that raises (out of memory, a config its point breaks) is a failed trial with
+    its traceback in its train.log; the tune stops only after 3 such trials in a row."""
+    from deepmetric.tune import study
+
+    real = study.train_logged
+    calls = []
+
+    def flaky(cfg, run_dir, *args, **kwargs):
+        calls.append(run_dir)
+        if len(calls) == 1 or "always" in str(run_dir):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(cfg, run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(study, "train_logged", flaky)
+    out = tmp_path / "tune"
+    tune(str(DEMO), str(_space(tmp_path)), trials=1, out=out, overrides=TINY)
+    first, second = _trials(out)
+    assert (first.state.name, second.state.name) == ("FAIL", "COMPLETE")
+    assert first.user_attrs["failure"] == "error: RuntimeError: CUDA out of memory (simulated)"
+    assert "Traceback" in (out / "trials" / "0000" / "train.log").read_text()
+    with pytest.raises(ConfigError, match="3 trials in a row failed; the last, trial 2: error"):
+        tune(str(DEMO), str(_space(tmp_path)), trials=1, out=tmp_path / "always", overrides=TINY)
+
+
 def test_a_settings_change_in_the_same_folder_is_refused(tmp_path, capsys) -> None:
     out = tmp_path / "tune"
     space = _space(tmp_path)

@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import statistics
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,15 @@ __all__ = ["TuneSettings", "TuneStopped", "trial_config", "tune"]
 
 class TuneStopped(Exception):
     """A signal stopped the running trial after a checkpoint (``deepmetric tune`` exits 75)."""
+
+
+class TrialFailed(Exception):
+    """A trial raised (a config its point makes invalid, out of memory ...): it is recorded
+    as failed and the tune goes on, unless :data:`FAILURES_IN_A_ROW` failed in a row."""
+
+
+#: Consecutive failed trials of one worker after which the tune stops with an error.
+FAILURES_IN_A_ROW = 3
 
 
 @dataclass
@@ -111,16 +121,32 @@ def tune(
             trials,
             states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED),
         )
+        failed: list[Any] = []  # this worker's failed trials since its last good one
+
+        def after_trial(study: Any, trial: Any) -> None:
+            _print_trial(study, trial, metric)
+            error = trial.user_attrs.get("failure", "").startswith("error")  # not diverged
+            failed[:] = [*failed, trial] if error else []
+            if len(failed) >= FAILURES_IN_A_ROW:
+                study.stop()
+
         try:
             study.optimize(
                 lambda trial: _objective(trial, settings, space, out),
-                callbacks=[stop_at, lambda study, trial: _print_trial(study, trial, metric)],
-                catch=(TrainingDiverged,),
+                callbacks=[stop_at, after_trial],
+                catch=(TrainingDiverged, TrialFailed),
                 gc_after_trial=True,
             )
         except TuneStopped:
             retry_abandoned(study)
             raise
+        if len(failed) >= FAILURES_IN_A_ROW:
+            last = failed[-1]
+            raise ConfigError(
+                f"tune stopped: {len(failed)} trials in a row failed; the last, trial "
+                f"{last.number}: {last.user_attrs.get('failure', '?')} (traceback in "
+                f"{last.user_attrs.get('run_dir', out)}/train.log)"
+            )
     return write_results(study, settings, space, out)
 
 
@@ -257,7 +283,10 @@ def _objective(trial: Any, settings: TuneSettings, space: list[Param], out: Path
         raise
     except Exception as e:
         trial.set_user_attr("failure", f"error: {type(e).__name__}: {e}")
-        raise
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "train.log", "a") as log:
+            log.write(traceback.format_exc())
+        raise TrialFailed(f"trial {trial.number}: {type(e).__name__}: {e}") from e
 
 
 def train_logged(cfg: Any, run_dir: Path, config_name: str, on_evaluate: Any = None) -> dict:
