@@ -434,6 +434,28 @@ def test_a_stopped_or_killed_tune_resumes_without_repeating_finished_trials(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("left_by", ["this process", "before a reboot", "a live process"])
+def test_a_running_trial_of_a_dead_worker_is_failed_and_queued_again(tmp_path, left_by) -> None:
+    """A RUNNING trial of this machine is abandoned when its pid is gone, is this process
+    (which has not started one yet), or belongs to an earlier boot (pids are reused)."""
+    import socket
+
+    from deepmetric.tune.storage import boot_id, retry_abandoned
+
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/s.db")
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    pid = os.getppid() if left_by == "a live process" else os.getpid()
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{pid}")
+    trial.set_user_attr("boot", "an-earlier-boot" if left_by == "before a reboot" else boot_id())
+    retry_abandoned(study)
+    states = [t.state.name for t in study.get_trials()]
+    if left_by == "a live process":
+        assert states == ["RUNNING"]
+    else:
+        assert states == ["FAIL", "WAITING"]  # failed, and its point queued to resume
+
+
 def test_two_workers_share_one_study_in_the_journal_file(tmp_path) -> None:
     out = tmp_path / "tune"
     _two_workers(_space(tmp_path), [out, out])

@@ -134,7 +134,10 @@ def retry_abandoned(study: Any) -> None:
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker_host, _, pid = t.user_attrs.get("worker", "").rpartition(":")
-        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
+        if worker_host != host or not pid.isdigit():
+            continue  # another machine's: its heartbeat (database storage) tells
+        rebooted = t.user_attrs.get("boot", boot_id()) != boot_id()
+        if rebooted or int(pid) == os.getpid() or not _alive(int(pid)):
             with contextlib.suppress(Exception):  # another worker got there first
                 study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
@@ -152,6 +155,15 @@ def _retry(study: Any, trial: Any) -> None:
     if run_dir and Path(run_dir).is_dir():
         attrs["resume_dir"] = run_dir
     study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
+
+
+def boot_id() -> str:
+    """This boot of the machine (Linux), so that a pid from before a reboot is not taken
+    for a live process; "" where unknown."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:

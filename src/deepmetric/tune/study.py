@@ -35,7 +35,7 @@ from deepmetric.engine.divergence import TrainingDiverged
 from deepmetric.engine.run_folder import newest_good_checkpoint, run_contents
 
 from .space import Param, load_space, space_corners, suggest
-from .storage import open_study, optuna_module, redacted, retry_abandoned
+from .storage import boot_id, open_study, optuna_module, redacted, retry_abandoned
 
 __all__ = ["TuneSettings", "TuneStopped", "trial_config", "tune"]
 
@@ -257,6 +257,7 @@ def _finished(study: Any) -> int:
 
 def _objective(trial: Any, settings: TuneSettings, space: list[Param], out: Path) -> float:
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr("boot", boot_id())
     resume_dir = trial.user_attrs.get("resume_dir")
     run_dir = Path(resume_dir) if resume_dir else out / "trials" / f"{trial.number:04d}"
     trial.set_user_attr("run_dir", str(run_dir))
