@@ -143,7 +143,8 @@ def test_space_file_parses_distributions_choices_sub_spaces_and_fixed_values(tmp
     corners = space_corners(space)
     names = {dict(c)["loss.name"] for c in corners}
     assert names == {"multi_similarity", "contrastive"}
-    assert {dict(c)["optim.lr"] for c in corners} == {1e-4, 3e-3}
+    lrs = sorted({dict(c)["optim.lr"] for c in corners})
+    assert lrs == pytest.approx([1e-4, 1e-4 + 2.9e-3 / math.pi, 3e-3])
 
 
 def test_corners_reach_a_choice_inside_a_later_branch() -> None:
@@ -179,6 +180,7 @@ def test_corners_reach_a_choice_inside_a_later_branch() -> None:
         ),
         ("sampler.k: {uniform: [2.0, 4.0]}\n", "sampler.k"),
         ("[1, 2]\n", "expected a mapping of config keys"),
+        ("eval.select_metric: {choice: [map@r]}\n", "eval.select_metric is set by deepmetric"),
         (  # the same name, True/xbm.size, with two distributions
             "xbm.enabled: {choice: {true: {xbm.size: {int: [64, 128]}}}}\n"
             "train.amp: {choice: {true: {xbm.size: {int: [32, 64]}}}}\n",

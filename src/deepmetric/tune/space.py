@@ -77,7 +77,7 @@ def load_space(path: str | Path) -> list[Param]:
         raise ConfigError(f"{p}: expected a mapping of config keys (optim.lr: ...), got {raw!r}")
     space = _parse(raw, p, prefix="")
     _check_names(space, p)
-    if not any(param.kind != "fixed" or param.branches for param in _walk(space)):
+    if not any(param.kind != "fixed" or param.branches for param in walk(space)):
         raise ConfigError(f"{p}: nothing to search (every key has a fixed value)")
     return space
 
@@ -140,7 +140,7 @@ def _check_names(space: list[Param], path: Path) -> None:
     """Optuna stores one distribution per name: two keys that share a name (the same key
     under the same value of two choices) must have the same distribution."""
     seen: dict[str, Param] = {}
-    for param in _walk(space):
+    for param in walk(space):
         if param.kind == "fixed":
             continue
         other = seen.setdefault(param.name, param)
@@ -181,12 +181,13 @@ def _bounds(kind: str, args: Any, where: str) -> tuple[float, float]:
     return (int(low), int(high)) if integer else (float(low), float(high))
 
 
-def _walk(space: list[Param]) -> list[Param]:
+def walk(space: list[Param]) -> list[Param]:
+    """Every key of ``space``, those of the sub-spaces included."""
     out = []
     for param in space:
         out.append(param)
         for branch in param.branches:
-            out.extend(_walk(branch))
+            out.extend(walk(branch))
     return out
 
 
@@ -216,11 +217,11 @@ def suggest(trial: Any, space: list[Param]) -> list[tuple[str, Any]]:
 
 def space_corners(space: list[Param]) -> list[list[tuple[str, Any]]]:
     """Override sets that together touch every key and every choice value: all numbers at
-    their low bound, then at their high bound, for each value of each choice (the choices
-    above it set to reach it, its sub-space included) with the other choices at their first
-    value."""
+    their low bound, then at their high bound, then inside (a float not a whole number), for
+    each value of each choice (the choices above it set to reach it, its sub-space included)
+    with the other choices at their first value."""
     corners = []
-    for end in ("low", "high"):
+    for end in ("low", "high", "inner"):
         corners.append(_corner(space, end, pick={}))
         for param, path in _choices_with_paths(space, {}):
             for value in param.values[1:]:
@@ -247,6 +248,9 @@ def _corner(space: list[Param], end: str, pick: dict[str, Any]) -> list[tuple[st
     for param in space:
         if param.kind in ("fixed", "choice"):
             value = pick.get(param.name, param.values[0])
+        elif end == "inner":  # a value inside, not a whole number for floats
+            inner = param.low + (param.high - param.low) / math.pi
+            value = round(inner) if param.kind in ("int", "log_int") else inner
         else:
             value = getattr(param, end)
         overrides.append((param.key, value))

@@ -34,7 +34,7 @@ from deepmetric.config import ConfigError, load_config, parse_overrides
 from deepmetric.engine.divergence import TrainingDiverged
 from deepmetric.engine.run_folder import newest_good_checkpoint, run_contents
 
-from .space import Param, load_space, space_corners, suggest
+from .space import Param, load_space, space_corners, suggest, walk
 from .storage import boot_id, open_study, optuna_module, redacted, retry_abandoned
 
 __all__ = ["TuneSettings", "TuneStopped", "trial_config", "tune"]
@@ -207,6 +207,13 @@ def trial_config(
 def _check_space(settings: TuneSettings, space: list[Param]) -> None:
     """Load the preset with every corner of the space: unknown keys and wrong types fail
     here, before any training, naming the key. Also check the metric is evaluated."""
+    mine = {k for k, _ in settings.fixed} | {"output.dir", "train.resume"}
+    mine |= {"eval.val_folds", "eval.val_fold"}
+    for key in sorted({p.key for p in walk(space)} & mine):
+        raise ConfigError(
+            f"{settings.space}: {key} is set by deepmetric tune in every trial (the trials are "
+            "validated, logged and stored its way); leave it out of the search space"
+        )
     cfg = None
     for corner in space_corners(space):
         try:
