@@ -359,6 +359,20 @@ def test_a_failed_trial_is_recorded_and_the_tune_goes_on(tmp_path, monkeypatch) 
         tune(str(DEMO), str(_space(tmp_path)), trials=1, out=tmp_path / "always", overrides=TINY)
 
 
+def test_a_trial_folder_in_use_by_another_worker_is_not_trained_twice(tmp_path) -> None:
+    import fcntl
+
+    out = tmp_path / "tune"
+    (out / "trials").mkdir(parents=True)
+    with open(out / "trials" / "0000.lock", "w") as held:  # another worker trains trial 0
+        fcntl.flock(held, fcntl.LOCK_EX)
+        tune(str(DEMO), str(_space(tmp_path)), trials=1, out=out, overrides=TINY)
+    first, second = _trials(out)
+    assert first.state.name == "FAIL" and first.user_attrs["failure"].startswith("duplicate")
+    assert second.state.name == "COMPLETE"
+    assert not (out / "trials" / "0000").exists()
+
+
 def test_a_settings_change_in_the_same_folder_is_refused(tmp_path, capsys) -> None:
     out = tmp_path / "tune"
     space = _space(tmp_path)

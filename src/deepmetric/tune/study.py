@@ -18,6 +18,7 @@ is queued again with its run folder and resumes from there; finished trials are 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -267,8 +268,22 @@ def _objective(trial: Any, settings: TuneSettings, space: list[Param], out: Path
     trial.set_user_attr("boot", boot_id())
     resume_dir = trial.user_attrs.get("resume_dir")
     run_dir = Path(resume_dir) if resume_dir else out / "trials" / f"{trial.number:04d}"
-    trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("run_dir", str(run_dir.resolve()))
     point = suggest(trial, space)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f"{run_dir.name}.lock", "w") as lock:
+        try:  # two workers that both queued the retry of one trial: the second one stops
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            trial.set_user_attr("failure", f"duplicate: another worker is training {run_dir}")
+            raise TrialFailed(f"trial {trial.number}: {run_dir} is in use") from None
+        return _run_point(trial, settings, point, run_dir)
+
+
+def _run_point(
+    trial: Any, settings: TuneSettings, point: list[tuple[str, Any]], run_dir: Path
+) -> float:
+    """Train the trial's point (once, or once per fold); its score; a failure noted."""
     try:
         if not settings.folds:
             return _train(trial, settings, point, run_dir, fold=None)
