@@ -235,7 +235,7 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
 
 
 DEMO = ROOT / "configs" / "demo.yaml"
-OMNIGLOT = ROOT / "configs" / "omniglot.yaml"
+OMNIGLOT = ROOT / "configs" / "omniglot_multi_similarity.yaml"
 
 
 @pytest.mark.parametrize(
