@@ -214,6 +214,17 @@ def test_the_shipped_omniglot_space_loads_with_its_preset_in_every_corner() -> N
     assert {"multi_similarity", "arcface"} <= losses
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [["--eval.val_fraction=0.2"], ["--eval.val_folds=5", "--eval.val_fold=0"]],
+)
+def test_a_validation_split_of_one_class_is_refused(overrides) -> None:
+    """One class scores every model 1.0 (each neighbour is a hit): no model selection."""
+    cfg = load_config(DEMO, ["--eval.protocol=val", *overrides])  # digits 0-4: 5 classes
+    with pytest.raises(ConfigError, match=r"validation split .* has 1 class; retrieval needs"):
+        build_data(cfg)
+
+
 def test_class_folds_partition_the_sorted_classes_into_contiguous_blocks() -> None:
     labels = torch.tensor([7, 3, 3, 9, 1, 5, 5, 2, 8, 0])  # classes 0 1 2 3 5 7 8 9
     vals = []

@@ -125,6 +125,7 @@ def build_data(cfg: Config, *, test_only: bool = False) -> tuple[Any, dict[str, 
     if data.val_options is not None:
         options = {**data.train_options, **data.val_options}
         val = _build_split(cfg, data.train_split, test_tf, options, data.validate)
+        _check_val_classes(val.num_classes, "data.val_options")
         return train_set, {"val": _eval_set("val", val)}
     if train_set.num_classes < 2:
         raise _too_few_classes(cfg, train_set.num_classes, "the training split")
@@ -139,8 +140,21 @@ def build_data(cfg: Config, *, test_only: bool = False) -> tuple[Any, dict[str, 
         train_classes, val_classes = class_disjoint_split(
             train_set.labels, cfg.eval.val_fraction, cfg.seed
         )
+    how = "eval.val_folds" if cfg.eval.val_folds else f"eval.val_fraction={cfg.eval.val_fraction}"
+    _check_val_classes(len(val_classes), f"{how} of {train_set.num_classes} training classes")
     val = subset_classes(train_set, val_classes, transform=test_tf)
     return subset_classes(train_set, train_classes), {"val": _eval_set("val", val)}
+
+
+def _check_val_classes(num_classes: int, how: str) -> None:
+    """A validation split of one class scores every model perfectly (every neighbour is of
+    the query's class): refuse it."""
+    if num_classes < 2:
+        raise ConfigError(
+            f"eval.protocol=val: the validation split ({how}) has {num_classes} class; "
+            "retrieval needs at least 2 or every neighbour counts as a hit: raise "
+            "eval.val_fraction (or give data.val_options more classes)"
+        )
 
 
 def write_generated_split(cfg: Config, path: Path) -> str | None:
