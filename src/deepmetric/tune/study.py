@@ -210,10 +210,11 @@ def _check_space(settings: TuneSettings, space: list[Param]) -> None:
     here, before any training, naming the key. Also check the metric is evaluated."""
     mine = {k for k, _ in settings.fixed} | {"output.dir", "train.resume"}
     mine |= {"eval.val_folds", "eval.val_fold"}
-    for key in sorted({p.key for p in walk(space)} & mine):
+    reserved = sorted({p.key for p in walk(space)} & mine)
+    if reserved:
         raise ConfigError(
-            f"{settings.space}: {key} is set by deepmetric tune in every trial (the trials are "
-            "validated, logged and stored its way); leave it out of the search space"
+            f"{settings.space}: {reserved[0]} is set by deepmetric tune in every trial (the "
+            "trials are validated, logged and stored its way); leave it out of the search space"
         )
     cfg = None
     for corner in space_corners(space):
