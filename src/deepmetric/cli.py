@@ -433,29 +433,8 @@ def _run(argv: Sequence[str]) -> int:
     if args.command == "search":
         return _search(args, extra)
 
-    if args.command == "tune":
-        from deepmetric.tune import tune
-
-        tune(
-            args.config,
-            args.space,
-            trials=args.trials,
-            out=args.out,
-            storage=args.storage,
-            study_name=args.study,
-            metric=args.metric,
-            folds=args.folds,
-            seed=args.seed,
-            prune=not args.no_prune,
-            overrides=extra,
-        )
-        return 0
-
-    if args.command == "compare":
-        from deepmetric.tune import compare
-
-        compare(args.configs, seeds=args.seeds, out=args.out, overrides=extra)
-        return 0
+    if args.command in ("tune", "compare"):
+        return _tune_or_compare(args, extra)
 
     if args.command == "report":
         return _report(args, extra)
@@ -526,6 +505,38 @@ def _index(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: lis
     retriever.save()
     print(f"{verb} {count:,} items; {args.index} holds {len(retriever.items):,}")
     return 0
+
+
+def _tune_or_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    """``deepmetric tune`` / ``compare``; exit 75 when a signal stopped a run (kept)."""
+    from deepmetric.engine.preemption import EXIT_STOPPED
+    from deepmetric.tune import TuneStopped, compare, tune
+
+    try:
+        if args.command == "compare":
+            compare(args.configs, seeds=args.seeds, out=args.out, overrides=extra)
+            return 0
+        tune(
+            args.config,
+            args.space,
+            trials=args.trials,
+            out=args.out,
+            storage=args.storage,
+            study_name=args.study,
+            metric=args.metric,
+            folds=args.folds,
+            seed=args.seed,
+            prune=not args.no_prune,
+            overrides=extra,
+        )
+        return 0
+    except TuneStopped as e:
+        print(
+            f"deepmetric: stopped by {e}; run the same command again to continue (finished "
+            "runs are kept, the stopped one resumes from its checkpoint)",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
 
 
 def _search(args: argparse.Namespace, extra: list[str]) -> int:
@@ -646,15 +657,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
     except Exception as e:
-        if type(e).__name__ == "TuneStopped":  # tune / compare: a run stopped with a checkpoint
-            from deepmetric.engine.preemption import EXIT_STOPPED
-
-            print(
-                f"deepmetric: stopped by {e}; run the same command again to continue (finished "
-                "runs are kept, the stopped one resumes from its checkpoint)",
-                file=sys.stderr,
-            )
-            return EXIT_STOPPED
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             where = f" writing {e.filename}" if e.filename else ""
             print(

@@ -130,6 +130,7 @@ def build_data(cfg: Config, *, test_only: bool = False) -> tuple[Any, dict[str, 
     if train_set.num_classes < 2:
         raise _too_few_classes(cfg, train_set.num_classes, "the training split")
     if cfg.eval.val_folds:
+        how = f"eval.val_folds={cfg.eval.val_folds}"
         try:
             train_classes, val_classes = class_fold_split(
                 train_set.labels, cfg.eval.val_folds, cfg.eval.val_fold
@@ -137,10 +138,10 @@ def build_data(cfg: Config, *, test_only: bool = False) -> tuple[Any, dict[str, 
         except ValueError as e:
             raise ConfigError(f"eval.val_folds: {e}") from None
     else:
+        how = f"eval.val_fraction={cfg.eval.val_fraction}"
         train_classes, val_classes = class_disjoint_split(
             train_set.labels, cfg.eval.val_fraction, cfg.seed
         )
-    how = "eval.val_folds" if cfg.eval.val_folds else f"eval.val_fraction={cfg.eval.val_fraction}"
     _check_val_classes(len(val_classes), f"{how} of {train_set.num_classes} training classes")
     val = subset_classes(train_set, val_classes, transform=test_tf)
     return subset_classes(train_set, train_classes), {"val": _eval_set("val", val)}
