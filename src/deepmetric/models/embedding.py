@@ -11,7 +11,7 @@ from torch import nn
 from .backbones import build_backbone
 from .head import EmbeddingHead, canonical_pooling
 
-__all__ = ["BATCH_NORMS", "EmbeddingModel", "build_model", "preset_for"]
+__all__ = ["BATCH_NORMS", "EmbeddingModel", "build_model"]
 
 #: The BatchNorm layer types ``freeze_bn`` keeps in eval mode (SyncBatchNorm: after
 #: ``train.sync_bn`` converted them).
@@ -114,23 +114,3 @@ def build_model(
         l2_normalize=l2_normalize,
     )
     return EmbeddingModel(net, head, freeze_bn=freeze_bn, backbone_name=backbone)
-
-
-def preset_for(backbone: str) -> str:
-    """Name of the ``deepmetric.data.build_transform`` preset a backbone expects.
-
-    "bninception" -> "bninception" (BGR, 0-255, mean [104, 117, 128]); "conv4" -> "small";
-    tf_efficientnet_lite* -> "inception" (RGB, (x - 0.5) / 0.5, as its TF weights expect);
-    anything else -> "imagenet" (RGB, 0-1, ImageNet mean/std).
-
-    Note: some timm weights were trained with other statistics (e.g. mean = std = 0.5 for
-    tf_efficientnet_lite0 and many ViTs; see the model's ``pretrained_cfg``).
-    """
-    name = backbone.lower()
-    if name == "bninception":
-        return "bninception"
-    if name == "conv4":
-        return "small"
-    if name.removeprefix("timm:").startswith("tf_efficientnet_lite"):
-        return "inception"
-    return "imagenet"
