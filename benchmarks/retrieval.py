@@ -201,10 +201,11 @@ def worker(task: str, folder: Path) -> dict:
     out["embeddings_mib"] = x.nbytes / 2**20
     start = time.perf_counter()
     if task == "sop_ours":
-        from deepmetric.evaluation import RECALL_AT, evaluate
+        from deepmetric.data import SOURCES
+        from deepmetric.evaluation import evaluate
 
         result = evaluate(
-            torch.from_numpy(x), torch.from_numpy(y), recall_at=RECALL_AT["sop"],
+            torch.from_numpy(x), torch.from_numpy(y), recall_at=SOURCES["sop"].recall_at,
             metrics=("recall", "map_at_r", "r_precision"),
         )  # fmt: skip
         out["metrics"] = result

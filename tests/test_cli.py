@@ -14,29 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
+import tiny_runs
 from deepmetric.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 TINY = [
-    "--data.transform_options.size=16",
-    "--model.embedding_dim=16",
-    "--sampler.p=5",
-    "--sampler.k=2",
+    *tiny_runs.TINY,
     "--train.iterations=6",
-    "--train.progress=false",
-    "--train.threads=1",
     "--eval.at_start=false",
-    "--output.report=false",
     "--eval.batch_size=512",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

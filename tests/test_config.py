@@ -309,10 +309,11 @@ def test_size_means_the_same_for_arrays_and_image_files(tmp_path: Path) -> None:
     from deepmetric.engine import build_data
 
     for split, classes in (("train", ("a", "b")), ("test", ("c", "d"))):
-        for c in classes:
+        for j, c in enumerate(classes):
             (tmp_path / split / c).mkdir(parents=True)
             for i in range(2):
-                Image.new("L", (20, 12), color=40 * i).save(tmp_path / split / c / f"{i}.png")
+                shade = 40 * i + 10 * j + (100 if split == "test" else 0)  # no two files alike
+                Image.new("L", (20, 12), color=shade).save(tmp_path / split / c / f"{i}.png")
     arrays = load_config(DEMO)
     files = load_config(DEMO, ["--data.name=folder", f"--data.root={tmp_path}"])
     for cfg in (arrays, files):

@@ -10,7 +10,7 @@ import torch
 from scipy.io import loadmat
 
 from deepmetric.data import (
-    OFFICIAL_COUNTS,
+    SOURCES,
     DatasetCountWarning,
     DatasetError,
     MissingFileError,
@@ -18,7 +18,6 @@ from deepmetric.data import (
     build_query_gallery,
     check_dataset,
 )
-from deepmetric.data import benchmarks as bm
 from fake_layouts import (
     make_cars_annos,
     make_cars_devkit,
@@ -43,7 +42,8 @@ def official_as_fake(monkeypatch):
     """Replace the official numbers by those of a fake tree."""
 
     def set_counts(name: str, counts: dict[str, dict[str, int]]) -> None:
-        monkeypatch.setitem(bm.OFFICIAL_COUNTS, name, counts)
+        for split, numbers in counts.items():
+            monkeypatch.setitem(SOURCES[name].counts, split, numbers)
 
     return set_counts
 
@@ -71,6 +71,7 @@ def test_cub_zero_shot_split_by_class_id(tmp_path: Path, at_parent: bool) -> Non
 
 
 def test_official_numbers() -> None:
+    OFFICIAL_COUNTS = {name: source.counts for name, source in SOURCES.items()}
     assert OFFICIAL_COUNTS["cub"]["train"] == {"images": 5864, "classes": 100}
     assert OFFICIAL_COUNTS["cub"]["test"] == {"images": 5924, "classes": 100}
     assert OFFICIAL_COUNTS["cars196"]["train"] == {"images": 8054, "classes": 98}
@@ -106,7 +107,7 @@ def test_official_numbers() -> None:
 )
 def test_counts_vs_official(tmp_path, official_as_fake, name, maker, split, fake) -> None:
     root = maker(tmp_path)
-    official = OFFICIAL_COUNTS[name][split]
+    official = SOURCES[name].counts[split]
     # differing counts: a warning naming the difference ...
     with pytest.warns(DatasetCountWarning) as record:
         build_dataset(name, root, split)
@@ -117,7 +118,7 @@ def test_counts_vs_official(tmp_path, official_as_fake, name, maker, split, fake
     with pytest.raises(DatasetError, match="official"):
         build_dataset(name, root, split, strict=True)
     # ... and nothing when they match.
-    official_as_fake(name, {**OFFICIAL_COUNTS[name], split: fake})
+    official_as_fake(name, {split: fake})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ds = build_dataset(name, root, split, strict=True)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import tiny_runs
 from deepmetric.config import ConfigError, OptimConfig, ScheduleConfig, load_config
 from deepmetric.engine import (
     TrainState,
@@ -36,15 +37,9 @@ DEMO = ROOT / "configs" / "demo.yaml"
 # A small, fast version of the demo: 16 x 16 digits, 16-d, batch 10 = 5 x 2, random affine
 # augmentation on (so that per-sample augmentation seeds matter), one thread.
 TINY = [
-    "--data.transform_options.size=16",
-    "--model.embedding_dim=16",
-    "--sampler.p=5",
-    "--sampler.k=2",
-    "--train.progress=false",
-    "--train.threads=1",
+    *tiny_runs.TINY,
     "--train.log_every=5",
     "--eval.at_start=false",
-    "--output.report=false",
     "--eval.every=0",
     "--eval.batch_size=512",
     "--schedule.name=step",
@@ -52,13 +47,6 @@ TINY = [
     "--schedule.warmup_iterations=5",
 ]
 XBM = ["--xbm.enabled=true", "--xbm.size=50", "--xbm.start_iteration=10"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def run_in_process(out: Path, *extra: str) -> dict:

@@ -15,8 +15,8 @@ import deepmetric.evaluation.blocks as blocks_module
 import deepmetric.evaluation.exact as exact_module
 import deepmetric.evaluation.neighbours as search_module
 import deepmetric.evaluation.topk as topk_module
+from deepmetric.data import SOURCES
 from deepmetric.evaluation import (
-    RECALL_AT,
     evaluate,
     extract_embeddings,
     kmeans_assign,
@@ -345,14 +345,14 @@ def test_nmi_equals_sklearn_on_the_same_clustering():
     assert evaluate(x, labels, metrics=("nmi",), seed=5)["nmi"] == out["nmi"]  # seeded
 
 
-def test_default_keys_and_recall_at_table():
+def test_default_keys_and_the_sources_recall_at():
     x, labels = clustered(300, 10, 16, seed=25)
     out = evaluate(x, labels)
-    expected = {f"recall@{k}" for k in RECALL_AT["cub"]} | {"map@r", "r_precision", "nmi"}
+    expected = {f"recall@{k}" for k in SOURCES["cub"].recall_at} | {"map@r", "r_precision", "nmi"}
     assert expected | {"num_queries", "num_queries_without_positive"} == set(out)
-    assert RECALL_AT["sop"] == (1, 10, 100, 1000)
-    assert RECALL_AT["inshop"] == (1, 10, 20, 30, 40, 50)
-    assert RECALL_AT["cars196"] == RECALL_AT["cub"] == (1, 2, 4, 8, 16, 32)
+    assert SOURCES["sop"].recall_at == (1, 10, 100, 1000)
+    assert SOURCES["inshop"].recall_at == (1, 10, 20, 30, 40, 50)
+    assert SOURCES["cars196"].recall_at == SOURCES["cub"].recall_at == (1, 2, 4, 8, 16, 32)
 
 
 # ------------------------------------------------------------------------------------------
@@ -406,7 +406,7 @@ def test_invalid_inputs_raise_clear_errors():
         evaluate(x, labels.astype(np.float32))
     with pytest.raises(ValueError, match="both"):
         evaluate(x, labels, x)
-    with pytest.raises(ValueError, match="unknown metrics"):
+    with pytest.raises(ValueError, match="unknown metric 'mrr'"):
         evaluate(x, labels, metrics=("recall", "mrr"))
     with pytest.raises(ValueError, match="recall_at"):
         evaluate(x, labels, recall_at=(0, 1))

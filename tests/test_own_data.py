@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import tiny_runs
 from deepmetric.cli import main
 from deepmetric.config import ConfigError, load_config
 from deepmetric.data import (
@@ -31,27 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 # The demo's network and loss on 16 x 16 image files; a few iterations.
 TINY = [
-    "--data.transform_options.size=16",
-    "--model.embedding_dim=16",
+    *tiny_runs.TINY,
     "--sampler.p=3",
-    "--sampler.k=2",
     "--train.iterations=6",
-    "--train.progress=false",
-    "--train.threads=1",
     "--train.log_every=3",
     "--eval.at_start=true",
-    "--output.report=false",
     "--eval.every=0",
     "--schedule.name=none",
     "--data.num_workers=0",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def make_photos(
@@ -363,7 +352,7 @@ def test_datasets_check_conflicting_labels_and_unknown_name(tmp_path: Path, caps
     assert main(["datasets", "check", "--dataset", "cubb"]) == 2
     err = capsys.readouterr().err
     assert (
-        "--dataset cubb: unknown data set (did you mean --dataset cub?)" in err
+        "--dataset cubb: unknown data set 'cubb' (did you mean 'cub'?)" in err
         and err.count("\n") == 1
     )
 

@@ -26,6 +26,7 @@ from torch import nn
 
 import deepmetric.engine.checkpoint as checkpoint_module
 import deepmetric.engine.trainer as trainer_module
+import tiny_runs
 from deepmetric.cli import main
 from deepmetric.config import ConfigError, load_config
 from deepmetric.engine import load_checkpoint, save_checkpoint, train
@@ -38,12 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 DEMO = ROOT / "configs" / "demo.yaml"
 TINY = [
-    "--data.transform_options.size=16",
-    "--model.embedding_dim=16",
-    "--sampler.p=5",
-    "--sampler.k=2",
-    "--train.progress=false",
-    "--train.threads=1",
+    *tiny_runs.TINY,
     "--train.log_every=5",
     "--train.checkpoint_every=10",
     "--eval.at_start=false",
@@ -52,17 +48,9 @@ TINY = [
     "--schedule.name=step",
     "--schedule.step_size=25",
     "--schedule.warmup_iterations=5",
-    "--output.report=false",
 ]
 # the state that must survive: margin loss (learnable beta, sampling generator), XBM memory
 STATEFUL = ["--loss.name=margin", "--xbm.enabled=true", "--xbm.size=50", "--xbm.start_iteration=5"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def run(out: Path, *extra: str) -> dict:
@@ -633,19 +621,24 @@ def test_mistake_images_of_different_sizes(tmp_path: Path, capsys) -> None:
         "--sampler.p=3",
     )
     assert rc == 2
-    assert one_line_error(capsys) == (
-        "deepmetric: error: images of different sizes in one batch (1 x 24 x 24 and "
-        "1 x 20 x 20) and no option resizes them: set --data.transform_options.size (e.g. "
-        "--data.transform_options.size=24) to resize every image to that square"
-    )
+    error = one_line_error(capsys)  # found before training, naming the files
+    assert error.startswith(
+        f"deepmetric: error: images of different sizes in the train split of data.name=folder "
+        f"at {data} ("
+    ), error
+    assert "6 of 12 differ from the most common size" in error
+    assert error.endswith(
+        "set --data.transform_options.size (e.g. --data.transform_options.size=24) to resize "
+        "every image to that square"
+    ), error
     assert not out.exists()
 
 
 def test_mistake_unknown_data_set_name_in_datasets_check(capsys) -> None:
     assert main(["datasets", "check", "--dataset", "cubb"]) == 2
     assert one_line_error(capsys).startswith(
-        "deepmetric: error: --dataset cubb: unknown data set (did you mean --dataset cub?); "
-        "expected one of cars196, csv, cub"
+        "deepmetric: error: --dataset cubb: unknown data set 'cubb' (did you mean 'cub'?); "
+        "use one of cub, cars196, sop"
     )
 
 

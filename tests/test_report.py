@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+import tiny_runs
 from deepmetric.cli import main
-from deepmetric.config import load_config
-from deepmetric.engine import build_eval_loader, train
+from deepmetric.engine import build_eval_loader
 from deepmetric.engine.inference import evaluation_set, load_model
 from deepmetric.evaluation import extract_embeddings
 from deepmetric.report import ReportOptions, gather_report, report_index, write_report
@@ -37,14 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 # The demo at 16 x 16, 16-d, 6 iterations; evaluated before training, at 3 and at 6 (curves)
 TINY = [
-    "--data.transform_options.size=16",
-    "--model.embedding_dim=16",
-    "--sampler.p=5",
-    "--sampler.k=2",
+    *tiny_runs.TINY,
+    "--output.report=true",
     "--train.iterations=6",
     "--train.log_every=2",
-    "--train.progress=false",
-    "--train.threads=1",
     "--eval.at_start=true",
     "--eval.every=3",
     "--schedule.name=none",
@@ -53,11 +49,10 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """A tiny digits run; train() writes its report (output.report is on by default)."""
+    """A tiny digits run and its report, as ``deepmetric train`` writes them."""
     folder = tmp_path_factory.mktemp("report") / "run"
     n = torch.get_num_threads()
-    cfg = load_config(DEMO, [*TINY, f"--output.dir={folder}"])
-    train(cfg, config_name=str(DEMO))
+    assert main(["train", "--config", str(DEMO), *TINY, f"--output.dir={folder}"]) == 0
     torch.set_num_threads(n)
     return folder
 

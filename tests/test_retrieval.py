@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import tiny_runs
 from deepmetric.cli import main
 from deepmetric.config import ConfigError, load_config
 from deepmetric.data import DatasetError
@@ -20,14 +21,8 @@ from deepmetric.retrieval import IndexFileError, Retriever, export_model, read_g
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 TINY = [
-    "--data.transform_options.size=16",
-    "--model.embedding_dim=16",
-    "--sampler.p=5",
-    "--sampler.k=2",
-    "--train.progress=false",
-    "--train.threads=1",
+    *tiny_runs.TINY,
     "--eval.at_start=false",
-    "--output.report=false",
     "--eval.every=0",
     "--schedule.name=none",
 ]

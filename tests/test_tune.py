@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+import tiny_runs
 from deepmetric.cli import main
 from deepmetric.config import ConfigError, load_config, parse_overrides
 from deepmetric.data import class_fold_split
@@ -38,13 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 DEMO = ROOT / "configs" / "demo.yaml"
 TINY = [
-    "--data.transform_options.size=16",
-    "--model.embedding_dim=16",
+    *tiny_runs.TINY,
     "--sampler.p=3",
     "--sampler.k=4",
     "--eval.val_fraction=0.4",
     "--train.iterations=20",
-    "--train.threads=1",
     "--train.log_every=5",
     "--train.checkpoint_every=10",
     "--eval.at_start=false",
@@ -62,13 +61,6 @@ loss.name:
     contrastive:
       loss.neg_margin: {uniform: [0.3, 0.6]}
 """
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def _space(tmp_path: Path, text: str = SPACE) -> Path:
@@ -400,7 +392,20 @@ def test_a_metric_the_runs_do_not_compute_is_refused_before_training(
     code = main(_tune_argv(_space(tmp_path), tmp_path / "out", 1, "--metric", metric))
     err = capsys.readouterr().err.strip()
     assert code == 2 and f"--metric {metric}: not computed" in err and "recall@1" in err, err
+    assert "as eval.metrics says" in err
     assert not (tmp_path / "out" / "trials").exists()
+
+
+def test_the_metric_may_be_named_as_eval_metrics_names_it(tmp_path) -> None:
+    """--metric map_at_r (the eval.metrics spelling) is the map@r result key: one check,
+    that of eval.select_metric, and tune.json holds the result key."""
+    from deepmetric.tune.study import _check_space, _settings
+
+    space = _space(tmp_path)
+    settings = _settings(str(DEMO), str(space), TINY, "map_at_r", 0, 0, True, None)
+    _check_space(settings, load_space(space))
+    assert settings.metric == "map@r"
+    assert ["eval.select_metric", "map@r"] in settings.fixed
 
 
 def _wait_for(path: Path, at_least: int, proc: subprocess.Popen, timeout_s: float = 600) -> None:

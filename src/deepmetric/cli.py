@@ -21,7 +21,7 @@ Exit status:
   file, key or flag and what to change: a bad config or override, a missing or damaged file
   (a checkpoint that fails its checksums), a data set problem, P x K asking for more classes
   than there are, images of different sizes without a resize option, a run that diverged
-  (NaN or inf), a full disk.
+  (NaN or inf), a full disk, a run folder that cannot be written (checked before training).
 - 75: ``train`` stopped by SIGTERM, SIGINT or SIGUSR1 after finishing its step and writing a
   checkpoint (the line printed says where); continue with ``--train.resume=auto``. ``tune``
   and ``compare`` likewise; run the same command again to continue.
@@ -36,6 +36,7 @@ import errno
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -325,7 +326,7 @@ def _check_data(args: argparse.Namespace, extra: list[str]) -> int:
     """``deepmetric datasets check``: the data section of --config (or the defaults) with
     --dataset, --root and --data.* overrides."""
     from deepmetric.config import ConfigError, check_options, load_config
-    from deepmetric.data import check_dataset
+    from deepmetric.data import check_dataset, find_source
 
     if args.dataset is None and args.config is None:
         raise ConfigError("datasets check: give --dataset NAME (and --root PATH) or --config FILE")
@@ -341,6 +342,17 @@ def _check_data(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = load_config(args.config, overrides, validate=False)
     check_options(cfg)
     d = cfg.data
+    source = find_source(d.name)
+    if d.root is None and source.root:  # the source reads a folder or file
+        _require_root(source, d.options, "--root" if args.config is None else "--data.root")
+    options = dict(d.options)
+    if source.image_files and (
+        args.config is not None or any(a.startswith("--data.transform") for a in extra)
+    ):
+        from deepmetric.engine.builders import build_transforms
+
+        # the run's transform: the check tells whether it leaves images of several sizes
+        options["transform"] = build_transforms(cfg)[1]
     report = check_dataset(
         d.name,
         d.root,
@@ -351,10 +363,26 @@ def _check_data(args: argparse.Namespace, extra: list[str]) -> int:
         test_images=d.test_images,
         split_by=d.split_by,
         split_seed=d.split_seed,
-        **d.options,
+        **options,
     )
     print(report)
     return 0 if report.ok else 1
+
+
+def _require_root(source: Any, options: dict[str, Any], flag: str) -> None:
+    """ConfigError naming ``flag`` when data source ``source`` needs a root and none is given
+    (its loader, asked without one, says what the root must name)."""
+    from deepmetric.config import ConfigError
+    from deepmetric.data.base import RootRequiredError
+
+    try:
+        source.load(None, source.check_splits[0], None, **options)
+    except RootRequiredError as e:
+        raise ConfigError(
+            f"{flag} is not given: {e.name} reads {e.expected}; add {flag} PATH"
+        ) from None
+    except (ValueError, OSError):  # another problem: the check reports it
+        pass
 
 
 def _run(argv: Sequence[str]) -> int:
@@ -381,8 +409,16 @@ def _run(argv: Sequence[str]) -> int:
         for note in cfg.notes:
             print(f"deepmetric: note: {note}", file=sys.stderr)
         summary = train(cfg, config_name=args.config)
+        main_process = distributed.is_main_process()
         distributed.destroy_distributed()
-        return EXIT_STOPPED if summary.get("stopped_by") else 0
+        if summary.get("stopped_by"):
+            return EXIT_STOPPED
+        if main_process and cfg.output.report and summary["final"]:
+            from deepmetric.report import report_run
+
+            run_dir, split = summary["run_dir"], cfg.eval.protocol
+            print(f"report: {report_run(run_dir, split=split, progress=cfg.train.progress)}")
+        return 0
 
     if args.command == "eval":
         from deepmetric.engine import evaluate_checkpoint
@@ -586,20 +622,13 @@ def _search(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _check_dataset_name(name: str) -> None:
     """ConfigError naming ``--dataset`` for an unknown data set name, with a near match."""
-    import difflib
-
     from deepmetric.config import ConfigError
-    from deepmetric.data import DATASETS, canonical_name
+    from deepmetric.data import find_source
 
     try:
-        canonical_name(name)
-    except ValueError:
-        close = difflib.get_close_matches(name.lower(), sorted(DATASETS), n=1)
-        hint = f" (did you mean --dataset {close[0]}?)" if close else ""
-        raise ConfigError(
-            f"--dataset {name}: unknown data set{hint}; expected one of "
-            f"{', '.join(sorted(DATASETS))}"
-        ) from None
+        find_source(name)
+    except ValueError as e:
+        raise ConfigError(f"--dataset {name}: {e}") from None
 
 
 def _report(args: argparse.Namespace, extra: list[str]) -> int:
@@ -661,6 +690,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = f" writing {e.filename}" if e.filename else ""
             print(
                 f"deepmetric: error: disk full{where} ({e.strerror}); free space", file=sys.stderr
+            )
+            return 2
+        if isinstance(e, OSError) and e.errno == errno.EROFS:  # a mount made read-only
+            where = f" {e.filename}" if e.filename else ""
+            print(
+                f"deepmetric: error: cannot write{where} (read-only file system): choose a "
+                "writable folder (--output.dir, --out)",
+                file=sys.stderr,
             )
             return 2
         if isinstance(e, _user_errors()):

@@ -42,13 +42,17 @@ __all__ = [
     "XBMConfig",
     "apply_overrides",
     "check_loss",
+    "check_metrics",
     "check_options",
+    "check_ranges",
     "config_from_dict",
     "config_to_dict",
     "dump_config",
     "load_config",
     "parse_overrides",
+    "recall_at",
     "validate_config",
+    "where_set",
 ]
 
 
@@ -91,6 +95,13 @@ class DataConfig:
     # or are dropped with on_bad_image: skip
     validate: Literal["none", "header", "decode"] = "header"
     on_bad_image: Literal["raise", "skip"] = "raise"
+    # Byte-identical image files in the training and the evaluation split stop a run (exit 2)
+    # at data.validate header/decode; true: a warning instead (the benchmarks' official splits
+    # always warn)
+    allow_leakage: bool = False
+    # What the data is and where to get it, said when data.root does not exist (presets of
+    # data read by a generic loader, e.g. an .npz file)
+    about: str | None = None
     transform: str | None = None  # bninception, imagenet, small; None: the backbone's preset
     # build_transform options; ``size`` = side of the square images the network sees, for
     # image files and array data alike (arrays are resized once, at load time)
@@ -235,8 +246,11 @@ class EvalConfig:
     val_fold: int = 0
     every: int = 0  # iterations between evaluations (0 = at the end only)
     at_start: bool = False  # also evaluate the untrained network (iteration 0)
-    recall_at: list[int] | None = None  # None: deepmetric.evaluation.RECALL_AT[data.name]
+    recall_at: list[int] | None = None  # None: deepmetric.data.SOURCES[data.name].recall_at
+    # names of deepmetric.evaluation.METRICS: recall, precision_at_1, map_at_r, r_precision, nmi
     metrics: list[str] = field(default_factory=lambda: ["recall", "map_at_r", "r_precision"])
+    # the best checkpoint's metric: a result key ("recall@1", "map@r") or the name of a
+    # metric with one key ("map_at_r"); it must be one the evaluation computes
     select_metric: str = "recall@1"
     batch_size: int = 256
     flip: bool = False  # average the embeddings of the image and its mirror
@@ -250,8 +264,9 @@ class OutputConfig:
     dir: str | None = None  # None: runs/<config file stem>-<YYYYmmdd-HHMMSS>
     tensorboard: bool = False  # only if the tensorboard package is installed
     plots: bool = True  # loss.png and recall.png, rewritten at each evaluation
-    # report.html at the end: metrics, curves, per-class results, query grids, embedding map
-    # (deepmetric.report; the evaluation split is embedded once more for it)
+    # report.html at the end of `deepmetric train`: metrics, curves, per-class results, query
+    # grids, embedding map (deepmetric.report.report_run; the evaluation split is embedded
+    # once more for it; train() in Python leaves it to the caller)
     report: bool = True
 
 
@@ -598,18 +613,102 @@ def load_config(
     return cfg
 
 
-def _where(cfg: Config, key: str) -> str:
+def where_set(cfg: Config, key: str) -> str:
     """Where ``key`` (or the mapping holding it, e.g. ``data.options``) was set."""
     while key not in cfg.sources and "." in key:
         key = key.rsplit(".", 1)[0]
     return cfg.sources.get(key, "defaults")
 
 
+def _named(cfg: Config, key: str) -> str:
+    """Where ``key`` was set, with the flag when on the command line:
+    ``command line (--model.embedding_dim)``, else ``configs/x.yaml`` or ``defaults``."""
+    where = where_set(cfg, key)
+    return f"{where} (--{key})" if where == "command line" else where
+
+
+@dataclass(frozen=True)
+class _Range:
+    """The numbers a key accepts: ``low`` up to ``high`` (None: unbounded), each bound
+    included unless open."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        above = x > self.low or (x == self.low and not self.low_open)
+        below = self.high is None or x < self.high or (x == self.high and not self.high_open)
+        return above and below
+
+    def __str__(self) -> str:
+        low = f"{self.low:g}"
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{low}, {self.high:g}{right}"
+
+
+_COUNT, _AT_LEAST_0, _ABOVE_0 = _Range(1), _Range(0), _Range(0, low_open=True)
+_UNIT_OPEN_TOP = _Range(0, 1, high_open=True)
+
+# Numeric keys with a domain not checked elsewhere in validate_config (null, where a key
+# takes it, is always accepted; a list's every element must be in the domain).
+_RANGES: dict[str, _Range] = {
+    "seed": _AT_LEAST_0,
+    "data.split_seed": _AT_LEAST_0,
+    "model.embedding_dim": _COUNT,
+    "xbm.size": _COUNT,
+    "xbm.start_iteration": _AT_LEAST_0,
+    "xbm.weight": _AT_LEAST_0,
+    "optim.weight_decay": _AT_LEAST_0,
+    "optim.backbone_lr": _AT_LEAST_0,
+    "optim.backbone_weight_decay": _AT_LEAST_0,
+    "optim.loss_lr": _AT_LEAST_0,
+    "optim.loss_weight_decay": _AT_LEAST_0,
+    "optim.momentum": _UNIT_OPEN_TOP,
+    "optim.betas": _UNIT_OPEN_TOP,
+    "optim.eps": _ABOVE_0,
+    "optim.grad_clip": _AT_LEAST_0,
+    "schedule.step_size": _AT_LEAST_0,
+    "schedule.milestones": _AT_LEAST_0,
+    "schedule.gamma": _ABOVE_0,
+    "schedule.min_factor": _Range(0, 1),
+    "schedule.warmup_iterations": _AT_LEAST_0,
+    "schedule.warmup_start_factor": _Range(0, 1, low_open=True),
+    "train.threads": _COUNT,
+    "eval.batch_size": _COUNT,
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every key of the table ``_RANGES`` within its domain, else a ConfigError naming the
+    key, where it was set, the domain and the value."""
+    for key, domain in _RANGES.items():
+        *path, name = key.split(".")
+        section: Any = cfg
+        for part in path:
+            section = getattr(section, part)
+        value = getattr(section, name)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if all(v in domain for v in values):
+            continue
+        each = " each" if isinstance(value, list) else ""
+        nullable = type(None) in get_args(_hints(type(section))[name])
+        null = " (or null)" if nullable else ""
+        raise ConfigError(f"{_named(cfg, key)}: {key}: expected{each} {domain}{null}, got {value}")
+
+
 def validate_config(cfg: Config) -> None:
     """Checks that need several fields or another module (the loss's hyper-parameters)."""
 
     def err(key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{_where(cfg, key)}: {key}: {msg}")
+        return ConfigError(f"{where_set(cfg, key)}: {key}: {msg}")
+
+    check_ranges(cfg)
 
     sampler = cfg.sampler
     if sampler.name == "pk":
@@ -696,49 +795,92 @@ def validate_config(cfg: Config) -> None:
             f"got {cfg.train.resume!r} (not found)",
         )
     check_options(cfg)
+    check_metrics(cfg)
     check_loss(cfg)
+
+
+def recall_at(cfg: Config) -> tuple[int, ...]:
+    """The K of Recall@K: ``eval.recall_at``, else those of ``data.name``'s papers
+    (``deepmetric.data.SOURCES[name].recall_at``)."""
+    from deepmetric.data import find_source
+
+    if cfg.eval.recall_at:
+        return tuple(cfg.eval.recall_at)
+    return find_source(cfg.data.name).recall_at
+
+
+def check_metrics(cfg: Config) -> None:
+    """Check ``eval.metrics`` (names of ``deepmetric.evaluation.METRICS``, a near match
+    named) and resolve ``eval.select_metric`` to the result key it means (``map_at_r`` ->
+    ``map@r``), which must be one the evaluation computes."""
+    from deepmetric.evaluation import check_metric_names, result_key, result_keys
+
+    try:
+        if not check_metric_names(cfg.eval.metrics):
+            raise ValueError("expected at least one metric, e.g. [recall, map_at_r]")
+    except ValueError as e:
+        raise ConfigError(f"{where_set(cfg, 'eval.metrics')}: eval.metrics: {e}") from None
+    spelling, ks = cfg.eval.select_metric, recall_at(cfg)
+    try:
+        cfg.eval.select_metric = result_key(spelling, cfg.eval.metrics, ks)
+    except ValueError as e:
+        if where_set(cfg, "eval.select_metric") == "defaults":  # follow eval.metrics
+            cfg.eval.select_metric = result_keys(cfg.eval.metrics, ks)[0]
+            cfg.notes.append(
+                f"eval.select_metric: the default {spelling} is not computed with eval.metrics "
+                f"{cfg.eval.metrics}; the best checkpoint is selected by "
+                f"{cfg.eval.select_metric}"
+            )
+            return
+        raise ConfigError(
+            f"{where_set(cfg, 'eval.select_metric')}: eval.select_metric={spelling}: {e} (as "
+            "eval.metrics and eval.recall_at say)"
+        ) from None
 
 
 def check_options(cfg: Config) -> None:
     """Check the option mappings against the functions they feed: ``data.name``'s loader
     (``data.options`` and the per-split ones), the transform preset
     (``data.transform_options``) and ``build_model`` (``model.options``)."""
-    from deepmetric.data import PRESET_OPTIONS, canonical_name, loader_options
+    from deepmetric.data import PRESET_OPTIONS, find_source, loader_options
     from deepmetric.models import build_model, preset_for
 
     def unknown(key: str, option: str, accepted: Sequence[str], what: str) -> ConfigError:
         close = difflib.get_close_matches(option, accepted, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return ConfigError(
-            f"{_where(cfg, f'{key}.{option}')}: {key}.{option}: not an option of {what}{hint}; "
+            f"{where_set(cfg, f'{key}.{option}')}: {key}.{option}: not an option of {what}{hint}; "
             f"expected one of: {', '.join(accepted) or '(none)'}"
         )
 
     try:
-        name = canonical_name(cfg.data.name)
+        name = find_source(cfg.data.name).name
     except ValueError as e:
-        raise ConfigError(f"{_where(cfg, 'data.name')}: data.name: {e}") from None
+        raise ConfigError(f"{where_set(cfg, 'data.name')}: data.name: {e}") from None
     accepted = [o for o in loader_options(name) if o != "size"]
     data_keys = _fields(DataConfig)
     for key in ("data.options", "data.train_options", "data.test_options", "data.val_options"):
         for option in getattr(cfg.data, key.split(".")[1]) or {}:
             if option == "size":
                 raise ConfigError(
-                    f"{_where(cfg, f'{key}.size')}: {key}.size: the image size is set by "
+                    f"{where_set(cfg, f'{key}.size')}: {key}.size: the image size is set by "
                     "data.transform_options.size for every data set (array data are resized "
                     "once at load time to it)"
                 )
             if option in data_keys:
                 raise ConfigError(
-                    f"{_where(cfg, f'{key}.{option}')}: {key}.{option}: set data.{option} "
+                    f"{where_set(cfg, f'{key}.{option}')}: {key}.{option}: set data.{option} "
                     f"instead (--data.{option}=...), the same for every data set"
                 )
             if option not in accepted:
                 raise unknown(key, option, accepted, f"data set {name!r}")
-    preset = cfg.data.transform or preset_for(cfg.model.backbone)
+    try:
+        preset = cfg.data.transform or preset_for(cfg.model.backbone)
+    except ValueError as e:  # an empty or malformed name
+        raise ConfigError(f"{where_set(cfg, 'model.backbone')}: model.backbone: {e}") from None
     if preset not in PRESET_OPTIONS:
         raise ConfigError(
-            f"{_where(cfg, 'data.transform')}: data.transform: unknown preset "
+            f"{where_set(cfg, 'data.transform')}: data.transform: unknown preset "
             f"{preset!r}; expected one of {', '.join(PRESET_OPTIONS)}"
         )
     for option in cfg.data.transform_options:
@@ -754,7 +896,7 @@ def check_options(cfg: Config) -> None:
     for option in cfg.model.options:
         if option in model_keys:
             raise ConfigError(
-                f"{_where(cfg, f'model.options.{option}')}: model.options."
+                f"{where_set(cfg, f'model.options.{option}')}: model.options."
                 f"{option}: set model.{option} instead"
             )
         if option not in extra:
@@ -765,7 +907,8 @@ def check_loss(cfg: Config) -> None:
     """Check ``loss.name`` and every ``loss.<key>`` against the loss's constructor.
 
     Unknown names and hyper-parameters (``build_loss`` raises TypeError) become a
-    ConfigError naming ``loss.<key>``; a value the loss rejects (ValueError) too. A proxy
+    ConfigError naming ``loss.<key>``; so do a value of another type than the constructor's
+    annotation (``loss.alpha: abc``) and a value the loss rejects (ValueError). A proxy
     loss is built with ``model.embedding_dim`` (``loss.embedding_dim`` may only repeat it)
     and two classes unless ``loss.num_classes`` is set (the trainer passes the training
     split's count); it cannot sit in a cross-batch memory (``xbm.enabled``).
@@ -775,28 +918,37 @@ def check_loss(cfg: Config) -> None:
     name = cfg.loss.name
     if name not in LOSSES:
         raise ConfigError(
-            f"{_where(cfg, 'loss.name')}: loss.name: unknown loss {name!r}; "
+            f"{where_set(cfg, 'loss.name')}: loss.name: unknown loss {name!r}; "
             f"expected one of {', '.join(sorted(LOSSES))}"
         )
     accepted = list(inspect.signature(LOSSES[name]).parameters)
-    for key in cfg.loss.params:
+    hints = get_type_hints(LOSSES[name].__init__)
+    for key, value in cfg.loss.params.items():
         if key not in accepted:
             raise ConfigError(
-                f"{_where(cfg, 'loss.' + key)}: loss.{key}: not a hyper-parameter of loss "
+                f"{where_set(cfg, 'loss.' + key)}: loss.{key}: not a hyper-parameter of loss "
                 f"{name!r}; expected one of: {', '.join(accepted)}"
             )
+        if key in hints:
+            try:
+                _coerce(value, hints[key])
+            except _Mismatch:
+                raise ConfigError(
+                    f"{_named(cfg, 'loss.' + key)}: loss.{key} ({name}): expected "
+                    f"{_type_name(hints[key])}, got {_show(value)}"
+                ) from None
     params = dict(cfg.loss.params)
     if name in PROXY_LOSSES:
         if cfg.xbm.enabled:
             raise ConfigError(
-                f"{_where(cfg, 'xbm.enabled')}: xbm.enabled: a cross-batch memory needs a "
+                f"{where_set(cfg, 'xbm.enabled')}: xbm.enabled: a cross-batch memory needs a "
                 f"pair-based loss; {name!r} is a proxy loss (embeddings against class proxies, "
                 "no pairs): set --xbm.enabled=false or choose a pair-based --loss.name"
             )
         dim = params.setdefault("embedding_dim", cfg.model.embedding_dim)
         if dim != cfg.model.embedding_dim:
             raise ConfigError(
-                f"{_where(cfg, 'loss.embedding_dim')}: loss.embedding_dim: {dim} differs from "
+                f"{where_set(cfg, 'loss.embedding_dim')}: loss.embedding_dim: {dim} differs from "
                 f"model.embedding_dim {cfg.model.embedding_dim}; leave it unset (the proxies "
                 "take --model.embedding_dim)"
             )
@@ -806,6 +958,8 @@ def check_loss(cfg: Config) -> None:
     except TypeError as e:
         m = re.search(r"argument '(\w+)'", str(e))
         key = f"loss.{m.group(1)}" if m else "loss"
-        raise ConfigError(f"{_where(cfg, key)}: {key}: {e}") from None
-    except ValueError as e:
-        raise ConfigError(f"{_where(cfg, 'loss.name')}: loss ({name}): {e}") from None
+        raise ConfigError(f"{where_set(cfg, key)}: {key}: {e}") from None
+    except ValueError as e:  # "temperature must be > 0, got 0": where temperature was set
+        m = re.match(r"(\w+) must", str(e))
+        key = f"loss.{m.group(1)}" if m and m.group(1) in cfg.loss.params else "loss.name"
+        raise ConfigError(f"{_named(cfg, key)}: loss ({name}): {e}") from None

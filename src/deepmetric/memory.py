@@ -28,8 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from deepmetric.losses.pairs import EmbeddingError, PairLoss, check_unit_norms, row_norms
-from deepmetric.losses.proxies import ProxyLoss
+from deepmetric.losses import EmbeddingError, PairLoss, ProxyLoss, check_unit_norms, row_norms
 
 
 class CrossBatchMemory(nn.Module):

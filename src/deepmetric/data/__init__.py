@@ -14,23 +14,24 @@ from .arrays import ArrayDataset, load_digits_dataset, load_npz
 from .base import (
     DatasetCountWarning,
     DatasetError,
+    DataSource,
     ImageDataset,
     MetricDataset,
     MissingFileError,
+    RootRequiredError,
     check_counts,
     open_image,
 )
-from .benchmarks import OFFICIAL_COUNTS, load_cars196, load_cub, load_inshop, load_sop
+from .benchmarks import load_cars196, load_cub, load_inshop, load_sop
 from .generic import IMAGE_EXTENSIONS, load_csv, load_folder, load_list, write_folder
 from .integrity import VALIDATE_LEVELS, inspect_image, inspect_images, validate_images
 from .registry import (
-    DATASETS,
+    SOURCES,
     CheckReport,
     build_dataset,
     build_query_gallery,
-    canonical_name,
     check_dataset,
-    is_array_format,
+    find_source,
     loader_options,
 )
 from .splits import (
@@ -52,33 +53,33 @@ from .transforms import (
 
 __all__ = [
     "BNINCEPTION_MEAN_BGR",
-    "DATASETS",
     "IMAGE_EXTENSIONS",
-    "OFFICIAL_COUNTS",
     "PRESETS",
     "PRESET_OPTIONS",
+    "SOURCES",
     "VALIDATE_LEVELS",
     "ArrayDataset",
     "CheckReport",
     "ClassSubset",
+    "DataSource",
     "DatasetCountWarning",
     "DatasetError",
     "ImageDataset",
     "MetricDataset",
     "MissingFileError",
+    "RootRequiredError",
     "build_dataset",
     "build_query_gallery",
     "build_transform",
-    "canonical_name",
     "check_counts",
     "check_dataset",
     "class_disjoint_split",
     "class_fold_split",
     "describe_split",
     "describe_transform",
+    "find_source",
     "inspect_image",
     "inspect_images",
-    "is_array_format",
     "load_cars196",
     "load_csv",
     "load_cub",

@@ -14,12 +14,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import DatasetError, MetricDataset, MissingFileError, check_counts, encode_labels
+from .base import (
+    DatasetError,
+    DataSource,
+    MetricDataset,
+    MissingFileError,
+    RootRequiredError,
+    check_counts,
+    encode_labels,
+)
 
-__all__ = ["ArrayDataset", "load_digits_dataset", "load_npz"]
+__all__ = ["DIGITS", "NPZ", "ArrayDataset", "load_digits_dataset", "load_npz"]
 
 DIGITS_SPLITS = {"train": (0, 5), "test": (5, 10), "all": (0, 10)}
-DIGITS_OFFICIAL = {"train": {"images": 901, "classes": 5}, "test": {"images": 896, "classes": 5}}
 
 
 class ArrayDataset(MetricDataset):
@@ -111,7 +118,7 @@ def _resize(images: torch.Tensor, size: int | None, chunk: int = 2048) -> torch.
 
 
 def load_npz(
-    root: str | os.PathLike,
+    root: str | os.PathLike | None,
     split: str = "all",
     transform: Callable | None = None,
     *,
@@ -139,6 +146,8 @@ def load_npz(
         invert: ``255 - x``: for Omniglot (True = paper) so that ink is bright.
         size: resize every image once, at load time, to ``size`` x ``size`` pixels.
     """
+    if root is None:
+        raise RootRequiredError("npz", NPZ.root)
     path = os.fspath(root) if file is None else os.path.join(os.fspath(root), file)
     if not os.path.isfile(path):
         raise MissingFileError(f"file not found: {path}")
@@ -182,6 +191,16 @@ def load_npz(
     )
 
 
+NPZ = DataSource(
+    "npz",
+    load_npz,
+    root="an .npz file (or its folder, with data.options.file) holding arrays 'images' "
+    "(N, H, W) or (C, N, H, W) and 'labels' (N,) or (C, N); numpy.savez writes one",
+    image_files=False,
+    check_splits=("all",),
+)
+
+
 def load_digits_dataset(
     root: str | os.PathLike | None = None,
     split: str = "train",
@@ -212,5 +231,14 @@ def load_digits_dataset(
     images = _resize(torch.from_numpy(pixels[:, None]), size)
     ds = ArrayDataset(images, labels[mask], name="digits", split=split, transform=transform)
     if classes is None:
-        check_counts(ds, DIGITS_OFFICIAL.get(split), strict=strict)
+        check_counts(ds, DIGITS.counts.get(split), strict=strict)
     return ds
+
+
+DIGITS = DataSource(
+    "digits",
+    load_digits_dataset,
+    root="",
+    image_files=False,
+    counts={"train": {"images": 901, "classes": 5}, "test": {"images": 896, "classes": 5}},
+)

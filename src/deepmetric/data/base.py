@@ -21,23 +21,29 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 __all__ = [
+    "NOT_AN_IMAGE",
+    "WIDE_MODES",
+    "DataSource",
     "DatasetCountWarning",
     "DatasetError",
     "ImageDataset",
     "MetricDataset",
     "MissingFileError",
+    "RootRequiredError",
     "check_counts",
     "encode_labels",
     "open_image",
+    "to_rgb",
     "to_tensor",
 ]
 
@@ -54,8 +60,53 @@ class DatasetCountWarning(UserWarning):
     """The number of images or classes differs from the official number."""
 
 
+class RootRequiredError(DatasetError):
+    """A data set that reads a folder or file was given no ``root``.
+
+    ``name`` is the data set, ``expected`` what its root must name (from its
+    :class:`DataSource`); the caller adds the key or flag that sets it."""
+
+    def __init__(self, name: str, expected: str = "") -> None:
+        self.name, self.expected = name, expected
+        super().__init__(f"{name}: no root given" + (f"; expected {expected}" if expected else ""))
+
+
+#: The problem of a file in which PIL recognises no image format (a text or HTML file
+#: named ``x.jpg``); the callers name the file.
+NOT_AN_IMAGE = "UnidentifiedImageError: not an image (no image format recognised in the file)"
+
+#: PIL modes of more than 8 bits per pixel, which ``convert("RGB")`` would clip at 255 (a
+#: 16-bit scan turns white): :func:`to_rgb` rescales them instead.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A PIL image in mode ``"RGB"`` (8 bits per channel).
+
+    16-bit grey (modes ``I;16``, ``I;16L``, ``I;16B``, ``I;16N``: 16-bit PNG and TIFF scans)
+    is divided by 257 and rounded (0..65535 -> 0..255): one scale for every image, so
+    brightness compares across images (12-bit data stored in 16 bits comes out dark, 0..16).
+    Mode ``I`` (32-bit integers): values within 0..255 are kept, values within 0..65535 are
+    divided by 257 as 16-bit data, any other range is stretched linearly from the image's
+    minimum..maximum to 0..255. Every other mode: PIL's ``convert("RGB")``.
+    """
+    if image.mode not in WIDE_MODES:
+        return image.convert("RGB")
+    values = np.asarray(image).astype(np.float64)  # I;16B: big-endian, read as such
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "I" and low >= 0 and high <= 255:
+        scaled = values
+    elif image.mode != "I" or (low >= 0 and high <= 65535):
+        scaled = values / 257.0
+    else:
+        scaled = (values - low) * (255.0 / (high - low))  # high > low: outside 0..65535
+    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image fully (decoding every pixel) and convert it to RGB.
+    """Open an image fully (decoding every pixel) and convert it to RGB (:func:`to_rgb`:
+    16-bit images are rescaled, not clipped).
 
     Truncated files raise (nothing global such as ``ImageFile.LOAD_TRUNCATED_IMAGES`` is set).
 
@@ -64,15 +115,17 @@ def open_image(path: str | os.PathLike) -> Image.Image:
 
     Raises:
         MissingFileError: the file does not exist.
-        DatasetError: the file cannot be decoded; the message names it.
+        DatasetError: the file cannot be decoded, or is not an image; the message names it.
     """
     path = os.fspath(path)
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError as e:
         raise MissingFileError(f"image file not found: {path}") from e
+    except UnidentifiedImageError as e:
+        raise DatasetError(f"cannot read image {path}: {NOT_AN_IMAGE}") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
@@ -347,3 +400,30 @@ def read_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
             return [(n, s.strip()) for n, s in enumerate(f, start=1) if s.strip()]
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}: not a UTF-8 text file ({e})") from e
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Everything deepmetric knows about one data source, in one record beside its loader
+    (``build_dataset``, ``check_dataset``, the config check, the CLI and the evaluation's
+    Recall@K read it).
+
+    ``load(root, split, transform, **options) -> MetricDataset`` is the loader; ``root`` says
+    what ``root`` must name ("" when the source needs none); ``image_files`` is False for
+    arrays held in memory (resized once at load time); ``official_split`` for benchmark
+    splits a user cannot change; ``check_splits`` are the splits ``datasets check`` audits;
+    ``recall_at`` are the K of Recall@K its papers report (``recall_at_source`` cites them);
+    ``counts`` the official counts per split (``{"train": {"images": 5864, "classes": 100}}``),
+    checked by the loader.
+    """
+
+    name: str
+    load: Callable[..., MetricDataset]
+    root: str
+    aliases: tuple[str, ...] = ()
+    image_files: bool = True
+    official_split: bool = False
+    check_splits: tuple[str, ...] = ("train", "test")
+    recall_at: tuple[int, ...] = (1, 2, 4, 8)
+    recall_at_source: str = ""
+    counts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)

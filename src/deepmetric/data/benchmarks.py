@@ -23,38 +23,31 @@ import numpy as np
 
 from .base import (
     DatasetError,
+    DataSource,
     ImageDataset,
     MissingFileError,
+    RootRequiredError,
     check_counts,
     parse_int,
     read_lines,
     require_file,
 )
 
-__all__ = ["OFFICIAL_COUNTS", "load_cars196", "load_cub", "load_inshop", "load_sop"]
+__all__ = [
+    "CARS196",
+    "CUB",
+    "INSHOP",
+    "SOP",
+    "load_cars196",
+    "load_cub",
+    "load_inshop",
+    "load_sop",
+]
 
-OFFICIAL_COUNTS: dict[str, dict[str, dict[str, int]]] = {
-    "cub": {"train": {"images": 5864, "classes": 100}, "test": {"images": 5924, "classes": 100}},
-    "cars196": {
-        "train": {"images": 8054, "classes": 98},
-        "test": {"images": 8131, "classes": 98},
-    },
-    "sop": {
-        "train": {"images": 59551, "classes": 11318},
-        "test": {"images": 60502, "classes": 11316},
-    },
-    "inshop": {
-        "train": {"images": 25882, "classes": 3997},
-        "query": {"images": 14218, "classes": 3985},
-        "gallery": {"images": 12612, "classes": 3985},
-        "test": {
-            "images": 26830,
-            "classes": 3985,
-            "query_images": 14218,
-            "gallery_images": 12612,
-        },
-    },
-}
+#: The K of Recall@K of CUB and Cars196: 1, 2, 4, 8 as in the papers (e.g. Wang et al.,
+#: "Multi-Similarity Loss", CVPR 2019) plus 16 and 32 as the Deep_Metric code reports.
+_SMALL_RECALL_AT = (1, 2, 4, 8, 16, 32)
+_SMALL_RECALL_SOURCE = "the papers' 1-8 (Wang et al., CVPR 2019) and Deep_Metric's 16, 32"
 
 # Zero-shot split by original class id (1-based, inclusive ranges).
 CLASS_RANGES = {
@@ -69,11 +62,12 @@ def _check_split(name: str, split: str, allowed: tuple[str, ...]) -> None:
 
 
 def _find_root(
-    root: str | os.PathLike | None, marker: str, subdirs: tuple[str, ...], name: str
+    root: str | os.PathLike | None, marker: str, subdirs: tuple[str, ...], source: DataSource
 ) -> str:
     """The folder holding ``marker``: ``root`` itself or one of ``root/subdir``."""
+    name = source.name
     if root is None:
-        raise ValueError(f"{name}: root is required")
+        raise RootRequiredError(name, source.root)
     root = os.fspath(root)
     for candidate in (root, *(os.path.join(root, s) for s in subdirs)):
         if os.path.exists(os.path.join(candidate, marker)):
@@ -112,7 +106,7 @@ def load_cub(
     1-100, "test" = classes 101-200, "all". ``class_ids`` are the 1-based official ids.
     """
     _check_split("cub", split, ("train", "test", "all"))
-    base = _find_root(root, "images.txt", ("CUB_200_2011",), "cub")
+    base = _find_root(root, "images.txt", ("CUB_200_2011",), CUB)
     images_txt = os.path.join(base, "images.txt")
     labels_txt = os.path.join(base, "image_class_labels.txt")
     classes_txt = os.path.join(base, "classes.txt")
@@ -167,8 +161,24 @@ def load_cub(
         transform=transform,
     )
     ds.class_names = [class_names[int(c)] for c in ds.class_ids]
-    check_counts(ds, OFFICIAL_COUNTS["cub"].get(split), strict=strict)
+    check_counts(ds, CUB.counts.get(split), strict=strict)
     return ds
+
+
+CUB = DataSource(
+    "cub",
+    load_cub,
+    root="the CUB_200_2011 folder (images.txt, image_class_labels.txt, classes.txt, images/) "
+    "or its parent; from the Caltech-UCSD Birds-200-2011 site",
+    aliases=("cub200", "cub-200-2011", "cub_200_2011"),
+    official_split=True,
+    recall_at=_SMALL_RECALL_AT,
+    recall_at_source=_SMALL_RECALL_SOURCE,
+    counts={
+        "train": {"images": 5864, "classes": 100},
+        "test": {"images": 5924, "classes": 100},
+    },
+)
 
 
 # ------------------------------------------------------------------------------------- Cars196
@@ -234,7 +244,7 @@ def load_cars196(
     """
     _check_split("cars196", split, ("train", "test", "all"))
     if root is None:
-        raise ValueError("cars196: root is required")
+        raise RootRequiredError("cars196", CARS196.root)
     root = os.fspath(root)
     annos = os.path.join(root, "cars_annos.mat")
     paths: list[str] = []
@@ -277,8 +287,23 @@ def load_cars196(
         split=split,
         transform=transform,
     )
-    check_counts(ds, OFFICIAL_COUNTS["cars196"].get(split), strict=strict)
+    check_counts(ds, CARS196.counts.get(split), strict=strict)
     return ds
+
+
+CARS196 = DataSource(
+    "cars196",
+    load_cars196,
+    root="the Stanford Cars folder (cars_annos.mat and car_ims/, or the devkit layout)",
+    aliases=("cars", "cars-196", "stanford_cars"),
+    official_split=True,
+    recall_at=_SMALL_RECALL_AT,
+    recall_at_source=_SMALL_RECALL_SOURCE,
+    counts={
+        "train": {"images": 8054, "classes": 98},
+        "test": {"images": 8131, "classes": 98},
+    },
+)
 
 
 # ----------------------------------------------------------------------------------------- SOP
@@ -321,7 +346,7 @@ def load_sop(
     ``super_class_ids``).
     """
     _check_split("sop", split, ("train", "test"))
-    base = _find_root(root, "Ebay_train.txt", ("Stanford_Online_Products",), "sop")
+    base = _find_root(root, "Ebay_train.txt", ("Stanford_Online_Products",), SOP)
     list_file = os.path.join(base, f"Ebay_{split}.txt")
     rel, cls, sup = _read_sop(list_file)
     if not rel:
@@ -334,8 +359,23 @@ def load_sop(
         split=split,
         transform=transform,
     )
-    check_counts(ds, OFFICIAL_COUNTS["sop"].get(split), strict=strict)
+    check_counts(ds, SOP.counts.get(split), strict=strict)
     return ds
+
+
+SOP = DataSource(
+    "sop",
+    load_sop,
+    root="the Stanford_Online_Products folder (Ebay_train.txt, Ebay_test.txt) or its parent",
+    aliases=("stanford_online_products", "online_products"),
+    official_split=True,
+    recall_at=(1, 10, 100, 1000),
+    recall_at_source="Oh Song et al., Lifted Structured Feature Embedding, CVPR 2016",
+    counts={
+        "train": {"images": 59551, "classes": 11318},
+        "test": {"images": 60502, "classes": 11316},
+    },
+)
 
 
 # -------------------------------------------------------------------------------------- In-Shop
@@ -405,7 +445,7 @@ def load_inshop(
     """
     _check_split("inshop", split, ("train", "query", "gallery", "test"))
     if root is None:
-        raise ValueError("inshop: root is required")
+        raise RootRequiredError("inshop", INSHOP.root)
     root = os.fspath(root)
     partition = require_file(
         os.path.join(root, "Eval", "list_eval_partition.txt"),
@@ -446,5 +486,27 @@ def load_inshop(
         )
         if split in ("query", "gallery"):
             ds = ds.role_view(split)
-    check_counts(ds, OFFICIAL_COUNTS["inshop"].get(split), strict=strict)
+    check_counts(ds, INSHOP.counts.get(split), strict=strict)
     return ds
+
+
+INSHOP = DataSource(
+    "inshop",
+    load_inshop,
+    root="the In-Shop Clothes Retrieval folder (Eval/list_eval_partition.txt, Img/ or img/)",
+    aliases=("in-shop", "in_shop", "deepfashion_inshop"),
+    official_split=True,
+    recall_at=(1, 10, 20, 30, 40, 50),
+    recall_at_source="Liu et al., DeepFashion, CVPR 2016",
+    counts={
+        "train": {"images": 25882, "classes": 3997},
+        "query": {"images": 14218, "classes": 3985},
+        "gallery": {"images": 12612, "classes": 3985},
+        "test": {
+            "images": 26830,
+            "classes": 3985,
+            "query_images": 14218,
+            "gallery_images": 12612,
+        },
+    },
+)

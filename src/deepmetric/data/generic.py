@@ -10,14 +10,25 @@ from dataclasses import dataclass
 
 from .base import (
     DatasetError,
+    DataSource,
     ImageDataset,
     MetricDataset,
     MissingFileError,
+    RootRequiredError,
     parse_int,
     read_lines,
 )
 
-__all__ = ["IMAGE_EXTENSIONS", "load_csv", "load_folder", "load_list", "write_folder"]
+__all__ = [
+    "CSV",
+    "FOLDER",
+    "IMAGE_EXTENSIONS",
+    "LIST",
+    "load_csv",
+    "load_folder",
+    "load_list",
+    "write_folder",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -113,7 +124,7 @@ def load_list(
         image_root: folder the image paths are relative to (default: root).
     """
     if root is None and list_file is None:
-        raise ValueError("list: root or list_file is required")
+        raise RootRequiredError("list", LIST.root)
     base = os.fspath(root) if root is not None else os.path.dirname(os.fspath(list_file))
     img_base = os.fspath(image_root) if image_root is not None else base
     common = {"name": "list", "transform": transform}
@@ -153,6 +164,14 @@ def load_list(
     return ImageDataset(paths, labels, split=split, **common)
 
 
+LIST = DataSource(
+    "list",
+    load_list,
+    root="a folder holding train.txt and test.txt (or query.txt and gallery.txt) of "
+    "'relative/path label' lines, or the folder of one list file named by data.options.list_file",
+)
+
+
 # ----------------------------------------------------------------------------------- folders
 def load_folder(
     root: str | os.PathLike | None,
@@ -169,7 +188,7 @@ def load_folder(
     order; ``class_names`` = the folder names. An empty class folder is an error.
     """
     if root is None:
-        raise ValueError("folder: root is required")
+        raise RootRequiredError("folder", FOLDER.root)
     base = os.fspath(root)
     split_dirs = [d for d in ("train", "test") if os.path.isdir(os.path.join(base, d))]
     if os.path.isdir(os.path.join(base, split)):
@@ -220,6 +239,14 @@ def load_folder(
     return ds
 
 
+FOLDER = DataSource(
+    "folder",
+    load_folder,
+    root="a folder with a folder of images per class (or train/ and test/ holding those)",
+    aliases=("imagefolder", "image_folder", "folders"),
+)
+
+
 # --------------------------------------------------------------------------------------- CSV
 _TRUE = {"1", "true", "t", "yes", "y", "1.0"}
 _FALSE = {"0", "false", "f", "no", "n", "0.0", ""}
@@ -259,7 +286,7 @@ def load_csv(
         image_root: folder the paths are relative to (default: the CSV's folder).
     """
     if root is None:
-        raise ValueError("csv: root is required")
+        raise RootRequiredError("csv", CSV.root)
     allowed = ("train", "test", "validation", "query", "gallery", "all")
     if split not in allowed:
         raise ValueError(f"csv: unknown split {split!r}; use one of {list(allowed)}")
@@ -300,6 +327,14 @@ def load_csv(
     if split in ("query", "gallery"):
         return ds.role_view(split)
     return ds
+
+
+CSV = DataSource(
+    "csv",
+    load_csv,
+    root="a CSV file in OML's format (columns label, path; optional split, is_query, "
+    "is_gallery) or its folder",
+)
 
 
 @dataclass

@@ -8,6 +8,10 @@ Levels of :func:`inspect_image`:
   with the format's end marker (JPEG EOI ``FF D9``, PNG ``IEND``), which catches truncated
   files without decoding them;
 - ``decode``: also every pixel decodes.
+
+Beyond single files: byte-identical files (:func:`identical_files`, and those under two labels,
+:func:`relabelled_copies`) and images a batch cannot hold together (:func:`unbatchable`: sizes
+that the transform keeps).
 """
 
 from __future__ import annotations
@@ -17,15 +21,15 @@ import io
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from .base import DatasetError, ImageDataset, MissingFileError
+from .base import NOT_AN_IMAGE, WIDE_MODES, DatasetError, ImageDataset, MissingFileError
 
 __all__ = [
     "ON_BAD_IMAGE",
@@ -36,6 +40,8 @@ __all__ = [
     "identical_files",
     "inspect_image",
     "inspect_images",
+    "relabelled_copies",
+    "unbatchable",
     "validate_images",
 ]
 
@@ -89,6 +95,8 @@ def inspect_image(path: str, level: str = "header", digest: bool = False) -> Ima
                 info.problem = f"truncated {im.format} file (no end marker)"
             elif level == "decode":
                 im.load()
+    except UnidentifiedImageError:  # its message names the BytesIO, not the file
+        info.problem = NOT_AN_IMAGE
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         info.problem = f"{type(e).__name__}: {e}"
     return info
@@ -119,9 +127,16 @@ def inspect_images(
 
 
 def validate_images(
-    ds: ImageDataset, level: str = "header", on_bad_image: str = "raise", *, progress: bool = False
+    ds: ImageDataset,
+    level: str = "header",
+    on_bad_image: str = "raise",
+    *,
+    progress: bool = False,
+    infos: Sequence[ImageInfo] | None = None,
 ) -> ImageDataset:
-    """Check every file of ``ds`` at ``level`` before it is used.
+    """Check every file of ``ds`` at ``level`` before it is used (``infos``: what
+    :func:`inspect_images` or :func:`audit_split` already found, one per path of ``ds``, so
+    that no file is read twice).
 
     Returns ``ds`` when all pass; with ``on_bad_image="skip"`` a copy without the bad files
     (listed in ``bad_images``, a warning gives their number; labels re-indexed unless ``ds``
@@ -133,7 +148,8 @@ def validate_images(
     """
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be raise or skip, got {on_bad_image!r}")
-    infos = inspect_images(ds.paths, level, progress=progress and len(ds) >= 2000)
+    if infos is None:
+        infos = inspect_images(ds.paths, level, progress=progress and len(ds) >= 2000)
     bad = [(i, info.problem) for i, info in enumerate(infos) if info.problem is not None]
     if not bad:
         return ds
@@ -165,7 +181,26 @@ class SplitAudit:
     infos: list[ImageInfo]
 
     def bad(self) -> list[ImageInfo]:
-        return [i for i in self.infos if i.problem is not None]
+        """The files that cannot be used: unreadable ones and, when the data set has a
+        transform, images it leaves at another size than most (a batch holds one size;
+        see :func:`unbatchable`)."""
+        bad = [i for i in self.infos if i.problem is not None]
+        if self.dataset.transform is None:
+            return bad
+        readable = [i for i in self.infos if i.problem is None]
+        odd, common = unbatchable(readable, self.dataset.transform)
+        if odd:
+            fix = _size_fix([*odd, common])
+            bad += [
+                replace(
+                    i,
+                    problem=f"{_wxh(i.size)} pixels where most images are "
+                    f"{_wxh(common.size)}, and the transform keeps sizes: a batch holds one "
+                    f"size; {fix}",
+                )
+                for i in odd
+            ]
+        return bad
 
     def summary(self) -> list[str]:
         """Images per class (min / median / max), single-image classes, sizes, modes."""
@@ -195,7 +230,74 @@ class SplitAudit:
             lines.append(
                 f"modes: {_tally(i.mode for i in good)}; formats: {_tally(i.format for i in good)}"
             )
+        wide = [i for i in good if i.mode in WIDE_MODES]
+        if wide:
+            lines.append(
+                f"warning: {len(wide):,} images of 16 or 32-bit pixels ("
+                f"{_tally(i.mode for i in wide)}), rescaled to 8 bits when loaded (16-bit "
+                f"values / 257, not clipped at 255; see deepmetric.data.to_rgb), e.g. "
+                f"{wide[0].path}"
+            )
+        if ds.transform is None:  # no transform to ask: sizes that differ may break batches
+            odd, common = unbatchable(good, None)
+            if odd:
+                lines.append(
+                    f"warning: images of {len({i.size for i in good}):,} sizes, e.g. "
+                    f"{odd[0].path} ({_wxh(odd[0].size)}) and {common.path} "
+                    f"({_wxh(common.size)}): a batch holds one size, so training needs a "
+                    "transform that resizes (presets bninception, imagenet, inception do; "
+                    f"small only with a size): {_size_fix([*odd, common])}"
+                )
         return lines
+
+
+def _wxh(size: tuple[int, int] | None) -> str:
+    return "{}x{}".format(*size) if size else "?"
+
+
+def _size_fix(infos: Sequence[ImageInfo]) -> str:
+    side = max(max(i.size) for i in infos if i.size)
+    return f"set --data.transform_options.size (e.g. --data.transform_options.size={side})"
+
+
+def _output_shape(transform: Callable, size: tuple[int, int]) -> tuple[int, ...]:
+    """The shape ``transform`` gives a blank RGB image of ``size`` (w, h); the global RNG
+    that random augmentations draw from is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        return tuple(transform(Image.new("RGB", size)).shape)
+
+
+def unbatchable(
+    infos: Sequence[ImageInfo], transform: Callable | None
+) -> tuple[list[ImageInfo], ImageInfo | None]:
+    """Images a batch cannot hold with the others: (those whose size, after ``transform``,
+    differs from what the most common image size gives; one file of that common size), or
+    ``([], None)`` when every image gets one shape.
+
+    ``transform`` None: the images as they are (every other size is odd). Otherwise it is
+    tried on blank images of the most common, smallest, largest, widest and tallest sizes:
+    when they all come out in one shape the transform resizes (nothing is odd), else every
+    image of another size than the most common one is odd. Files without a known size (not
+    read, or unreadable) are ignored.
+    """
+    sized = [i for i in infos if i.size is not None]
+    counts = Counter(i.size for i in sized)
+    if len(counts) < 2:
+        return [], None
+    common = counts.most_common(1)[0][0]
+    if transform is not None:
+        sizes = list(counts)
+        tried = {
+            common,
+            min(sizes, key=lambda s: s[0] * s[1]),
+            max(sizes, key=lambda s: s[0] * s[1]),
+            min(sizes, key=lambda s: s[0] / max(s[1], 1)),
+            max(sizes, key=lambda s: s[0] / max(s[1], 1)),
+        }
+        if len({_output_shape(transform, s) for s in tried}) == 1:
+            return [], None
+    odd = [i for i in sized if i.size != common]
+    return odd, next(i for i in sized if i.size == common)
 
 
 def _tally(values: Iterable[str | None]) -> str:
@@ -204,11 +306,17 @@ def _tally(values: Iterable[str | None]) -> str:
 
 
 def audit_split(
-    name: str, ds: ImageDataset, level: str = "header", *, progress: bool = False
+    name: str,
+    ds: ImageDataset,
+    level: str = "header",
+    *,
+    progress: bool = False,
+    digest: bool = True,
 ) -> SplitAudit:
-    """Inspect and hash every file of one split (see :func:`inspect_images`)."""
+    """Inspect every file of one split at ``level`` and, with ``digest``, hash it (sha256),
+    reading each file once (see :func:`inspect_images`)."""
     infos = inspect_images(
-        ds.paths, level, digest=True, progress=progress and len(ds) >= 1000, desc=name
+        ds.paths, level, digest=digest, progress=progress and len(ds) >= 1000, desc=name
     )
     return SplitAudit(name, ds, infos)
 
@@ -231,3 +339,16 @@ def identical_files(audits: Sequence[SplitAudit]) -> tuple[list[list[str]], list
         else:
             within.append([p for _, p in members])
     return within, across
+
+
+def relabelled_copies(audits: Sequence[SplitAudit]) -> list[list[tuple[str, str]]]:
+    """Byte-identical files within one split listed under different classes (the same image
+    with two labels: one of them is likely wrong): per group, (path, class name) of each."""
+    groups = []
+    for audit in audits:
+        ds = audit.dataset
+        label = dict(zip(ds.paths, (ds.class_names[c] for c in ds.labels.tolist())))
+        for paths in identical_files([audit])[0]:
+            if len({label[p] for p in paths}) > 1:
+                groups.append([(p, label[p]) for p in paths])
+    return groups

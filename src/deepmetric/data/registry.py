@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 import time
@@ -9,76 +10,49 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .arrays import load_digits_dataset, load_npz
-from .base import DatasetCountWarning, DatasetError, ImageDataset, MetricDataset
-from .benchmarks import load_cars196, load_cub, load_inshop, load_sop
-from .generic import load_csv, load_folder, load_list
+from .arrays import DIGITS, NPZ
+from .base import DatasetCountWarning, DatasetError, DataSource, ImageDataset, MetricDataset
+from .benchmarks import CARS196, CUB, INSHOP, SOP
+from .generic import CSV, FOLDER, LIST
 from .integrity import audit_split, identical_files, validate_images
 from .splits import describe_split, split_unsplit
 from .transforms import build_transform
 
 __all__ = [
-    "DATASETS",
+    "SOURCES",
     "CheckReport",
     "build_dataset",
     "build_query_gallery",
-    "canonical_name",
     "check_dataset",
-    "is_array_format",
+    "find_source",
     "loader_options",
 ]
 
-DATASETS: dict[str, Callable[..., MetricDataset]] = {
-    "cub": load_cub,
-    "cars196": load_cars196,
-    "sop": load_sop,
-    "inshop": load_inshop,
-    "list": load_list,
-    "folder": load_folder,
-    "csv": load_csv,
-    "npz": load_npz,
-    "digits": load_digits_dataset,
-}
-ALIASES = {
-    "cub200": "cub",
-    "cub-200-2011": "cub",
-    "cars": "cars196",
-    "in-shop": "inshop",
-    "stanford_online_products": "sop",
-}
-IMAGE_FORMATS = ("cub", "cars196", "sop", "inshop", "list", "folder", "csv")
-OFFICIAL_SPLIT = ("cub", "cars196", "sop", "inshop")  # splits a user cannot change
-CHECK_SPLITS = {
-    "cub": ("train", "test"),
-    "cars196": ("train", "test"),
-    "sop": ("train", "test"),
-    "inshop": ("train", "test"),
-    "digits": ("train", "test"),
-    "npz": ("all",),
-    "list": ("train", "test"),
-    "folder": ("train", "test"),
-    "csv": ("train", "test"),
+#: Every data source by name, its record beside its loader (``DataSource``: aliases, image
+#: files or arrays, official split, splits to check, its papers' Recall@K, official counts).
+SOURCES: dict[str, DataSource] = {
+    s.name: s for s in (CUB, CARS196, SOP, INSHOP, LIST, FOLDER, CSV, NPZ, DIGITS)
 }
 
 
-def canonical_name(name: str) -> str:
-    """The registry key of a data set name or alias (``"CUB200"`` -> ``"cub"``); ValueError
+def find_source(name: str) -> DataSource:
+    """The record of a data set name or alias, any case (``"CUB200"`` -> cub's); ValueError
     listing the choices for an unknown name."""
-    key = ALIASES.get(name.lower(), name.lower())
-    if key not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; use one of {sorted(DATASETS)}")
-    return key
-
-
-def is_array_format(name: str) -> bool:
-    """True for the in-memory array formats (npz, digits), which resize once at load time."""
-    return canonical_name(name) not in IMAGE_FORMATS
+    key = name.lower()
+    for source in SOURCES.values():
+        if key == source.name or key in source.aliases:
+            return source
+    close = difflib.get_close_matches(
+        key, [*SOURCES, *(a for s in SOURCES.values() for a in s.aliases)], n=1
+    )
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown data set {name!r}{hint}; use one of {', '.join(SOURCES)}")
 
 
 def loader_options(name: str) -> tuple[str, ...]:
     """The keyword options the loader of data set ``name`` accepts (after root, split and
     transform)."""
-    params = list(inspect.signature(DATASETS[canonical_name(name)]).parameters.values())
+    params = list(inspect.signature(find_source(name).load).parameters.values())
     return tuple(p.name for p in params[3:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
@@ -100,7 +74,8 @@ def build_dataset(
     """Build a data set by name.
 
     Args:
-        name: cub, cars196, sop, inshop, list, folder, csv, npz, digits.
+        name: a key of :data:`SOURCES` (cub, cars196, sop, inshop, list, folder, csv, npz,
+            digits) or one of its aliases, any case.
         root: its folder (or file, for csv and npz); None for digits.
         split: "train", "test"; inshop, csv and list also "query" and "gallery" (one label
             map shared by both); "all" for data without a split; npz ignores it (select with
@@ -121,12 +96,13 @@ def build_dataset(
         A data set yielding ``(image tensor, label)`` with ``labels``, ``class_ids``,
         ``num_classes`` and ``counts()``.
     """
-    key = canonical_name(name)
+    source = find_source(name)
+    key = source.name
     if root is not None:
         root = os.path.expanduser(os.fspath(root))
     if isinstance(transform, str):
         transform = build_transform(transform, train=split == "train")
-    ds = DATASETS[key](root, split, transform, **options)
+    ds = source.load(root, split, transform, **options)
     rule_given = test_classes is not None or split_by != "classes"
     if ds.split == "all" and split != "all":
         part = "test" if split in ("query", "gallery") else split  # roles: of the test part
@@ -210,7 +186,8 @@ def check_dataset(
         A :class:`CheckReport`: a str (one line per finding, last line "result: OK" or
         "result: N problem(s)") with an ``ok`` attribute.
     """
-    key = canonical_name(name)
+    source = find_source(name)
+    key = source.name
     lines = [f"check {key} at {os.fspath(root) if root is not None else '(built in)'}"]
     problems = warned = 0
     rule = {
@@ -222,7 +199,7 @@ def check_dataset(
     if isinstance(splits, str):
         splits = [splits]
     audits = []
-    for split in splits or CHECK_SPLITS[key]:
+    for split in splits or source.check_splits:
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -268,7 +245,7 @@ def check_dataset(
             f"({n_files:,} files), e.g. {' = '.join(within[0][:3])}"
         )
     if across:
-        official = key in OFFICIAL_SPLIT
+        official = source.official_split
         lines.append(
             f"  {'warning' if official else 'LEAKAGE'}: {len(across):,} byte-identical files "
             f"in more than one split, e.g. {' = '.join(across[0][:3])}"

@@ -9,17 +9,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from deepmetric.config import Config, ConfigError
+from deepmetric.data import (
+    ImageDataset,
+    build_transform,
+    class_disjoint_split,
+    class_fold_split,
+    describe_split,
+    subset_classes,
+    write_split_csv,
+)
 from deepmetric.engine.preemption import ignore_stop_signals
 from deepmetric.engine.reproducibility import SeededBatches, SeededDataset, seed_worker
+from deepmetric.engine.runlog import say
+from deepmetric.engine.splits import (
+    ImageSizeError,
+    build_split,
+    check_files,
+    checked_split,
+    data_name,
+)
+from deepmetric.losses import PROXY_LOSSES, build_loss
+from deepmetric.memory import CrossBatchMemory
+from deepmetric.models import build_model, preset_for
+from deepmetric.samplers import PKSampler, RandomBatchSampler
 
 __all__ = [
     "EvalSet",
-    "ImageSizeError",
     "build_batches",
     "build_criterion",
     "build_data",
@@ -28,7 +49,6 @@ __all__ = [
     "build_train_loader",
     "build_transforms",
     "collate_images",
-    "recall_at",
     "write_generated_split",
 ]
 
@@ -55,50 +75,12 @@ def _eval_set(name: str, dataset: Any) -> EvalSet:
 def build_transforms(cfg: Config) -> tuple[Callable, Callable]:
     """(train transform, test transform) of ``data.transform`` (default: the backbone's
     preset) with ``data.transform_options``."""
-    from deepmetric.data import build_transform
-    from deepmetric.models import preset_for
-
     preset = cfg.data.transform or preset_for(cfg.model.backbone)
     options = cfg.data.transform_options
     try:
         return build_transform(preset, True, **options), build_transform(preset, False, **options)
     except ValueError as e:  # an option value the preset rejects (keys were checked)
         raise ConfigError(f"data.transform_options ({preset}): {e}") from None
-
-
-def _build_split(
-    cfg: Config, split: str, transform: Callable | None, options: dict[str, Any], validate: str
-) -> Any:
-    """One split of ``data.name``, its image files checked at level ``validate``; data
-    without a split of its own split by ``data.split_by`` ...; array data sets resized once
-    at load time to ``data.transform_options.size`` (the transform has nothing left to
-    resize)."""
-    from deepmetric import distributed as dist
-    from deepmetric.data import DatasetError, build_dataset, is_array_format
-
-    data = cfg.data
-    options = {**data.options, **options}
-    if is_array_format(data.name) and "size" in data.transform_options:
-        options["size"] = data.transform_options["size"]
-    try:
-        return build_dataset(
-            data.name,
-            data.root,
-            split,
-            transform,
-            validate=validate,
-            on_bad_image=data.on_bad_image,
-            test_classes=data.test_classes,
-            test_images=data.test_images,
-            split_by=data.split_by,
-            split_seed=data.split_seed,
-            progress=cfg.train.progress and dist.is_main_process(),
-            **options,
-        )
-    except DatasetError:  # names the file and line itself
-        raise
-    except ValueError as e:  # an option value the loader rejects
-        raise ConfigError(f"data ({data.name}, split {split!r}): {e}") from None
 
 
 def build_data(cfg: Config, *, test_only: bool = False) -> tuple[Any, dict[str, EvalSet]]:
@@ -111,22 +93,25 @@ def build_data(cfg: Config, *, test_only: bool = False) -> tuple[Any, dict[str, 
     classes (test transform), or, with ``data.val_options``, the training split built with
     those options as ``"val"``. ``test_only``: ``(None, {"test": ...})``.
     """
-    from deepmetric.data import class_disjoint_split, class_fold_split, subset_classes
-
     data = cfg.data
     train_tf, test_tf = build_transforms(cfg)
-    if test_only:
-        test = _build_split(cfg, data.test_split, test_tf, data.test_options, data.validate)
-        return None, {"test": _eval_set("test", test)}
-    train_set = _build_split(cfg, data.train_split, train_tf, data.train_options, data.validate)
+    if test_only:  # one split: nothing to compare, no hashing
+        test = checked_split(cfg, "test", data.test_split, test_tf, data.test_options, digest=False)
+        check_files(cfg, [test])
+        return None, {"test": _eval_set("test", test.dataset)}
+    train = checked_split(cfg, "train", data.train_split, train_tf, data.train_options)
+    train_set = train.dataset
     if cfg.eval.protocol == "test":
-        test = _build_split(cfg, data.test_split, test_tf, data.test_options, data.validate)
-        return train_set, {"test": _eval_set("test", test)}
+        test = checked_split(cfg, "test", data.test_split, test_tf, data.test_options)
+        check_files(cfg, [train, test])
+        return train_set, {"test": _eval_set("test", test.dataset)}
     if data.val_options is not None:
         options = {**data.train_options, **data.val_options}
-        val = _build_split(cfg, data.train_split, test_tf, options, data.validate)
-        _check_val_classes(val.num_classes, "data.val_options")
-        return train_set, {"val": _eval_set("val", val)}
+        val = checked_split(cfg, "val", data.train_split, test_tf, options)
+        _check_val_classes(val.dataset.num_classes, "data.val_options")
+        check_files(cfg, [train, val])
+        return train_set, {"val": _eval_set("val", val.dataset)}
+    check_files(cfg, [train])  # the validation classes are carved from these files
     if train_set.num_classes < 2:
         raise _too_few_classes(cfg, train_set.num_classes, "the training split")
     if cfg.eval.val_folds:
@@ -162,14 +147,12 @@ def write_generated_split(cfg: Config, path: Path) -> str | None:
     """For data without a split of its own: the line describing the run's split, after
     writing its train and test parts to ``path`` (image files: an OML-style CSV, see
     ``deepmetric.data.write_split_csv``); None for data with a split."""
-    from deepmetric.data import ImageDataset, describe_split, write_split_csv
-
     data = cfg.data
-    train = _build_split(cfg, data.train_split, None, data.train_options, "none")
+    train = build_split(cfg, data.train_split, None, data.train_options, "none")
     rule = getattr(train, "generated_split", None)
     if rule is None:
         return None
-    test = _build_split(cfg, data.test_split, None, data.test_options, "none")
+    test = build_split(cfg, data.test_split, None, data.test_options, "none")
     line = (
         f"split: {describe_split(rule)}: training {len(train):,} images of "
         f"{train.num_classes:,} classes, test {len(test):,} images of {test.num_classes:,} "
@@ -186,8 +169,6 @@ def write_generated_split(cfg: Config, path: Path) -> str | None:
 def build_model_from_config(cfg: Config, *, pretrained: bool = True) -> nn.Module:
     """``deepmetric.models.build_model`` with the ``model`` section (``pretrained=False``:
     random init, e.g. before loading a checkpoint)."""
-    from deepmetric.models import build_model
-
     m = cfg.model
     try:
         return build_model(
@@ -212,9 +193,6 @@ def build_criterion(cfg: Config, num_classes: int | None = None) -> nn.Module:
     ``embedding_dim`` (``model.embedding_dim``) and ``seed`` (the run's) unless ``loss.*``
     sets them; a ``loss.num_classes`` other than the training split's is a ConfigError.
     """
-    from deepmetric.losses import PROXY_LOSSES, build_loss
-    from deepmetric.memory import CrossBatchMemory
-
     params = dict(cfg.loss.params)
     if cfg.loss.name in PROXY_LOSSES:
         if num_classes is None:
@@ -242,28 +220,37 @@ def build_criterion(cfg: Config, num_classes: int | None = None) -> nn.Module:
     )
 
 
-def _data_name(cfg: Config) -> str:
-    """``data.name=cub at ~/data/CUB_200_2011``: the data set as the user set it."""
-    root = f" at {cfg.data.root}" if cfg.data.root else ""
-    return f"data.name={cfg.data.name}{root}"
-
-
 def _too_few_classes(cfg: Config, num_classes: int, what: str) -> ConfigError:
     return ConfigError(
-        f"{what} of {_data_name(cfg)} has {num_classes} class"
+        f"{what} of {data_name(cfg)} has {num_classes} class"
         f"{'' if num_classes == 1 else 'es'}; metric learning needs at least 2 (images of "
         "another class are the negatives): use a data set with more classes"
     )
 
 
+def _fit_p(cfg: Config, usable: int, what: str) -> None:
+    """``sampler.p`` above the ``usable`` classes of the training split: lowered to them,
+    saying so, when the preset (or the default) set it, so that a preset fits a folder of a
+    few classes; a ConfigError when the command line set it (or fewer than 2 are usable)."""
+    s = cfg.sampler
+    having = f" with at least k={s.k} images" if s.small_classes == "skip" else ""
+    if usable >= 2 and not cfg.sources.get("sampler.p", "").startswith("command line"):
+        say(f"sampler.p {s.p} -> {usable}: {what} has {usable} classes{having}")
+        s.p = usable
+        return
+    change = "--sampler.p or --sampler.k" if s.small_classes == "skip" else "--sampler.p"
+    raise ConfigError(
+        f"--sampler.p={s.p} but {what} of {data_name(cfg)} has {usable} classes{having}; "
+        f"lower {change} (at most --sampler.p={usable})"
+    )
+
+
 def build_batches(cfg: Config, train_set: Any, rank: int, world_size: int) -> SeededBatches:
     """This rank's batches of ``train_set``: P x K, or random with ``sampler.name: random``
-    (per-sample augmentation seeds from ``seed``). ConfigError when the training split has
-    fewer than 2 classes, fewer than P usable ones, or not one batch can be drawn."""
-    import numpy as np
-
-    from deepmetric.samplers import PKSampler, RandomBatchSampler
-
+    (per-sample augmentation seeds from ``seed``). A ``sampler.p`` above the training
+    split's usable classes is lowered to them unless set on the command line (:func:`_fit_p`).
+    ConfigError when the training split has fewer than 2 classes, fewer than P usable ones
+    and P was set on the command line, or not one batch can be drawn."""
     s = cfg.sampler
     what = "the training split"
     if cfg.eval.protocol == "val" and cfg.data.val_options is None:
@@ -283,12 +270,7 @@ def build_batches(cfg: Config, train_set: Any, rank: int, world_size: int) -> Se
         return SeededBatches(random_batches, cfg.seed)
     usable = int((counts >= s.k).sum()) if s.small_classes == "skip" else len(counts)
     if s.p > usable:
-        having = f" with at least k={s.k} images" if s.small_classes == "skip" else ""
-        change = "--sampler.p or --sampler.k" if s.small_classes == "skip" else "--sampler.p"
-        raise ConfigError(
-            f"--sampler.p={s.p} but {what} of {_data_name(cfg)} has {usable} classes{having}; "
-            f"lower {change} (at most --sampler.p={usable})"
-        )
+        _fit_p(cfg, usable, what)
     sampler = PKSampler(
         train_set.labels,
         s.p,
@@ -302,22 +284,10 @@ def build_batches(cfg: Config, train_set: Any, rank: int, world_size: int) -> Se
         ranks = f" for each of {world_size} ranks" if world_size > 1 else ""
         raise ConfigError(
             f"--sampler.p={s.p} --sampler.k={s.k}: not one batch can be drawn{ranks} from "
-            f"{what} of {_data_name(cfg)} ({len(counts)} classes, {len(train_set)} images); "
+            f"{what} of {data_name(cfg)} ({len(counts)} classes, {len(train_set)} images); "
             "lower --sampler.p"
         )
     return SeededBatches(sampler, cfg.seed)
-
-
-class ImageSizeError(ConfigError):
-    """Images of one batch differ in size and no option resizes them.
-
-    Raised while collating, possibly in a DataLoader worker; the DataLoader re-raises it in the
-    main process with the worker's traceback as its message, of which the last line, ours,
-    is kept."""
-
-    def __init__(self, message: str) -> None:
-        last = message.strip().splitlines()[-1]
-        super().__init__(last.split(f"{type(self).__name__}: ", 1)[-1])
 
 
 def collate_images(batch: list[tuple[Tensor, Any]]) -> Any:
@@ -373,12 +343,3 @@ def build_eval_loader(cfg: Config, dataset: Dataset, persistent: bool = True) ->
         worker_init_fn=worker_init,
         generator=torch.Generator().manual_seed(0),
     )
-
-
-def recall_at(cfg: Config) -> tuple[int, ...]:
-    """The K of Recall@K: ``eval.recall_at``, else the data set's usual ones."""
-    if cfg.eval.recall_at:
-        return tuple(cfg.eval.recall_at)
-    from deepmetric.evaluation import RECALL_AT
-
-    return tuple(RECALL_AT.get(cfg.data.name, (1, 2, 4, 8)))

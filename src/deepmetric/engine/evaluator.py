@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from deepmetric import distributed as dist
-from deepmetric.config import Config, ConfigError
-from deepmetric.engine.builders import EvalSet, build_eval_loader, recall_at
+from deepmetric.config import Config, ConfigError, recall_at
+from deepmetric.engine.builders import EvalSet, build_eval_loader
+from deepmetric.evaluation import evaluate, extract_embeddings
 
 __all__ = ["Evaluator", "retrieval_metrics"]
 
@@ -27,8 +28,6 @@ def retrieval_metrics(emb: Tensor, labels: Tensor, eval_set: EvalSet, cfg: Confi
     """``deepmetric.evaluation.evaluate`` of embeddings (N, d) in data-set order: queries
     against the gallery (In-Shop style masks), else every item against the rest. Returns the
     scalar metrics only (floats; counts as ints)."""
-    from deepmetric.evaluation import evaluate
-
     kwargs = {"recall_at": recall_at(cfg), "metrics": tuple(cfg.eval.metrics)}
     if eval_set.query is not None:
         q, g = eval_set.query, eval_set.gallery
@@ -74,8 +73,6 @@ class Evaluator:
     def evaluate(self, model: nn.Module, progress: bool = False) -> dict[str, dict]:
         """``{set name: metrics}``, identical on every rank; each metrics dict also holds
         ``eval_time_s`` (rank 0's). The model's train/eval mode is restored."""
-        from deepmetric.evaluation import extract_embeddings
-
         dist.broadcast_buffers(model)  # rank 0's BatchNorm statistics on every rank
         results = {}
         for name, eval_set in self.eval_sets.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from PIL import ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -21,7 +23,7 @@ from deepmetric.config import (
     parse_overrides,
     validate_config,
 )
-from deepmetric.data import IMAGE_EXTENSIONS
+from deepmetric.data import IMAGE_EXTENSIONS, describe_transform, open_image
 from deepmetric.engine.builders import (
     EvalSet,
     build_data,
@@ -40,6 +42,7 @@ from deepmetric.engine.checkpoint import (
 from deepmetric.engine.devices import amp_dtype, resolve_device
 from deepmetric.engine.evaluator import Evaluator
 from deepmetric.engine.runlog import format_metrics
+from deepmetric.evaluation import extract_embeddings
 
 __all__ = [
     "ImageFiles",
@@ -186,10 +189,6 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import ImageOps
-
-        from deepmetric.data import open_image
-
         image = open_image(self.paths[i])
         if self.invert:
             image = ImageOps.invert(image)
@@ -200,8 +199,6 @@ def preprocessing(cfg: Config) -> dict[str, Any]:
     """What turns an image file into the network's input for this run: the test transform's
     steps (``deepmetric.data.describe_transform``), the inversion of array-trained runs, and
     test-time flip averaging."""
-    from deepmetric.data import describe_transform
-
     _, test_tf = build_transforms(cfg)
     return {
         "steps": describe_transform(test_tf),
@@ -212,8 +209,6 @@ def preprocessing(cfg: Config) -> dict[str, Any]:
 
 def checkpoint_digest(checkpoint: str | os.PathLike) -> str:
     """sha256 (hex) of a checkpoint folder's model weights file."""
-    import hashlib
-
     path = Path(checkpoint) / "model.safetensors"
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -232,8 +227,6 @@ def embed_paths(
 ) -> np.ndarray:
     """(N, d) float32 embeddings of image files, in order, with the run's test transform (and,
     for a run on array data loaded with ``invert: true``, the same inversion)."""
-    from deepmetric.evaluation import extract_embeddings
-
     device = next(model.parameters()).device
     _, test_tf = build_transforms(cfg)
     loader = DataLoader(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -26,13 +27,17 @@ from deepmetric.engine.checkpoint import (
 from deepmetric.engine.runlog import say
 
 __all__ = [
+    "RUN_FILE",
+    "check_writable",
     "config_changes",
+    "lookup",
     "newest_good_checkpoint",
     "removed_if_unused",
     "resolve_run_dir",
     "resume_checkpoint",
     "run_contents",
     "set_aside_newer_checkpoints",
+    "write_run_file",
 ]
 
 
@@ -52,6 +57,38 @@ def resolve_run_dir(cfg: Config, config_name: str | None) -> Path:
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
+
+
+def check_writable(cfg: Config, run_dir: Path) -> None:
+    """Create ``run_dir`` and write a file into it on rank 0, before any data is read: a
+    ConfigError on every rank naming the setting that chose the folder when it cannot be
+    written (a read-only mount, a folder of another user, /proc)."""
+    problem = None
+    if dist.is_main_process():
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            reason = (e.strerror or str(e)).lower()
+            problem = (
+                f"{_chosen_by(cfg)}: cannot write {run_dir} ({reason}): choose a writable "
+                "folder with --output.dir"
+            )
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
+
+
+def _chosen_by(cfg: Config) -> str:
+    """The setting that chose the run folder: ``--output.dir``, ``FILE: output.dir``,
+    ``--train.resume`` or the default."""
+    key = "output.dir" if cfg.output.dir else "train.resume"
+    if key == "train.resume" and cfg.train.resume in (None, "auto"):
+        return "output.dir (null: a new folder under runs/)"
+    where = cfg.sources.get(key, "defaults")
+    return f"--{key}" if where.startswith("command line") else f"{where}: {key}"
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -186,3 +223,35 @@ def config_changes(old_text: str, cfg: Config) -> list[str]:
         for k in dict.fromkeys([*a, *b])
         if a.get(k) != b.get(k) and k not in ("train.resume", "output.dir")
     ]
+
+
+#: The run folder's file of what the run was started from (read by the report).
+RUN_FILE = "run.json"
+
+
+def write_run_file(run_dir: Path, cfg: Config, config_file: str | os.PathLike | None) -> None:
+    """Write ``RUN/run.json``: the preset file (absolute path, None when the config was built
+    in Python) and the settings set on the command line, with their values::
+
+        {"config_file": "/abs/configs/demo.yaml", "command_line": {"train.iterations": 300}}
+    """
+    resolved = config_to_dict(cfg)
+    command_line = {
+        key: lookup(resolved, key)
+        for key, source in cfg.sources.items()
+        if source.startswith("command line")
+    }
+    info = {
+        "config_file": str(Path(config_file).resolve()) if config_file else None,
+        "command_line": command_line,
+    }
+    (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
+def lookup(tree: dict[str, Any], dotted: str) -> Any:
+    """The value at ``dotted`` ("optim.lr") in a nested mapping, None where it is missing."""
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree

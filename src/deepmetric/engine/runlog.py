@@ -19,8 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from deepmetric import distributed as dist
+from deepmetric.evaluation import display_name, ordered_keys
+
+# Deferred imports: tensorboard and matplotlib (optional / slow to import), inside the
+# functions that use them.
 
 __all__ = ["LossMeter", "RunLog", "format_metrics", "say"]
 
@@ -28,17 +33,13 @@ __all__ = ["LossMeter", "RunLog", "format_metrics", "say"]
 def say(message: str) -> None:
     """Print a line on rank 0 (through tqdm, so a progress bar is not broken)."""
     if dist.is_main_process():
-        from tqdm import tqdm
-
         tqdm.write(message, file=sys.stdout)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    """``"recall@1 0.9330  recall@2 0.9688  map@r 0.3375"``: Recall@K, MAP@R, R-precision,
-    NMI in that order, those present."""
-    keys = [k for k in metrics if k.startswith("recall@")]
-    keys += [k for k in ("map@r", "r_precision", "nmi") if k in metrics]
-    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+    """``"recall@1 0.9330  recall@2 0.9688  map@r 0.3375"``: every metric present, in the
+    order of ``deepmetric.evaluation.METRICS``."""
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in ordered_keys(metrics))
 
 
 class LossMeter:
@@ -135,7 +136,7 @@ class RunLog:
 
     def plot(self) -> None:
         """Rewrite loss.png (training loss, log scale when positive) and recall.png (every
-        evaluated Recall@K and MAP@R against iterations, one colour per K)."""
+        evaluated metric against iterations, one colour each)."""
         if not self.plots:
             return
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -165,10 +166,11 @@ class RunLog:
                 rows = [r for r in evals if r["split"] == split]
                 if not rows:
                     continue
-                keys = [k for k in rows[-1] if k.startswith("recall@") or k == "map@r"]
+                keys = ordered_keys(rows[-1])
                 for key in keys:
                     pts = [(r["iteration"], r[key]) for r in rows if key in r]
-                    ax.plot(*zip(*pts), style, marker="o", ms=3, label=f"{split} {key}")
+                    label = f"{split} {display_name(key)}"
+                    ax.plot(*zip(*pts), style, marker="o", ms=3, label=label)
             ax.set_xlabel("iteration")
             ax.set_ylabel("retrieval metric")
             ax.set_ylim(0, 1.02)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from torch import nn
 from deepmetric.config import ConfigError
 from deepmetric.engine.checkpoint import load_checkpoint, save_checkpoint
 from deepmetric.engine.reproducibility import capture_rng_state, restore_rng_state
+from deepmetric.evaluation import metric_of_key
 
 __all__ = ["CheckpointMismatch", "TrainState"]
 
@@ -117,9 +119,17 @@ class TrainState:
         return config_text
 
     def update_best(self, metrics: dict[str, float], metric: str, split: str) -> bool:
-        """Record ``metrics[metric]`` at this iteration if it beats the best so far."""
+        """Record ``metrics[metric]`` (a result key, ``eval.select_metric``) at this iteration
+        if it beats the best so far: higher, or lower for a metric whose record says lower is
+        better. NaN never does."""
         value = metrics.get(metric)
-        if value is None or value <= self.best.get("value", -float("inf")):
+        if value is None or math.isnan(value):
             return False
+        best = self.best.get("value")
+        if best is not None:
+            record = metric_of_key(metric)
+            lower_is_better = record is not None and not record.higher_is_better
+            if (value >= best) if lower_is_better else (value <= best):
+                return False
         self.best = {"metric": metric, "value": value, "iteration": self.iteration, "split": split}
         return True

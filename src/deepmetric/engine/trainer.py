@@ -51,16 +51,18 @@ from deepmetric.engine.optim import build_optimizer, lr_factor, set_lr
 from deepmetric.engine.preemption import StopSignals
 from deepmetric.engine.reproducibility import SeededBatches, seed_everything
 from deepmetric.engine.run_folder import (
+    check_writable,
     config_changes,
     removed_if_unused,
     resolve_run_dir,
     resume_checkpoint,
     set_aside_newer_checkpoints,
+    write_run_file,
 )
 from deepmetric.engine.runlog import LossMeter, RunLog, format_metrics, say
 from deepmetric.engine.state import CheckpointMismatch, TrainState
+from deepmetric.evaluation import ordered_keys
 from deepmetric.losses import EmbeddingError
-from deepmetric.report import report_run, write_run_file
 
 __all__ = ["train", "train_step"]
 
@@ -135,7 +137,8 @@ def train(
 ) -> dict[str, Any]:
     """Train as configured; returns the summary (run folder, iteration, metrics at start
     and end, best checkpoint). Rank 0 writes the run folder: config.yaml, run.json,
-    metrics.jsonl, loss.png / recall.png, checkpoints, summary.json, report.html.
+    metrics.jsonl, loss.png / recall.png, checkpoints, summary.json; ``deepmetric train`` then
+    writes report.html (:func:`deepmetric.report.report_run`), as the caller may.
 
     ``on_evaluate(iteration, {split: metrics})`` is called after each evaluation during
     training, once its checkpoint is written; an exception it raises ends the run there
@@ -160,6 +163,7 @@ def train(
     run_dir = Path(dist.broadcast_object(str(resolve_run_dir(cfg, config_name))))  # rank 0's
 
     with removed_if_unused(run_dir):  # a set-up that fails leaves no empty run folder
+        check_writable(cfg, run_dir)  # before any data is read
         # ---- data, model, loss (+ memory), optimizer, run folder
         resume_from = resume_checkpoint(cfg, run_dir)
         train_set, eval_sets = build_data(cfg)
@@ -207,7 +211,9 @@ def train(
             file=sys.stderr,
         )
         last_metrics: dict[str, dict[str, float]] = {}
-        with StopSignals() as stop:  # SIGTERM, SIGINT, SIGUSR1: stop after the step, saved
+        # SIGTERM, SIGINT, SIGUSR1: stop after the step, saved; the bar ends its line before
+        # any error is printed
+        with StopSignals() as stop, bar:
             while state.iteration < total:
                 images, labels = next(stream)
                 guard.before_step(model)
@@ -252,7 +258,7 @@ def train(
                 if links or evaluated:
                     meter.restart_clock()  # evaluating and saving are not training speed
         bar.close()
-        return _finish(cfg, state, evaluator, log, run_dir, last_metrics, bool(resume_from))
+        return _finish(cfg, state, evaluator, log, run_dir, last_metrics)
 
 
 def _drop_step(
@@ -314,12 +320,19 @@ def _batches_from(
 
 def _resume(state: TrainState, checkpoint: Path, cfg: Config, log: RunLog, run_dir: Path) -> None:
     """Restore ``state`` from ``checkpoint``; drop the log records and set aside the
-    checkpoints after it; log and print the settings that changed since."""
+    checkpoints after it; log and print the settings that changed since. A checkpoint past
+    ``train.iterations`` is refused before anything in the run folder changes."""
     try:
         changes = config_changes(state.load(checkpoint), cfg)
     except CheckpointMismatch as e:
         changes = config_changes(e.config_text, cfg)
         raise ConfigError(f"{e}; settings changed since: {'; '.join(changes) or 'none'}") from None
+    if state.iteration > cfg.train.iterations:
+        raise ConfigError(
+            f"--train.iterations={cfg.train.iterations} is below the iteration of the "
+            f"checkpoint resumed from ({checkpoint}: iteration {state.iteration}): set "
+            f"--train.iterations={state.iteration} to evaluate it as it is, or more to train on"
+        )
     log.truncate(state.iteration)
     dist.barrier()  # every rank has read the checkpoints
     if dist.is_main_process():
@@ -406,12 +419,11 @@ def _finish(
     log: RunLog,
     run_dir: Path,
     last_metrics: dict,
-    resumed: bool,
 ) -> dict[str, Any]:
     """Final numbers (after selection on validation: the best checkpoint on the test split),
     summary.json and the printed summary."""
-    if not last_metrics and resumed and state.iteration == cfg.train.iterations:
-        last_metrics = _evaluate(evaluator, state.model, state.iteration, log)  # resumed at end
+    if not last_metrics:  # resumed at the end, or no iteration asked for: never an empty final
+        last_metrics = _evaluate(evaluator, state.model, state.iteration, log)
     test_of_best: dict[str, float] = {}
     if cfg.eval.protocol == "val" and state.best and cfg.eval.final_test:
         dist.barrier()  # rank 0 has written the best checkpoint
@@ -447,9 +459,6 @@ def _finish(
     if dist.is_main_process():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _say_summary(summary, cfg)
-        if cfg.output.report and summary["final"]:
-            report = report_run(run_dir, split=cfg.eval.protocol, progress=cfg.train.progress)
-            say(f"report: {report}")
     log.close()
     return summary
 
@@ -459,7 +468,7 @@ def _say_summary(summary: dict[str, Any], cfg: Config) -> None:
     split = "validation" if summary["protocol"] == "val" else "test"
     if split == "test" and cfg.data.split_by == "images":
         split += " (CLOSED-SET: classes seen in training)"
-    keys = [k for k in final if k.startswith("recall@") or k == "map@r"]
+    keys = ordered_keys(final)
     if keys:
         width = max(len(k) for k in keys)
         lines = [f"{split} split ({cfg.data.name}), iteration {summary['iteration']}:"]

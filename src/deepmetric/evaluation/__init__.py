@@ -4,7 +4,8 @@ Everything works in bounded memory (``memory_budget_bytes``, default 1 GiB): sco
 computed a chunk of queries at a time and reduced at once, never as a full Q x G matrix.
 Ranking rule in every backend: score descending, then gallery index ascending.
 
-Modules: ``retrieval`` (:func:`evaluate`), ``neighbours`` (:func:`search`, the one search entry
+Modules: ``registry`` (one record per metric: config name, result keys, display name, what
+it needs), ``retrieval`` (:func:`evaluate`), ``neighbours`` (:func:`search`, the one search entry
 point, and :func:`knn`), ``metrics`` (pure metric functions of ranked lists, NMI), ``exact``
 (torch search), ``blocks`` (chunk planning, score blocks), ``ranks`` (first-positive ranks),
 ``faiss_index`` (faiss backends), ``topk`` (exact top-k under the tie rule), ``checks``
@@ -18,33 +19,40 @@ from .extract import extract_embeddings
 from .faiss_index import FaissSearcher
 from .metrics import kmeans_assign, map_at_r, nmi, r_precision, recall_at_k, relevance
 from .neighbours import Neighbours, knn, search
-from .retrieval import METRICS, evaluate
-
-#: The K of Recall@K reported for each benchmark: CUB and Cars196 1, 2, 4, 8 as in the papers
-#: (e.g. Wang et al., "Multi-Similarity Loss", CVPR 2019) plus 16 and 32 as the Deep_Metric
-#: code reports; SOP 1-1000 (Oh Song et al., "Deep Metric Learning via Lifted Structured
-#: Feature Embedding", CVPR 2016); In-Shop 1-50 (Liu et al., "DeepFashion", CVPR 2016).
-RECALL_AT: dict[str, tuple[int, ...]] = {
-    "cub": (1, 2, 4, 8, 16, 32),
-    "cars196": (1, 2, 4, 8, 16, 32),
-    "sop": (1, 10, 100, 1000),
-    "inshop": (1, 10, 20, 30, 40, 50),
-}
+from .registry import (
+    METRICS,
+    Metric,
+    check_metric_names,
+    display_name,
+    metric_of_key,
+    ordered_keys,
+    result_key,
+    result_keys,
+)
+from .retrieval import average, evaluate, retrieval_per_query
 
 __all__ = [
     "BACKENDS",
     "METRICS",
-    "RECALL_AT",
     "FaissSearcher",
+    "Metric",
     "Neighbours",
+    "average",
+    "check_metric_names",
+    "display_name",
     "evaluate",
     "extract_embeddings",
     "kmeans_assign",
     "knn",
     "map_at_r",
+    "metric_of_key",
     "nmi",
+    "ordered_keys",
     "r_precision",
     "recall_at_k",
     "relevance",
+    "result_key",
+    "result_keys",
+    "retrieval_per_query",
     "search",
 ]

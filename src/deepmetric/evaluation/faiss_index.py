@@ -28,6 +28,8 @@ from torch import Tensor
 
 from .topk import order_ties
 
+# Deferred import: faiss (slow to import; optional for backend="torch"), in import_faiss().
+
 # Candidates fetched beyond k (and the own item), so that the margin check rarely fails.
 EXTRA_CANDIDATES = 16
 

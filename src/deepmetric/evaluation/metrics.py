@@ -18,6 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .faiss_index import import_faiss
+
+# Deferred import: scikit-learn (~1-3 s to import), in nmi().
+
 
 def relevance(indices: Tensor, query_labels: Tensor, gallery_labels: Tensor) -> Tensor:
     """rel(i) of each list position: (Q, L) bool, True where the item shares the query's label.
@@ -79,8 +83,6 @@ def _first_r(relevant: Tensor, num_relevant: Tensor) -> Tensor:
 
 def kmeans_assign(embeddings: Tensor, num_clusters: int, seed: int = 0, niter: int = 20) -> Tensor:
     """faiss k-means (``niter`` iterations, seeded) of ``embeddings`` (N, d) -> (N,) int64 ids."""
-    from .faiss_index import import_faiss
-
     faiss = import_faiss()
     x = np.ascontiguousarray(embeddings.detach().cpu().numpy(), dtype=np.float32)
     kmeans = faiss.Kmeans(

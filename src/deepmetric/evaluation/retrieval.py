@@ -25,13 +25,10 @@ from .checks import (
     check_same_space,
 )
 from .faiss_index import FaissSearcher
-from .metrics import map_at_r, nmi, r_precision, recall_at_k, relevance
+from .metrics import recall_at_k, relevance
 from .neighbours import search
 from .ranks import SameLabel
-
-METRICS = ("recall", "precision_at_1", "map_at_r", "r_precision", "nmi")
-RANK_METRICS = ("recall", "precision_at_1")  # need each query's first-positive rank
-LIST_METRICS = ("map_at_r", "r_precision")  # need lists of R_i items
+from .registry import METRICS, Metric, check_metric_names
 
 
 def evaluate(
@@ -56,7 +53,8 @@ def evaluate(
             integer labels (int64; floats are rejected).
         gallery_emb, gallery_labels: (G, d) and (G,), or both None: the query set is its own
             gallery and each query's own item is excluded by index.
-        recall_at: the K of Recall@K (``RECALL_AT[name]`` for the benchmarks).
+        recall_at: the K of Recall@K (``deepmetric.data.SOURCES[name].recall_at`` for the
+            benchmarks).
         metrics: any of "recall", "precision_at_1", "map_at_r", "r_precision", "nmi".
         self_index: with a gallery, (Q,) int64 gallery index of each query's own copy (-1 =
             none): that item is never retrieved and not counted in R_i, as when the query set
@@ -76,9 +74,7 @@ def evaluate(
         "per_class" dict of CPU tensors: "labels" (C,), "num_queries" (C,), "recall@1",
         "map@r", "r_precision" (C,) float64, over the classes with evaluated queries.
     """
-    unknown = set(metrics) - set(METRICS)
-    if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
+    asked = [METRICS[name] for name in check_metric_names(metrics)]
     recall_at = check_recall_at(recall_at)
     backend = check_backend(backend, index_options)
     query = as_embeddings(query_emb, "query_emb")
@@ -98,13 +94,13 @@ def evaluate(
             self_index = as_self_index(self_index, query.shape[0], gallery.shape[0], query.device)
 
     result: dict[str, Any] = {}
-    wants_ranks = per_class or any(m in metrics for m in RANK_METRICS)
-    wants_lists = per_class or any(m in metrics for m in LIST_METRICS)
-    if wants_ranks or wants_lists:
-        # Recall@K needs each query's first-positive rank below max K, Precision@1 below 1
-        rank_limit = max(recall_at) if "recall" in metrics else int(wants_ranks)
+    # per_class reports Recall@1, MAP@R and R-precision whatever ``metrics`` asks
+    lists = [m for m in METRICS.values() if m.needs == "lists" and (per_class or m in asked)]
+    # first-positive ranks are exact below the largest K asked
+    rank_limit = max([int(per_class), *(max(m.ks(recall_at)) for m in asked if m.needs == "ranks")])
+    if rank_limit > 0 or lists:
         options = {
-            "wants_lists": wants_lists,
+            "list_metrics": lists,
             "rank_limit": rank_limit,
             "backend": backend,
             "budget": memory_budget_bytes,
@@ -125,9 +121,10 @@ def evaluate(
             per_query = retrieval_per_query(
                 query, query_labels, gallery, gallery_labels, self_index, **options
             )
-        result.update(average(per_query, query_labels, recall_at, metrics, per_class))
-    if "nmi" in metrics:
-        result["nmi"] = nmi(query, query_labels, seed=seed)
+        result.update(average(per_query, query_labels, recall_at, asked, per_class))
+    for m in asked:
+        if m.needs == "embeddings":
+            result[m.key] = m.function(query, query_labels, seed=seed)
     return result
 
 
@@ -138,20 +135,20 @@ def retrieval_per_query(
     gallery_labels: Tensor,
     self_index: Tensor | None,
     *,
-    wants_lists: bool,
+    list_metrics: Sequence[Metric],
     rank_limit: int,
     backend: str,
     budget: int,
     index_options: Mapping[str, Any] | None,
 ) -> dict[str, Tensor]:
     """Per-query values on the CPU: "num_relevant" R_i (Q,) int64, "first_positive" (Q,)
-    int64 (exact below ``rank_limit``), "map@r" and "r_precision" (Q,) float64 when
-    ``wants_lists``.
+    int64 (exact below ``rank_limit``), and each of ``list_metrics`` under its key (Q,)
+    float64.
 
-    List length: R_max (the longest R_i) for MAP@R and R-precision; for ranks alone the
-    shorter of R_max and ``rank_limit`` (the first positive of most queries lies within
-    their first R items; the torch backend counts the others' ranks, faiss lists are extended
-    to ``rank_limit``). gallery None: the query set, own items excluded.
+    List length: R_max (the longest R_i) with list metrics; for ranks alone the shorter of
+    R_max and ``rank_limit`` (the first positive of most queries lies within their first R
+    items; the torch backend counts the others' ranks, faiss lists are extended to
+    ``rank_limit``). gallery None: the query set, own items excluded.
     """
     num_query = query.shape[0]
     full_gallery = query if gallery is None else gallery
@@ -160,11 +157,11 @@ def retrieval_per_query(
         self_index is not None and bool((self_index >= 0).any())
     )
     longest = int(num_relevant.max())
-    k = min(longest if wants_lists else min(longest, rank_limit), available)
+    k = min(longest if list_metrics else min(longest, rank_limit), available)
     out = {"num_relevant": num_relevant.cpu()}
     if k < 1:  # no query has a relevant item: nothing to search
         out["first_positive"] = torch.full((num_query,), rank_limit)
-        out["map@r"] = out["r_precision"] = torch.zeros(num_query, dtype=torch.float64)
+        out.update({m.key: torch.zeros(num_query, dtype=torch.float64) for m in list_metrics})
         return out
 
     # the lists of a group of queries and their reductions take at most half the budget
@@ -176,7 +173,7 @@ def retrieval_per_query(
         index = FaissSearcher(full_gallery, backend, index_options)
     elif gallery is None and len(groups) == 1:
         index = None  # the query set against itself: each score computed once
-    parts: dict[str, list[Tensor]] = {"first_positive": [], "map@r": [], "r_precision": []}
+    parts: dict[str, list[Tensor]] = {"first_positive": [], **{m.key: [] for m in list_metrics}}
     for rows in groups:
         part = slice(rows.start, rows.stop)
         found = search(
@@ -191,10 +188,10 @@ def retrieval_per_query(
         )
         if rank_limit > 0:
             parts["first_positive"].append(found.first_positive.cpu())
-        if wants_lists:
+        if list_metrics:
             relevant = relevance(found.indices, query_labels[part], gallery_labels)
-            parts["map@r"].append(map_at_r(relevant, found.num_relevant).cpu())
-            parts["r_precision"].append(r_precision(relevant, found.num_relevant).cpu())
+            for m in list_metrics:
+                parts[m.key].append(m.function(relevant, found.num_relevant).cpu())
     out.update({name: torch.cat(values) for name, values in parts.items() if values})
     return out
 
@@ -203,11 +200,11 @@ def average(
     per_query: dict[str, Tensor],
     query_labels: Tensor,
     recall_at: tuple[int, ...],
-    metrics: Sequence[str],
+    metrics: Sequence[Metric],
     per_class: bool,
 ) -> dict[str, Any]:
-    """Means over the queries with R_i >= 1 (NaN when there is none), their count, and with
-    ``per_class`` the means per query label."""
+    """Means over the queries with R_i >= 1 (NaN when there is none) of the ranks and lists
+    ``metrics``, their count, and with ``per_class`` the means per query label."""
     valid = per_query["num_relevant"] > 0
     num_valid = int(valid.sum())
     values = {name: v[valid] for name, v in per_query.items()}
@@ -216,15 +213,12 @@ def average(
         return float(x.to(torch.float64).mean()) if num_valid else float("nan")
 
     result: dict[str, Any] = {}
-    if "recall" in metrics:
-        for k in recall_at:
-            result[f"recall@{k}"] = mean(recall_at_k(values["first_positive"], k))
-    if "precision_at_1" in metrics:
-        result["precision@1"] = mean(recall_at_k(values["first_positive"], 1))
-    if "map_at_r" in metrics:
-        result["map@r"] = mean(values["map@r"])
-    if "r_precision" in metrics:
-        result["r_precision"] = mean(values["r_precision"])
+    for m in metrics:
+        if m.needs == "ranks":
+            for k, key in zip(m.ks(recall_at), m.keys(recall_at)):
+                result[key] = mean(m.function(values["first_positive"], k))
+        elif m.needs == "lists":
+            result[m.key] = mean(values[m.key])
     result["num_queries"] = num_valid
     result["num_queries_without_positive"] = int(valid.numel() - num_valid)
     if per_class:

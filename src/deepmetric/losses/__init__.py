@@ -32,7 +32,7 @@ from .margin import MarginLoss
 from .margin_softmax import ArcFaceLoss, CosFaceLoss, NormalizedSoftmaxLoss
 from .multi_similarity import MultiSimilarityLoss
 from .nca import NCALoss
-from .pairs import EmbeddingError, PairLoss, Pairs, build_pairs
+from .pairs import EmbeddingError, PairLoss, Pairs, build_pairs, check_unit_norms, row_norms
 from .proxies import ProxyLoss
 from .proxy_anchor import ProxyAnchorLoss
 from .proxy_nca import ProxyNCALoss
@@ -97,5 +97,7 @@ __all__ = [
     "TripletLoss",
     "build_loss",
     "build_pairs",
+    "check_unit_norms",
     "masked_logsumexp",
+    "row_norms",
 ]

@@ -22,7 +22,7 @@ from .build import build_report, gather_report, write_report
 from .content import ReportContent, ReportOptions
 from .html import render_html
 from .index import report_index
-from .run import report_run, write_run_file
+from .run import report_run
 
 __all__ = [
     "ReportContent",
@@ -33,5 +33,4 @@ __all__ = [
     "report_index",
     "report_run",
     "write_report",
-    "write_run_file",
 ]

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepmetric.evaluation import result_keys
+
 from . import numbers
 from .content import MetricsTable, ReportContent, ReportOptions
 from .html import render_html
@@ -120,7 +122,7 @@ def _note_summary(content: ReportContent, results: numbers.QueryResults) -> None
     """The report's own means: the metrics table when the caller has none, else a caption."""
     means = results.summary
     if content.metrics is None:
-        keys = ["recall@1", "map@r", "r_precision"]
+        keys = result_keys(numbers.REPORTED, recall_at=(1,))
         content.metrics = MetricsTable(
             keys, [("this report's search", means)], f"over {means['num_queries']:,} queries"
         )

@@ -10,6 +10,8 @@ import math
 from html import escape
 from pathlib import Path
 
+from deepmetric.evaluation import display_name
+
 from .content import (
     ClassTable,
     ConfigDiff,
@@ -21,7 +23,7 @@ from .content import (
 )
 from .svg import PALETTE, line_chart, scatter
 
-__all__ = ["metric_name", "render_html"]
+__all__ = ["render_html"]
 
 CSS = """
 *{box-sizing:border-box}
@@ -112,14 +114,6 @@ for (const map of document.querySelectorAll("svg.map")) {
 """
 
 
-def metric_name(key: str) -> str:
-    """Display name of a metrics.jsonl key: "recall@4" -> "Recall@4", "map@r" -> "MAP@R"."""
-    names = {"map@r": "MAP@R", "r_precision": "R-precision", "nmi": "NMI"}
-    if key.startswith(("recall@", "precision@")):
-        return key[0].upper() + key[1:]
-    return names.get(key, key)
-
-
 def _number(value: float | None, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "&#8212;"
@@ -140,7 +134,7 @@ def _metrics(table: MetricsTable) -> str:
             _cell(values.get(key), _number(values.get(key)), f' data-key="{escape(key)}"')
             for _, values in table.columns
         )
-        rows.append(f"<tr><td>{escape(metric_name(key))}</td>{cells}</tr>")
+        rows.append(f"<tr><td>{escape(display_name(key))}</td>{cells}</tr>")
     note = f'<p class="caption">{escape(table.note)}</p>' if table.note else ""
     return (
         f'<h2>Retrieval metrics</h2>{note}<table id="metrics-table"><thead><tr><th>metric</th>'

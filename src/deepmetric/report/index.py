@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deepmetric.data import open_image
+from deepmetric.evaluation import map_at_r
+from deepmetric.retrieval import Retriever, read_gallery
+
 from .build import grid_titles, write_report
 from .content import Grid, GridRow, ReportContent, ReportOptions
 from .thumbnails import Thumbnails
@@ -38,10 +42,6 @@ def report_index(
     """Write the report of the query images ``images`` (a folder, list file or CSV) searched in
     the index folder ``index`` with the model recorded in it (or ``checkpoint``, which must
     match). Default ``out``: ``INDEX-report.html`` beside the index folder."""
-    from deepmetric.data import open_image
-    from deepmetric.evaluation import map_at_r
-    from deepmetric.retrieval import Retriever, read_gallery
-
     options = options or ReportOptions()
     start = time.perf_counter()
     retriever = Retriever.load(index)

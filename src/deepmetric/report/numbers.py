@@ -16,7 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepmetric.evaluation import METRICS, average, retrieval_per_query, search
+
 from .content import ClassTable, EmbeddingMap, Grid, GridRow
+
+# Deferred import: scikit-learn's TSNE (~1-3 s to import), in project_2d(), for method="tsne".
 
 __all__ = [
     "QueryResults",
@@ -31,6 +35,9 @@ __all__ = [
     "sample_query_rows",
     "top_k",
 ]
+
+#: The metrics a report computes itself (with Recall@1 only).
+REPORTED = ("recall", "map_at_r", "r_precision")
 
 
 @dataclass
@@ -87,8 +94,6 @@ def query_results(
     gallery_rows: (G,) rows of the gallery (In-Shop style roles), or None: every item is in the
     gallery and each query's own row is excluded (as in the evaluation).
     """
-    from deepmetric.evaluation.retrieval import average, retrieval_per_query
-
     x = torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32))
     y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     rows = torch.as_tensor(np.asarray(query_rows, dtype=np.int64))
@@ -106,13 +111,13 @@ def query_results(
         gallery,
         gallery_labels,
         self_index,
-        wants_lists=True,
+        list_metrics=[METRICS["map_at_r"], METRICS["r_precision"]],
         rank_limit=1,
         backend="torch",
         budget=memory_budget_bytes,
         index_options=None,
     )
-    metrics = ("recall", "map_at_r", "r_precision")
+    metrics = [METRICS[name] for name in REPORTED]
     means = average(per_query, query_labels, (1,), metrics, per_class=True)
     per_class = {name: v.numpy() for name, v in means.pop("per_class").items()}
     return QueryResults(
@@ -151,8 +156,6 @@ def top_k(
     """The ``k`` nearest gallery items of the queries at ``rows`` (n,): (n, k) evaluation-set
     rows and (n, k) float32 scores, by :func:`deepmetric.evaluation.search` (own row excluded
     when ``gallery_rows`` is None, as in :func:`query_results`)."""
-    from deepmetric.evaluation import search
-
     x = torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32))
     rows_t = torch.as_tensor(np.asarray(rows, dtype=np.int64))
     if gallery_rows is None:

@@ -1,7 +1,8 @@
 """A run's report: what its folder holds (metrics.jsonl, run.json, the resolved config) and the
 embeddings of its evaluation split, computed again from the checkpoint.
 
-``RUN/run.json`` is written by ``train()`` when a run starts: the preset file the config was
+``RUN/run.json`` is written by ``train()`` when a run starts
+(:func:`deepmetric.engine.run_folder.write_run_file`): the preset file the config was
 read from and the settings given on the command line, so that the report can show what the run
 changed from its preset (the preset is read again when the report is built)::
 
@@ -17,45 +18,23 @@ from pathlib import Path
 from typing import Any
 
 from deepmetric.config import Config, ConfigError, config_to_dict, load_config
+from deepmetric.engine.builders import build_eval_loader
+from deepmetric.engine.checkpoint import checkpoint_iteration, run_dir_of
+from deepmetric.engine.devices import amp_dtype, resolve_device
+from deepmetric.engine.inference import evaluation_set, load_model
+from deepmetric.engine.run_folder import RUN_FILE
+from deepmetric.evaluation import extract_embeddings, ordered_keys
 
 from .build import gather_report, write_report
 from .content import ConfigDiff, Curves, MetricsTable, ReportContent, ReportOptions
 
 __all__ = [
-    "RUN_FILE",
     "config_diff",
     "metrics_table",
     "read_records",
     "report_run",
     "training_curves",
-    "write_run_file",
 ]
-
-RUN_FILE = "run.json"
-
-
-def write_run_file(run_dir: Path, cfg: Config, config_file: str | os.PathLike | None) -> None:
-    """Write ``RUN/run.json``: the preset file (absolute path, None when the config was built
-    in Python) and the settings set on the command line, with their values."""
-    resolved = config_to_dict(cfg)
-    command_line = {
-        key: _lookup(resolved, key)
-        for key, source in cfg.sources.items()
-        if source.startswith("command line")
-    }
-    info = {
-        "config_file": str(Path(config_file).resolve()) if config_file else None,
-        "command_line": command_line,
-    }
-    (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-
-
-def _lookup(tree: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -107,12 +86,6 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _metric_keys(record: dict[str, Any]) -> list[str]:
-    """Recall@K (by K), Precision@1, MAP@R, R-precision, NMI: those in ``record``."""
-    recall = sorted((k for k in record if k.startswith("recall@")), key=lambda k: int(k[7:]))
-    return recall + [k for k in ("precision@1", "map@r", "r_precision", "nmi") if k in record]
-
-
 def metrics_table(records: list[dict[str, Any]], split: str, iteration: int) -> MetricsTable | None:
     """The metrics.jsonl evaluation record of ``split`` at ``iteration`` next to the untrained
     network's (iteration 0) when the run evaluated it; None when neither exists."""
@@ -127,7 +100,7 @@ def metrics_table(records: list[dict[str, Any]], split: str, iteration: int) -> 
     if not columns:
         return None
     note = "" if trained else f"metrics.jsonl has no {split} record at iteration {iteration}."
-    return MetricsTable(_metric_keys(columns[-1][1]), [(h, r) for h, r in columns], note)
+    return MetricsTable(ordered_keys(columns[-1][1]), [(h, r) for h, r in columns], note)
 
 
 def training_curves(records: list[dict[str, Any]]) -> Curves | None:
@@ -159,12 +132,6 @@ def report_run(
     class-disjoint "val"): the images are embedded again with the checkpoint (best, else
     last). Default ``out``: ``RUN/report.html`` for the split the run evaluated on,
     ``RUN/report-SPLIT.html`` for the other."""
-    from deepmetric.engine.builders import build_eval_loader
-    from deepmetric.engine.checkpoint import checkpoint_iteration, run_dir_of
-    from deepmetric.engine.devices import amp_dtype, resolve_device
-    from deepmetric.engine.inference import evaluation_set, load_model
-    from deepmetric.evaluation import extract_embeddings
-
     start = time.perf_counter()
     cfg, model, ckpt = load_model(checkpoint, overrides)
     device = resolve_device(cfg.train.device)

@@ -23,6 +23,12 @@ import numpy as np
 import torch
 
 from deepmetric.config import ConfigError
+from deepmetric.engine.builders import build_data, build_transforms
+from deepmetric.engine.inference import ImageFiles, checkpoint_digest, load_model, preprocessing
+from deepmetric.retrieval.retriever import read_gallery
+
+# Deferred imports: onnx and onnxruntime (optional, the [export] extra), inside the functions
+# that use them.
 
 __all__ = ["FORMATS", "ExportError", "export_model", "format_preprocessing"]
 
@@ -76,8 +82,6 @@ def export_model(
     Returns:
         {"path", "format", "metadata", "max_abs_diff", "batch_sizes"}.
     """
-    from deepmetric.engine.inference import checkpoint_digest, load_model, preprocessing
-
     if fmt not in FORMATS:
         raise ConfigError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     cfg, model, ckpt = load_model(checkpoint, overrides)
@@ -128,10 +132,6 @@ def export_model(
 
 def _check_images(cfg: Any, images: str | os.PathLike | None, batch: int) -> torch.Tensor:
     """(B, C, H, W) preprocessed real images: from ``images`` or the run's test split."""
-    from deepmetric.engine.builders import build_data, build_transforms
-    from deepmetric.engine.inference import ImageFiles, preprocessing
-    from deepmetric.retrieval.retriever import read_gallery
-
     if images is not None:
         paths = read_gallery(images)[0][:batch]
         _, test_tf = build_transforms(cfg)

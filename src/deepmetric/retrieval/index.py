@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+# Deferred import: faiss (optional, slow to import), inside _faiss().
+
 __all__ = [
     "FORMAT",
     "KINDS",

@@ -28,6 +28,14 @@ import torch
 
 from deepmetric.config import ConfigError
 from deepmetric.data import IMAGE_EXTENSIONS
+from deepmetric.engine.devices import resolve_device
+from deepmetric.engine.inference import (
+    checkpoint_digest,
+    embed_paths,
+    list_images,
+    load_model,
+    preprocessing,
+)
 from deepmetric.retrieval.index import (
     FORMAT,
     KINDS,
@@ -39,6 +47,8 @@ from deepmetric.retrieval.index import (
     reconstruct,
     write_index_folder,
 )
+
+# Deferred imports: faiss (optional, slow to import), inside the functions that use it.
 
 __all__ = ["Retriever", "SearchResult", "read_gallery"]
 
@@ -69,8 +79,6 @@ def read_gallery(source: str | os.PathLike) -> tuple[list[str], list[str | None]
     names when every image lies in one, else none), a CSV with a ``path`` and an optional
     ``label`` column, or a list file (``path`` or ``path label`` a line). Relative paths in a
     file are taken from its folder."""
-    from deepmetric.engine.inference import list_images
-
     src = Path(source)
     if src.is_dir():
         paths = [str(p) for p in list_images(src)]
@@ -355,9 +363,6 @@ class Retriever:
         return vectors
 
     def _load_model(self, checkpoint: str | os.PathLike, overrides: list[str] | None) -> None:
-        from deepmetric.engine.devices import resolve_device
-        from deepmetric.engine.inference import load_model
-
         cfg, model, ckpt = load_model(checkpoint, overrides)
         model.to(resolve_device(cfg.train.device))
         self._model = (cfg, model)
@@ -396,8 +401,6 @@ class Retriever:
                 )
 
     def _embed(self, paths: list[str], batch_size: int | None, progress: bool) -> np.ndarray:
-        from deepmetric.engine.inference import embed_paths
-
         if self._model is None:
             self.use_checkpoint()
         cfg, model = self._model  # an unreadable image raises DatasetError naming it
@@ -406,8 +409,6 @@ class Retriever:
         )
 
     def _fingerprint(self) -> dict[str, Any]:
-        from deepmetric.engine.inference import checkpoint_digest, preprocessing
-
         cfg, _ = self._model
         return {
             "checkpoint": str(Path(self._checkpoint).resolve()),

@@ -15,14 +15,22 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from deepmetric.config import ConfigError, load_config
+from deepmetric.config import Config, ConfigError, load_config, recall_at
+from deepmetric.evaluation import display_name, result_keys
 
 from .study import TuneStopped, train_logged
 
-__all__ = ["METRICS", "compare", "mean_interval"]
+# Deferred imports: scipy.stats (~1.5 s) and matplotlib (slow to import), inside the functions
+# that use them.
 
-#: The metrics of the table, as the evaluation names them.
-METRICS = ("recall@1", "map@r", "r_precision")
+__all__ = ["compare", "mean_interval", "table_keys"]
+
+
+def table_keys(configs: list[Config]) -> list[str]:
+    """The table's metrics: the result keys that every config's evaluation computes, Recall@K
+    at its smallest K only, in display order."""
+    keys = [result_keys(c.eval.metrics, recall_at(c)[:1]) for c in configs]
+    return [k for k in keys[0] if all(k in mine for mine in keys[1:])]
 
 
 def mean_interval(values: list[float]) -> tuple[float, float]:
@@ -61,6 +69,7 @@ def compare(
             f"compare: the configs train for different numbers of iterations ({shown}); give "
             "them one budget, e.g. --train.iterations=N"
         )
+    metrics = table_keys(list(loaded.values()))
     runs = []
     for name, path in zip(names, configs):
         for seed in range(seeds):
@@ -82,25 +91,25 @@ def compare(
                     f"{summary['stopped_by']} during {name} seed {seed} (checkpoint "
                     f"{summary.get('checkpoint')})"
                 )
-            scored_on, metrics = _scored(summary, cfg)
+            scored_on, values = _scored(summary, cfg)
             runs.append(
                 {
                     "config": name,
                     "seed": seed,
                     "scored_on": scored_on,
                     "images": cfg.train.iterations * cfg.sampler.images_per_batch(),
-                    **{m: metrics.get(m, math.nan) for m in METRICS},
+                    **{m: values.get(m, math.nan) for m in metrics},
                     "run_dir": str(run_dir),
                 }
             )
             print(
                 f"compare: {name} seed {seed}: "
-                + " ".join(f"{m} {runs[-1][m]:.4f}" for m in METRICS)
+                + " ".join(f"{m} {runs[-1][m]:.4f}" for m in metrics)
                 + f" ({scored_on})",
                 flush=True,
             )
-    rows = _summarise(runs, names)
-    files = _write(rows, runs, out)
+    rows = _summarise(runs, names, metrics)
+    files = _write(rows, runs, out, metrics)
     print((out / "compare.md").read_text(), end="")
     print(f"written: {', '.join(str(f) for f in files)}")
     return {"rows": rows, "runs": runs, "files": [str(f) for f in files]}
@@ -126,7 +135,9 @@ def _scored(summary: dict[str, Any], cfg: Any) -> tuple[str, dict[str, float]]:
     return f"{split}, last checkpoint (iteration {summary['iteration']})", summary["final"]
 
 
-def _summarise(runs: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+def _summarise(
+    runs: list[dict[str, Any]], names: list[str], metrics: list[str]
+) -> list[dict[str, Any]]:
     rows = []
     for name in names:
         mine = [r for r in runs if r["config"] == name]
@@ -136,13 +147,15 @@ def _summarise(runs: list[dict[str, Any]], names: list[str]) -> list[dict[str, A
             "images": mine[0]["images"],
             "scored_on": mine[0]["scored_on"].split(" (")[0],
         }
-        for m in METRICS:
+        for m in metrics:
             row[m], row[f"{m} 95%"] = mean_interval([r[m] for r in mine])
         rows.append(row)
     return rows
 
 
-def _write(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> list[Path]:
+def _write(
+    rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, metrics: list[str]
+) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "compare.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -152,10 +165,10 @@ def _write(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) ->
         writer = csv.DictWriter(f, fieldnames=list(runs[0]))
         writer.writeheader()
         writer.writerows(runs)
-    header = ["config", "runs", "training images", *METRICS, "scored on"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|" + "---:|" * len(METRICS) + "---|"]
+    header = ["config", "runs", "training images", *map(display_name, metrics), "scored on"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|" + "---:|" * len(metrics) + "---|"]
     for row in rows:
-        cells = [f"{row[m]:.4f} ± {row[f'{m} 95%']:.4f}" for m in METRICS]
+        cells = [f"{row[m]:.4f} ± {row[f'{m} 95%']:.4f}" for m in metrics]
         lines.append(
             f"| {row['config']} | {row['runs']} | {row['images']:,} | "
             + " | ".join(cells)
@@ -164,10 +177,17 @@ def _write(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) ->
     lines.append("")
     lines.append("mean ± half-width of the 95% Student t interval over the seeds")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
-    return [out / "compare.md", out / "compare.csv", out / "runs.csv", _plot(rows, runs, out)]
+    return [
+        out / "compare.md",
+        out / "compare.csv",
+        out / "runs.csv",
+        _plot(rows, runs, out, metrics),
+    ]
 
 
-def _plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> Path:
+def _plot(
+    rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, metrics: list[str]
+) -> Path:
     """compare.png: one panel per metric, its own scale; per config the seeds' values (dots)
     and their mean with the 95% interval."""
     import matplotlib
@@ -175,9 +195,10 @@ def _plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4.2))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4.2), squeeze=False)
+    axes = axes[0]
     names = [row["config"] for row in rows]
-    for ax, metric in zip(axes, METRICS):
+    for ax, metric in zip(axes, metrics):
         for i, row in enumerate(rows):
             values = [r[metric] for r in runs if r["config"] == row["config"]]
             ax.plot([i] * len(values), values, "o", color="0.6", markersize=4, zorder=1)
@@ -194,7 +215,7 @@ def _plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> 
             )
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
         ax.set_xlim(-0.6, len(names) - 0.4)
-        ax.set_title(metric)
+        ax.set_title(display_name(metric))
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("seeds (dots), mean and 95% interval")
     fig.suptitle(f"deepmetric compare: {rows[0]['runs']} seeds, scored on {rows[0]['scored_on']}")

@@ -14,6 +14,9 @@ from deepmetric.config import dump_config, load_config, parse_overrides
 
 from .space import Param, suggest
 
+# Deferred imports: optuna and matplotlib (optional / slow to import), inside the functions
+# that use them.
+
 __all__ = ["best_overrides", "write_results"]
 
 

@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from deepmetric.config import ConfigError
+from deepmetric.evaluation import metric_of_key
 
-__all__ = ["open_study", "optuna_module", "redacted", "retry_abandoned"]
+# Deferred imports: optuna and sqlalchemy (optional, the [tune] extra), inside the functions
+# that use them.
+
+__all__ = ["direction", "open_study", "optuna_module", "redacted", "retry_abandoned"]
 
 
 def optuna_module() -> Any:
@@ -34,6 +38,13 @@ def optuna_module() -> Any:
         ) from None
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # tune prints a line per trial
     return optuna
+
+
+def direction(metric: str) -> str:
+    """Optuna's direction for a result key: "maximize" unless its record says lower is
+    better."""
+    record = metric_of_key(metric)
+    return "minimize" if record is not None and not record.higher_is_better else "maximize"
 
 
 def open_study(settings: Any, out: Path) -> Any:
@@ -54,7 +65,7 @@ def open_study(settings: Any, out: Path) -> Any:
         return optuna.create_study(
             storage=storage,
             study_name=settings.study_name,
-            direction="maximize",
+            direction=direction(settings.metric),
             sampler=_sampler(settings.seed),
             pruner=pruner,
         )

@@ -31,12 +31,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deepmetric.config import ConfigError, load_config, parse_overrides
+from deepmetric.config import ConfigError, load_config, parse_overrides, recall_at
 from deepmetric.engine.divergence import TrainingDiverged
 from deepmetric.engine.run_folder import newest_good_checkpoint, run_contents
+from deepmetric.engine.trainer import train
+from deepmetric.evaluation import result_key
 
+from .results import write_results
 from .space import Param, load_space, space_corners, suggest, walk
-from .storage import boot_id, open_study, optuna_module, redacted, retry_abandoned
+from .storage import boot_id, direction, open_study, optuna_module, redacted, retry_abandoned
+
+# Deferred imports: optuna (optional, the [tune] extra), inside the functions that use it.
 
 __all__ = ["TuneSettings", "TuneStopped", "trial_config", "tune"]
 
@@ -95,8 +100,6 @@ def tune(
     write the results (see :func:`deepmetric.tune.results.write_results`). Returns
     ``{"out", "best": {...} | None, "finished", "files"}``. Raises :class:`TuneStopped`
     when a signal stopped a trial (its checkpoint is kept and it resumes next time)."""
-    from .results import write_results
-
     optuna = optuna_module()
     overrides = list(overrides or [])
     out = Path(out) if out else Path("runs") / f"tune-{Path(preset).stem}"
@@ -206,8 +209,9 @@ def trial_config(
 
 
 def _check_space(settings: TuneSettings, space: list[Param]) -> None:
-    """Load the preset with every corner of the space: unknown keys and wrong types fail
-    here, before any training, naming the key. Also check the metric is evaluated."""
+    """Resolve ``--metric`` to the result key it means (the check of
+    ``eval.select_metric``), then load the preset with every corner of the space: unknown
+    keys and wrong types fail here, before any training, naming the key."""
     mine = {k for k, _ in settings.fixed} | {"output.dir", "train.resume"}
     mine |= {"eval.val_folds", "eval.val_fold"}
     reserved = sorted({p.key for p in walk(space)} & mine)
@@ -216,24 +220,24 @@ def _check_space(settings: TuneSettings, space: list[Param]) -> None:
             f"{settings.space}: {reserved[0]} is set by deepmetric tune in every trial (the "
             "trials are validated, logged and stored its way); leave it out of the search space"
         )
-    cfg = None
+    preset = load_config(settings.preset, parse_overrides(settings.overrides), validate=False)
+    try:
+        ks = recall_at(preset)
+    except ValueError:  # a wrong data.name: the corners below name it
+        ks = ()
+    if ks:
+        try:
+            settings.metric = result_key(settings.metric, preset.eval.metrics, ks)
+        except ValueError as e:
+            raise ConfigError(f"--metric {settings.metric}: {e} (as eval.metrics says)") from None
+        settings.fixed = [
+            [k, settings.metric if k == "eval.select_metric" else v] for k, v in settings.fixed
+        ]
     for corner in space_corners(space):
         try:
-            cfg = trial_config(settings, corner, Path("unused"), 0 if settings.folds else None)
+            trial_config(settings, corner, Path("unused"), 0 if settings.folds else None)
         except ConfigError as e:
             raise ConfigError(f"{settings.space}: {e}") from None
-    assert cfg is not None
-    from deepmetric.engine.builders import recall_at
-
-    names = {"map_at_r": "map@r", "precision_at_1": "precision@1"}  # config -> result
-    known = {names.get(m, m) for m in cfg.eval.metrics if m != "recall"}
-    if "recall" in cfg.eval.metrics:
-        known |= {f"recall@{k}" for k in recall_at(cfg)}
-    if settings.metric not in known:
-        raise ConfigError(
-            f"--metric {settings.metric}: not computed by eval.metrics {cfg.eval.metrics}; "
-            f"use one of {sorted(known)}"
-        )
 
 
 def _claim_folder(out: Path, settings: TuneSettings) -> None:
@@ -317,8 +321,6 @@ def train_logged(cfg: Any, run_dir: Path, config_name: str, on_evaluate: Any = N
     """``deepmetric.engine.train`` in ``run_dir`` (cfg's output.dir, train.resume=auto), its
     output appended to run_dir/train.log; a folder stopped before its first checkpoint starts
     over. Returns the run's summary."""
-    from deepmetric.engine import train
-
     if run_contents(run_dir) and newest_good_checkpoint(run_dir)[0] is None:
         shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to resume
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -336,13 +338,15 @@ def _train(
     optuna = optuna_module()
     cfg = trial_config(settings, point, run_dir, fold)
 
-    best_so_far = -math.inf
+    better = max if direction(settings.metric) == "maximize" else min
+    best_so_far = math.nan
 
     def report(iteration: int, metrics: dict[str, dict[str, float]]) -> None:
         """Report the trial's score so far (its best value: the score is the best over the
         run); prune below the median, except at the last iteration (the run is done)."""
         nonlocal best_so_far
-        best_so_far = max(best_so_far, metrics["val"][settings.metric])
+        value = metrics["val"][settings.metric]
+        best_so_far = value if math.isnan(best_so_far) else better(best_so_far, value)
         trial.report(best_so_far, iteration)
         last = iteration >= cfg.train.iterations
         if settings.prune and not last and trial.should_prune():
