@@ -27,6 +27,10 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+# Deferred imports: deepmetric.data, .models, .losses and .evaluation, inside the checks that
+# hold a config against their signatures and records; the config itself (dataclasses, YAML,
+# overrides) loads without torch.
+
 __all__ = [
     "Config",
     "ConfigError",

@@ -24,6 +24,9 @@ from .base import (
     encode_labels,
 )
 
+# Deferred import: sklearn.datasets (1-2 s to import; the digits set only), in
+# load_digits_dataset.
+
 __all__ = ["DIGITS", "NPZ", "ArrayDataset", "load_digits_dataset", "load_npz"]
 
 DIGITS_SPLITS = {"train": (0, 5), "test": (5, 10), "all": (0, 10)}

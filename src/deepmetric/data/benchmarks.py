@@ -33,6 +33,8 @@ from .base import (
     require_file,
 )
 
+# Deferred import: scipy.io (Cars196's .mat files only), inside _loadmat.
+
 __all__ = [
     "CARS196",
     "CUB",

@@ -8,6 +8,8 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from PIL import Image
+
 from .base import (
     DatasetError,
     DataSource,
@@ -393,8 +395,6 @@ def write_folder(dataset: MetricDataset, root: str | os.PathLike) -> int:
     Raises:
         DatasetError: ``root`` exists and is not empty.
     """
-    from PIL import Image
-
     root = os.fspath(root)
     if os.path.isdir(root) and os.listdir(root):
         raise DatasetError(f"{root} exists and is not empty; choose another --out")

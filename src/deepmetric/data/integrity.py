@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from .base import NOT_AN_IMAGE, WIDE_MODES, DatasetError, ImageDataset, MissingFileError
 
@@ -117,7 +118,6 @@ def inspect_images(
         raise ValueError(f"validate must be one of {', '.join(VALIDATE_LEVELS)}, got {level!r}")
     if level == "none" and not digest:  # a stat per file: faster without threads
         return [inspect_image(p, "none") for p in paths]
-    from tqdm import tqdm
 
     workers = workers or min(16, 2 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:

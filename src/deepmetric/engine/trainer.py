@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from deepmetric import distributed as dist
 from deepmetric.config import Config, ConfigError, dump_config, validate_config
@@ -149,8 +150,6 @@ def train(
     :class:`~deepmetric.engine.divergence.TrainingDiverged` when training produces NaN or inf
     (``train.on_nonfinite``).
     """
-    from tqdm import tqdm
-
     # ---- process, device, seeds
     validate_config(cfg)  # also for a Config built in Python: option keys, loss parameters
     rank, world_size, _ = dist.init_distributed()
