@@ -30,6 +30,7 @@ from deepmetric.report.numbers import (
     top_k,
 )
 from deepmetric.report.run import config_diff, metrics_table, read_records
+from deepmetric.report.svg import line_chart
 from deepmetric.retrieval import Retriever
 from evaluation_reference import clustered, ref_order
 
@@ -416,3 +417,11 @@ def test_report_in_a_browser(run: Path, browser, tmp_path: Path) -> None:
         assert len(image.convert("L").getcolors(1 << 16) or []) > 50  # not a blank page
     shutil.copy(top, "/tmp/report-screenshot.png")
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_a_curve_of_one_point_is_drawn_as_a_dot() -> None:
+    """A run that logged its loss once (10 iterations, log_every 10) showed an empty chart."""
+    one = line_chart([("loss", [10], [0.8])], title="t", x_label="x", y_label="y")
+    assert one.count("<circle") == 1 and "iteration 10, 0.8000" in one
+    two = line_chart([("loss", [10, 20], [0.8, 0.7])], title="t", x_label="x", y_label="y")
+    assert "<circle" not in two and two.count("<polyline") == 1

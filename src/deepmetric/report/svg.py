@@ -52,7 +52,7 @@ def line_chart(
 ) -> str:
     """An SVG line chart of ``series`` = [(name, xs, ys)] (one colour each, legend when there
     are several); the y axis spans the data (with a margin), within ``y_range`` when given;
-    ``markers`` draws each point with a hover title."""
+    ``markers`` draws each point with a hover title (a series of one point always gets it)."""
     xs = [x for _, sx, _ in series for x in sx]
     ys = [y for _, _, sy in series for y in sy if math.isfinite(y)]
     parts = [
@@ -100,7 +100,7 @@ def line_chart(
         points = [(px(x), py(y)) for x, y in zip(sx, sy) if math.isfinite(y)]
         path = " ".join(f"{a:.1f},{b:.1f}" for a, b in points)
         parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        if markers:
+        if markers or len(points) == 1:  # a lone point draws no line: show it as a dot
             for (a, b), x, y in zip(points, sx, sy):
                 parts.append(
                     f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3.5" fill="{colour}"><title>'
