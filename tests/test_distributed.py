@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepmetric import distributed as D
+from deepmetric.engine.trainer import train_step
 from deepmetric.losses import build_loss
 
 WORLD = 2
@@ -125,6 +126,35 @@ def _loss_step(case: str) -> dict:
         "local_only_loss": criterion(emb.detach(), _local(labels)).detach().clone(),
     }
     return out
+
+
+class _UnitRows(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=1)
+
+
+CHUNKED_CASES = ("multi_similarity", "contrastive_distance", "proxy_anchor")
+
+
+def _trainer_step(case: str, chunk_size: int | None) -> dict:
+    """The trainer's step (the loss in float32) with learning rate 0: the gradients it leaves.
+    chunk_size 5: chunks of 5, 5 and 2 of each rank's 12 rows."""
+    name, hparams = LOSS_CASES[case]
+    net = nn.Sequential(_model(), _UnitRows())
+    model = D.wrap_model(net)
+    criterion = build_loss(name, **hparams).double()
+    group = {"params": [*net.parameters(), *criterion.parameters()], "lr": 0.0, "base_lr": 0.0}
+    optimizer = torch.optim.SGD([{**group, "name": "head"}], lr=0.0)
+    x, labels = _inputs()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train_step(
+        model, criterion, optimizer, scaler, _local(x), _local(labels),
+        lr_scale=1.0, amp=None, grad_clip=0.0, chunk_size=chunk_size,
+    )  # fmt: skip
+    return {
+        "grads": {n: p.grad.clone() for n, p in net[0].named_parameters()},
+        "loss_grads": {n: p.grad.clone() for n, p in criterion.named_parameters()},
+    }
 
 
 def _xbm_steps() -> dict:
@@ -254,6 +284,7 @@ def _worker_all(out_dir: Path) -> None:
     res["broadcast"] = D.broadcast_object({"from": rank}, src=0)
 
     res["losses"] = {case: _loss_step(case) for case in LOSS_CASES}
+    res["chunked"] = {case: _trainer_step(case, 5) for case in CHUNKED_CASES}
     res["xbm"] = _xbm_steps()
     res["proxy_steps"] = _proxy_train_steps()
 
@@ -429,6 +460,20 @@ def test_loss_and_gradients_match_single_process(dist_results, case):
     # the global batch matters: the per-rank loss differs from the global one
     local = dist_results[0]["losses"][case]["local_only_loss"]
     assert not torch.allclose(local, ref["loss"])
+
+
+@pytest.mark.parametrize("case", CHUNKED_CASES)
+def test_chunked_step_on_two_ranks_equals_one_process_on_the_whole_batch(dist_results, case):
+    """Gradient caching under DDP: each rank embeds its half in chunks, the loss sees the
+    gathered global batch, gradients are all-reduced once (no_sync until the last chunk)."""
+    ref = _trainer_step(case, None)  # one process, whole batch, no chunks
+    assert any(bool(g.abs().sum() > 0) for g in ref["grads"].values())
+    for res in dist_results:
+        got = res["chunked"][case]
+        for name, grad in ref["grads"].items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-6, atol=1e-8)
+        for name, grad in ref["loss_grads"].items():
+            torch.testing.assert_close(got["loss_grads"][name], grad, rtol=1e-6, atol=1e-8)
 
 
 def test_xbm_memories_identical_across_ranks_and_match_single_process(dist_results):

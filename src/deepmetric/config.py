@@ -230,6 +230,12 @@ class TrainConfig:
     # warm-up of the Proxy-Anchor code: the backbone gets no update for the first N
     # iterations (only the embedding head and the loss's parameters, e.g. proxies, train)
     freeze_backbone_iterations: int = 0
+    # Gradient caching: each rank's batch is embedded in chunks of this many images without a
+    # graph, the loss and its gradient are computed on the whole batch, then each chunk is
+    # embedded again with its graph and given its part of that gradient. The parameters'
+    # gradients equal one batch's (dropout replayed; BatchNorm sees chunk statistics unless
+    # frozen), with one chunk's activations in memory. null: the whole batch at once.
+    chunk_size: int | None = None
 
 
 @dataclass
@@ -734,6 +740,14 @@ def validate_config(cfg: Config) -> None:
         )
     if cfg.train.freeze_backbone_iterations < 0:
         raise err("train.freeze_backbone_iterations", "expected >= 0")
+    chunk, batch = cfg.train.chunk_size, sampler.images_per_batch()
+    if chunk is not None and (chunk < 1 or chunk > batch or batch % chunk):
+        raise err(
+            "train.chunk_size",
+            f"{chunk} must divide the batch of {batch} images per rank "
+            f"({'sampler.p x sampler.k' if sampler.name == 'pk' else 'sampler.batch_size'}) "
+            "and be at most that: choose a divisor, or null for the whole batch at once",
+        )
     if cfg.train.iterations < 0:
         raise err("train.iterations", f"expected >= 0, got {cfg.train.iterations}")
     for key in ("train.keep_last", "train.max_nonfinite_in_row"):

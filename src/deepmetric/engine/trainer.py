@@ -8,7 +8,7 @@ One step::
     with autocast:  emb = model(images)                    # (B, d), L2-normalised
     emb, labels = gather_batch(emb.float(), labels)        # global batch (1 process: as is)
     loss = criterion(emb, labels)                          # loss, or CrossBatchMemory(loss)
-    backward, average_gradients(loss parameters)
+    backward, average_gradients(loss parameters)           # train.chunk_size: gradient caching
     loss and gradient norm finite? else NonFiniteStep      # one host sync (NaN guard)
     clip, step                                             # GradScaler for fp16 on CUDA
 
@@ -48,6 +48,7 @@ from deepmetric.engine.checkpoint import find_checkpoint, load_checkpoint
 from deepmetric.engine.devices import amp_dtype, resolve_device
 from deepmetric.engine.divergence import DivergenceGuard, NonFiniteStep, check_step
 from deepmetric.engine.evaluator import Evaluator
+from deepmetric.engine.gradient_cache import chunked_backward
 from deepmetric.engine.optim import build_optimizer, lr_factor, set_lr
 from deepmetric.engine.preemption import StopSignals
 from deepmetric.engine.reproducibility import SeededBatches, seed_everything
@@ -80,23 +81,33 @@ def train_step(
     amp: torch.dtype | None,
     grad_clip: float,
     freeze_backbone: bool = False,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """One optimisation step on this rank's batch (B_r, C, H, W), (B_r,); returns the
-    detached loss of the global batch. ``freeze_backbone``: the backbone group's gradients
-    are dropped before the step, so only the head and the loss's parameters change (as with
-    requires_grad off, but DDP's bookkeeping stays as built). Raises :class:`NonFiniteStep`,
-    having updated nothing, when the model's embeddings, the loss or a gradient hold NaN or
-    inf."""
+    detached loss of the global batch. ``chunk_size``: embed the batch that many images at a
+    time with the same gradients (:mod:`~deepmetric.engine.gradient_cache`).
+    ``freeze_backbone``: the backbone group's gradients are dropped before the step, so only
+    the head and the loss's parameters change (as with requires_grad off, but DDP's
+    bookkeeping stays as built). Raises :class:`NonFiniteStep`, having updated nothing, when
+    the model's embeddings, the loss or a gradient hold NaN or inf."""
     set_lr(optimizer, lr_scale)
-    with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
-        emb = model(images)
-    emb, labels = dist.gather_batch(emb.float(), labels)
-    try:
-        loss = criterion(emb, labels)
-    except EmbeddingError as e:  # NaN, inf or zero rows out of the model: it diverged
-        raise NonFiniteStep(f"the model's {e.problem}") from None
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+
+    def loss_of(emb: Tensor) -> Tensor:
+        """The loss of the global batch (this rank's embeddings gathered with the others')."""
+        global_emb, global_labels = dist.gather_batch(emb, labels)
+        try:
+            return criterion(global_emb, global_labels)
+        except EmbeddingError as e:  # NaN, inf or zero rows out of the model: it diverged
+            raise NonFiniteStep(f"the model's {e.problem}") from None
+
+    if chunk_size and chunk_size < images.shape[0]:
+        loss = chunked_backward(model, images, chunk_size, loss_of, scaler.scale, amp)
+    else:
+        with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
+            emb = model(images)
+        loss = loss_of(emb.float())
+        scaler.scale(loss).backward()
     dist.average_gradients(criterion.parameters())  # outside DDP: keep the copies identical
     if freeze_backbone:  # train.freeze_backbone_iterations: no update, no moments, no decay
         for group in optimizer.param_groups:
@@ -228,6 +239,7 @@ def train(
                         amp=amp,
                         grad_clip=cfg.optim.grad_clip,
                         freeze_backbone=state.iteration < cfg.train.freeze_backbone_iterations,
+                        chunk_size=cfg.train.chunk_size,
                     )
                     meter.add(loss, images.shape[0] * world_size)
                     guard.step_applied()
