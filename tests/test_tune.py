@@ -626,4 +626,19 @@ def test_compare_refuses_configs_with_different_budgets(tmp_path, capsys) -> Non
     other.write_text(DEMO.read_text().replace("iterations: 600", "iterations: 300"))
     code = main(["compare", "--configs", str(DEMO), str(other), "--out", str(tmp_path / "c")])
     err = capsys.readouterr().err
-    assert code == 2 and "demo: 600, short: 300" in err and "--train.iterations" in err, err
+    assert code == 2 and "demo: 24,000 = 600 x 40, short: 12,000 = 300 x 40" in err, err
+    assert "--train.iterations" in err
+
+
+def test_compare_takes_one_budget_of_images_whatever_the_batch(tmp_path, monkeypatch) -> None:
+    """Half the iterations with twice the batch is the same budget: compare goes on to train."""
+    wide = tmp_path / "wide.yaml"
+    text = DEMO.read_text().replace("iterations: 600", "iterations: 300")
+    wide.write_text(text.replace("sampler: {p: 5, k: 8}", "sampler: {p: 5, k: 16}"))
+
+    def reached(cfg, run_dir, preset):
+        raise RuntimeError(f"training {preset}")
+
+    monkeypatch.setattr(sys.modules["deepmetric.tune.compare"], "train_logged", reached)
+    with pytest.raises(RuntimeError, match="training"):
+        compare([str(DEMO), str(wide)], seeds=1, out=tmp_path / "c")

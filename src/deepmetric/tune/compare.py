@@ -1,5 +1,6 @@
-"""``deepmetric compare``: several configs trained with the same iteration budget and the same
-seeds, each run scored once, and a table of mean and 95% interval per config.
+"""``deepmetric compare``: several configs trained with the same budget of training images
+(iterations x images per batch: a batch of 1,000 for 192 iterations against one of 128 for
+1,500) and the same seeds, each run scored once, and a table of mean and 95% interval per config.
 
 Which numbers a run contributes (the ``scored on`` column): with ``eval.protocol: val`` and
 ``eval.final_test``, the best-on-validation checkpoint evaluated once on the test split;
@@ -62,12 +63,16 @@ def compare(
     out = Path(out)
     names = _names(configs)
     loaded = {name: load_config(path, overrides) for name, path in zip(names, configs)}
-    budgets = {name: cfg.train.iterations for name, cfg in loaded.items()}
+    budgets = {name: _training_images(cfg) for name, cfg in loaded.items()}
     if len(set(budgets.values())) > 1:
-        shown = ", ".join(f"{n}: {b}" for n, b in budgets.items())
+        shown = ", ".join(
+            f"{n}: {b:,} = {c.train.iterations} x {c.sampler.images_per_batch()}"
+            for (n, b), c in zip(budgets.items(), loaded.values())
+        )
         raise ConfigError(
-            f"compare: the configs train for different numbers of iterations ({shown}); give "
-            "them one budget, e.g. --train.iterations=N"
+            f"compare: the configs train on different numbers of images ({shown}: iterations "
+            "x images per batch); give them one budget, e.g. --train.iterations=N, or "
+            "iterations in inverse proportion to their batch sizes"
         )
     metrics = table_keys(list(loaded.values()))
     runs = []
@@ -97,7 +102,7 @@ def compare(
                     "config": name,
                     "seed": seed,
                     "scored_on": scored_on,
-                    "images": cfg.train.iterations * cfg.sampler.images_per_batch(),
+                    "images": _training_images(cfg),
                     **{m: values.get(m, math.nan) for m in metrics},
                     "run_dir": str(run_dir),
                 }
@@ -113,6 +118,11 @@ def compare(
     print((out / "compare.md").read_text(), end="")
     print(f"written: {', '.join(str(f) for f in files)}")
     return {"rows": rows, "runs": runs, "files": [str(f) for f in files]}
+
+
+def _training_images(cfg: Config) -> int:
+    """The budget every config gets: iterations x images per batch (one process)."""
+    return cfg.train.iterations * cfg.sampler.images_per_batch()
 
 
 def _names(configs: list[str]) -> list[str]:
