@@ -7,11 +7,11 @@ LeCun (CVPR 2006) and the similarity form of Wang et al. (CVPR 2019); triplet, S
 (FaceNet, CVPR 2015) and Hermans, Beyer, Leibe (2017); lifted structure, Oh Song et al.
 (CVPR 2016) and Deep_Metric's variant (github.com/bnu-wangxun/Deep_metric); binomial
 deviance, Yi et al. (ICPR 2014); NCA, Goldberger et al. (NIPS 2004); multi-similarity, Wang
-et al. (CVPR 2019); margin loss and its sampling, Wu et al. (ICCV 2017). Proxy losses (at the
-end, on a :class:`ProxyBatch`): Proxy-Anchor, Kim et al. (CVPR 2020); ProxyNCA,
-Movshovitz-Attias et al. (ICCV 2017) and ProxyNCA++, Teh et al. (ECCV 2020); SoftTriple, Qian
-et al. (ICCV 2019); normalized softmax, Zhai and Wu (BMVC 2019); CosFace, Wang et al. (CVPR
-2018); ArcFace, Deng et al. (CVPR 2019).
+et al. (CVPR 2019); margin loss and its sampling, Wu et al. (ICCV 2017); Recall@k surrogate,
+Patel, Tolias, Matas (CVPR 2022). Proxy losses (at the end, on a :class:`ProxyBatch`):
+Proxy-Anchor, Kim et al. (CVPR 2020); ProxyNCA, Movshovitz-Attias et al. (ICCV 2017) and
+ProxyNCA++, Teh et al. (ECCV 2020); SoftTriple, Qian et al. (ICCV 2019); normalized softmax,
+Zhai and Wu (BMVC 2019); CosFace, Wang et al. (CVPR 2018); ArcFace, Deng et al. (CVPR 2019).
 
 Every function takes a :class:`Batch` and returns ``(loss, count)``: the loss as a 0-d float64
 tensor connected to the inputs (an exact zero with a graph when nothing is valid) and the
@@ -412,6 +412,53 @@ def margin_sampling_probs(
     return out
 
 
+# Recall@k surrogate (Patel, Tolias, Matas, CVPR 2022) ---------------------------------------
+def recall_surrogate_ranks(
+    batch: Batch, q: int, rank_temperature: float = 0.01, count_query_in_rank: bool = False
+) -> dict[int, Tensor]:
+    """{positive p: r(q, p) = 1 + sum over the other references j (not q's own slot, not p)
+    of sigma((S_qj - S_qp) / tau2)}, plus sigma((s_qq - S_qp) / tau2) when the query counts,
+    s_qq = <q, q> in-batch and 1 with references."""
+    ranks = {}
+    for p in batch.P(q):
+        r = 1.0 + sum(
+            torch.sigmoid((batch.S(q, j) - batch.S(q, p)) / rank_temperature)
+            for j in batch.not_self(q)
+            if j != p
+        )
+        if count_query_in_rank:
+            s_qq = batch.S(q, q) if batch.in_batch else torch.tensor(1.0, dtype=torch.float64)
+            r = r + torch.sigmoid((s_qq - batch.S(q, p)) / rank_temperature)
+        ranks[p] = r
+    return ranks
+
+
+def recall_surrogate(
+    batch: Batch,
+    k_values: tuple[int, ...] = (1, 2, 4, 8, 16),
+    rank_temperature: float = 0.01,
+    k_temperature: float = 1.0,
+    count_query_in_rank: bool = False,
+    clip: bool = True,
+) -> tuple[Tensor, int]:
+    """Mean over queries with a positive of 1 - mean_k R_k(q), R_k(q) = min(sum_p
+    sigma((k - r(q, p)) / tau1), k) / min(k, |P_q|) (no min with clip=False); k capped at M."""
+    ks = [min(k, batch.M) for k in k_values]
+    terms = []
+    for q in range(batch.B):
+        ranks = recall_surrogate_ranks(batch, q, rank_temperature, count_query_in_rank)
+        if not ranks:
+            continue
+        recalls = []
+        for k in ks:
+            total = sum(torch.sigmoid((k - r) / k_temperature) for r in ranks.values())
+            if clip and _v(total) > k:
+                total = total * 0.0 + k
+            recalls.append(total / min(k, len(ranks)))
+        terms.append(1.0 - sum(recalls) / len(recalls))
+    return mean_of(terms, batch), len(terms)
+
+
 ORACLES = {
     "contrastive": contrastive,
     "triplet": triplet,
@@ -419,6 +466,7 @@ ORACLES = {
     "binomial": binomial,
     "nca": nca,
     "multi_similarity": multi_similarity,
+    "recall_surrogate": recall_surrogate,
 }
 
 

@@ -956,6 +956,12 @@ def check_loss(cfg: Config) -> None:
                     f"{_type_name(hints[key])}, got {_show(value)}"
                 ) from None
     params = dict(cfg.loss.params)
+    if cfg.xbm.enabled and params.get("simix"):
+        raise ConfigError(
+            f"{where_set(cfg, 'loss.simix')}: loss.simix: similarity mixup adds virtual rows to "
+            "the batch, which a cross-batch memory cannot rank against its stored rows: set "
+            "--loss.simix=false or --xbm.enabled=false"
+        )
     if name in PROXY_LOSSES:
         if cfg.xbm.enabled:
             raise ConfigError(

@@ -36,6 +36,7 @@ from .pairs import EmbeddingError, PairLoss, Pairs, build_pairs, check_unit_norm
 from .proxies import ProxyLoss
 from .proxy_anchor import ProxyAnchorLoss
 from .proxy_nca import ProxyNCALoss
+from .recall_surrogate import RecallSurrogateLoss
 from .soft_triple import SoftTripleLoss
 from .triplet import TripletLoss
 
@@ -47,6 +48,7 @@ PAIR_LOSSES: dict[str, type[PairLoss]] = {
     "nca": NCALoss,
     "multi_similarity": MultiSimilarityLoss,
     "margin": MarginLoss,
+    "recall_surrogate": RecallSurrogateLoss,
 }
 PROXY_LOSSES: dict[str, type[ProxyLoss]] = {
     "proxy_anchor": ProxyAnchorLoss,
@@ -93,6 +95,7 @@ __all__ = [
     "ProxyAnchorLoss",
     "ProxyLoss",
     "ProxyNCALoss",
+    "RecallSurrogateLoss",
     "SoftTripleLoss",
     "TripletLoss",
     "build_loss",
