@@ -17,21 +17,13 @@ from deepmetric.losses import build_loss
 from deepmetric.losses.recall_surrogate import mix_rows, simix_draw
 from deepmetric.memory import CrossBatchMemory
 from loss_reference import Batch, make_case, recall_surrogate, recall_surrogate_ranks
+from test_losses import CASES
 
 CONFIGS = [
     {},
     {"count_query_in_rank": True},
     {"clip": False, "rank_temperature": 0.1},
     {"k_values": (1, 3), "k_temperature": 0.5, "count_query_in_rank": True},
-]
-CASES = [
-    ("rand6", None),
-    ("pk16", None),
-    ("rand40", None),
-    ("rand6", "self"),
-    ("pk16", "self"),
-    ("rand40", "self"),
-    ("pk16", "noself"),
 ]
 
 
