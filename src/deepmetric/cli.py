@@ -39,7 +39,6 @@ import errno
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
 
 __all__ = ["main"]
 
@@ -329,7 +328,7 @@ def _check_data(args: argparse.Namespace, extra: list[str]) -> int:
     """``deepmetric datasets check``: the data section of --config (or the defaults) with
     --dataset, --root and --data.* overrides."""
     from deepmetric.config import ConfigError, check_options, load_config
-    from deepmetric.data import check_dataset, find_source
+    from deepmetric.data import RootRequiredError, check_dataset, find_source
 
     if args.dataset is None and args.config is None:
         raise ConfigError("datasets check: give --dataset NAME (and --root PATH) or --config FILE")
@@ -346,8 +345,6 @@ def _check_data(args: argparse.Namespace, extra: list[str]) -> int:
     check_options(cfg)
     d = cfg.data
     source = find_source(d.name)
-    if d.root is None and source.root:  # the source reads a folder or file
-        _require_root(source, d.options, "--root" if args.config is None else "--data.root")
     options = dict(d.options)
     if source.image_files and (
         args.config is not None or any(a.startswith("--data.transform") for a in extra)
@@ -356,36 +353,26 @@ def _check_data(args: argparse.Namespace, extra: list[str]) -> int:
 
         # the run's transform: the check tells whether it leaves images of several sizes
         options["transform"] = build_transforms(cfg)[1]
-    report = check_dataset(
-        d.name,
-        d.root,
-        splits=args.split,
-        validate=args.validate,
-        progress=True,
-        test_classes=d.test_classes,
-        test_images=d.test_images,
-        split_by=d.split_by,
-        split_seed=d.split_seed,
-        **options,
-    )
-    print(report)
-    return 0 if report.ok else 1
-
-
-def _require_root(source: Any, options: dict[str, Any], flag: str) -> None:
-    """ConfigError naming ``flag`` when data source ``source`` needs a root and none is given
-    (its loader, asked without one, says what the root must name)."""
-    from deepmetric.config import ConfigError
-    from deepmetric.data.base import RootRequiredError
-
     try:
-        source.load(None, source.check_splits[0], None, **options)
-    except RootRequiredError as e:
+        report = check_dataset(
+            d.name,
+            d.root,
+            splits=args.split,
+            validate=args.validate,
+            progress=True,
+            test_classes=d.test_classes,
+            test_images=d.test_images,
+            split_by=d.split_by,
+            split_seed=d.split_seed,
+            **options,
+        )
+    except RootRequiredError as e:  # the source reads a folder or file: none given
+        flag = "--root" if args.config is None else "--data.root"
         raise ConfigError(
             f"{flag} is not given: {e.name} reads {e.expected}; add {flag} PATH"
         ) from None
-    except (ValueError, OSError):  # another problem: the check reports it
-        pass
+    print(report)
+    return 0 if report.ok else 1
 
 
 def _run(argv: Sequence[str]) -> int:

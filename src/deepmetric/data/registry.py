@@ -11,7 +11,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .arrays import DIGITS, NPZ
-from .base import DatasetCountWarning, DatasetError, DataSource, ImageDataset, MetricDataset
+from .base import (
+    DatasetCountWarning,
+    DatasetError,
+    DataSource,
+    ImageDataset,
+    MetricDataset,
+    RootRequiredError,
+)
 from .benchmarks import CARS196, CUB, INSHOP, SOP
 from .generic import CSV, FOLDER, LIST
 from .integrity import audit_split, identical_files, validate_images
@@ -182,6 +189,9 @@ def check_dataset(
         splits: the splits to check, a name or a list (default: train and test; npz: all).
         **options: loader options (e.g. ``list_file``, ``csv_file``).
 
+    Raises:
+        RootRequiredError: the source reads a folder or file and ``root`` is None.
+
     Returns:
         A :class:`CheckReport`: a str (one line per finding, last line "result: OK" or
         "result: N problem(s)") with an ``ok`` attribute.
@@ -205,6 +215,8 @@ def check_dataset(
             warnings.simplefilter("always")
             try:
                 ds = build_dataset(key, root, split, **rule, **options)
+            except RootRequiredError:  # no split can be read: the caller names the flag
+                raise
             except (DatasetError, ValueError, OSError) as e:
                 lines.append(f"  {split}: ERROR {e}")
                 problems += 1

@@ -268,7 +268,6 @@ def train(
                     on_evaluate(state.iteration, last_metrics)
                 if links or evaluated:
                     meter.restart_clock()  # evaluating and saving are not training speed
-        bar.close()
         return _finish(cfg, state, evaluator, log, run_dir, last_metrics)
 
 
