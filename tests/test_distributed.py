@@ -24,6 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,7 +255,8 @@ def _engine_evaluation() -> dict:
         [
             "--eval.batch_size=64",
             "--data.num_workers=0",
-            "--eval.metrics=[recall, map_at_r, r_precision, nmi]",
+            # verification: each rank counts its share of the pairs, the counts are summed
+            "--eval.metrics=[recall, map_at_r, r_precision, nmi, verification]",
         ],
     )
     torch.manual_seed(0)
@@ -264,6 +266,27 @@ def _engine_evaluation() -> dict:
     metrics = evaluator.evaluate(model)["test"]
     metrics.pop("eval_time_s")
     return {"metrics": metrics, "shard": evaluator.shards["test"]}
+
+
+def _pair_counts(shard: tuple[int, int], all_reduce) -> dict:
+    """Verification pair counts of 600 embeddings of multiples of 1/4 (few distinct scores)
+    with a budget too small to keep the keys: the counting path, in 30 blocks of 10 rows
+    that the ranks take in turn."""
+    from deepmetric.evaluation.verification import pair_score_counts
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randint(-2, 3, (600, 8), generator=generator).float() / 4
+    counts = pair_score_counts(
+        x, torch.arange(600) % 7, memory_budget_bytes=2**20, shard=shard, all_reduce=all_reduce
+    )
+    return {
+        "keys": counts.keys,
+        "positive": counts.positive,
+        "negative": counts.negative,
+        "ties_twice": counts.ties_twice,
+        "auc": counts.auc(),
+        "eer": counts.eer(),
+    }
 
 
 def _eval_embeddings(index: Tensor) -> Tensor:
@@ -322,6 +345,7 @@ def _worker_all(out_dir: Path) -> None:
 
     # The trainer's sharded evaluation (rank 0's metrics broadcast to every rank).
     res["engine_eval"] = _engine_evaluation()
+    res["pair_counts"] = _pair_counts((rank, world), D.sum_over_ranks)
 
     # PKSampler takes world size and rank from the process group.
     res["sampler_batches"] = _sampler_batches()
@@ -561,6 +585,22 @@ def test_trainer_evaluation_is_sharded_and_equals_one_process(dist_results):
     assert ref["metrics"]["num_queries"] == 896
     for res in dist_results:
         assert res["engine_eval"]["metrics"] == ref["metrics"]
+
+
+def test_verification_pair_counts_summed_over_ranks_equal_one_process(dist_results):
+    ref = _pair_counts((0, 1), None)
+    alone = _pair_counts((0, 2), None)  # one rank's share is not the whole
+    assert alone["positive"].sum() < ref["positive"].sum()
+    for res in dist_results:
+        got = res["pair_counts"]
+        for key in ("keys", "positive", "negative"):
+            np.testing.assert_array_equal(got[key], ref[key])
+        assert (got["ties_twice"], got["auc"], got["eer"]) == (
+            ref["ties_twice"],
+            ref["auc"],
+            ref["eer"],
+        )
+    assert dist_results[0]["engine_eval"]["metrics"]["num_negative_pairs"] > 0
 
 
 def test_sampler_shards_by_rank(dist_results):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import deepmetric.evaluation.blocks as blocks_module
 import deepmetric.evaluation.faiss_index as faiss_index_module
 import deepmetric.evaluation.metrics as metrics_module
+import deepmetric.evaluation.open_set as open_set_module
 import deepmetric.evaluation.registry as registry_module
 import deepmetric.evaluation.retrieval as retrieval_module
 import deepmetric.evaluation.topk as topk_module
@@ -35,8 +36,8 @@ ALL_RETRIEVAL = ("recall", "precision_at_1", "map_at_r", "r_precision")
 
 @pytest.mark.parametrize(
     "module",
-    [metrics_module, topk_module, blocks_module, registry_module],
-    ids=["metrics", "topk", "blocks", "registry"],
+    [metrics_module, topk_module, blocks_module, registry_module, open_set_module],
+    ids=["metrics", "topk", "blocks", "registry", "open_set"],
 )
 def test_doctests(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)

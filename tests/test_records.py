@@ -7,6 +7,7 @@ import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import tiny_runs
@@ -42,12 +43,16 @@ TINY = [
 def test_evaluate_returns_exactly_the_keys_the_records_name(names) -> None:
     x, labels = clustered(60, 6, 8, seed=3)
     out = evaluate(x, labels, recall_at=(1, 3), metrics=names)
-    metric_keys = [k for k in out if k not in ("num_queries", "num_queries_without_positive")]
+    counts = ("num_queries", "num_queries_without_positive", "num_positive_pairs")
+    counts += ("num_negative_pairs",)
+    metric_keys = [k for k in out if k not in counts and "threshold" not in k]
     assert sorted(metric_keys) == sorted(result_keys(names, (1, 3)))
     assert ordered_keys(out) == result_keys(names, (1, 3))  # display order, from the record
     for key in metric_keys:
         assert metric_of_key(key).name in names
-        assert 0.0 <= out[key] <= 1.0
+        # TAR@FAR below 1 / negative pairs (under 1,770 pairs here: 1e-4, 1e-5) is unresolvable
+        unresolvable = key in ("tar@far=1e-4", "tar@far=1e-5")
+        assert np.isnan(out[key]) if unresolvable else 0.0 <= out[key] <= 1.0
 
 
 def test_every_result_key_has_a_display_name_and_a_place_in_the_order() -> None:
@@ -60,6 +65,9 @@ def test_every_result_key_has_a_display_name_and_a_place_in_the_order() -> None:
         "map@r",
         "r_precision",
         "nmi",
+        "roc_auc",
+        "eer",
+        *(f"tar@far=1e-{i}" for i in range(1, 6)),
     ]
     assert [display_name(k) for k in keys] == [
         "Recall@1",
@@ -69,6 +77,9 @@ def test_every_result_key_has_a_display_name_and_a_place_in_the_order() -> None:
         "MAP@R",
         "R-precision",
         "NMI",
+        "ROC AUC",
+        "EER",
+        *(f"TAR@FAR=1e-{i}" for i in range(1, 6)),
     ]
     # a record as metrics.jsonl holds it: Recall@K by K, other keys dropped
     record = {"iteration": 5, "nmi": 0.5, "recall@10": 0.9, "recall@2": 0.8, "precision@1": 0.7}

@@ -49,6 +49,7 @@ __all__ = [
     "check_metrics",
     "check_options",
     "check_ranges",
+    "check_rerank",
     "config_from_dict",
     "config_to_dict",
     "dump_config",
@@ -265,6 +266,20 @@ class EvalConfig:
     batch_size: int = 256
     flip: bool = False  # average the embeddings of the image and its mirror
     final_test: bool = True  # protocol val: evaluate the best checkpoint on the test split
+    # re-ranking of the retrieval lists before Recall@K / MAP@R: none, k_reciprocal or
+    # alpha_qe, with its options (k1, k2, lambda_value, candidates; alpha, n, dba) in
+    # rerank_options (deepmetric.evaluation.rerank)
+    rerank: str = "none"
+    rerank_options: dict[str, Any] = field(default_factory=dict)
+    # open-set evaluation (0 = off): this share of the evaluation set's classes (drawn with
+    # data.split_seed) leaves the gallery, so their queries have nothing to match; adds
+    # open_set/precision and open_set/recall of the "match" answers (best score >= threshold)
+    # and open_set/recall@K of the queries with a match (deepmetric.evaluation.open_set)
+    open_set_fraction: float = 0.0
+    # the threshold: "auto" = calibrated at FAR open_set_far over the pairs of the validation
+    # classes (eval.protocol=val; never the test classes), or a score
+    open_set_threshold: Literal["auto"] | float = "auto"
+    open_set_far: float = 1e-3
 
 
 @dataclass
@@ -689,6 +704,7 @@ _RANGES: dict[str, _Range] = {
     "schedule.warmup_start_factor": _Range(0, 1, low_open=True),
     "train.threads": _COUNT,
     "eval.batch_size": _COUNT,
+    "eval.open_set_fraction": _UNIT_OPEN_TOP,
 }
 
 
@@ -814,6 +830,7 @@ def validate_config(cfg: Config) -> None:
         )
     check_options(cfg)
     check_metrics(cfg)
+    check_rerank(cfg)
     check_loss(cfg)
 
 
@@ -854,6 +871,24 @@ def check_metrics(cfg: Config) -> None:
             f"{where_set(cfg, 'eval.select_metric')}: eval.select_metric={spelling}: {e} (as "
             "eval.metrics and eval.recall_at say)"
         ) from None
+
+
+def check_rerank(cfg: Config) -> None:
+    """Check ``eval.rerank`` (a name of ``deepmetric.evaluation.rerank.OPTIONS``) and each
+    ``eval.rerank_options`` key against that re-ranking's options, naming the key."""
+    from deepmetric.evaluation.rerank import RerankError
+    from deepmetric.evaluation.rerank import check_rerank as check
+
+    try:
+        check(cfg.eval.rerank)
+    except RerankError as e:
+        raise ConfigError(f"{_named(cfg, 'eval.rerank')}: eval.rerank: {e}") from None
+    for key, value in cfg.eval.rerank_options.items():
+        try:
+            check(cfg.eval.rerank, {key: value})
+        except RerankError as e:  # the message starts with the key
+            where = _named(cfg, f"eval.rerank_options.{key}")
+            raise ConfigError(f"{where}: eval.rerank_options.{e}") from None
 
 
 def check_options(cfg: Config) -> None:

@@ -50,6 +50,7 @@ __all__ = [
     "is_main_process",
     "max_over_ranks",
     "shard_indices",
+    "sum_over_ranks",
     "unwrap_model",
     "wrap_model",
 ]
@@ -179,6 +180,20 @@ def max_over_ranks(value: int) -> int:
     box = torch.tensor([int(value)], dtype=torch.long, device=device)
     dist.all_reduce(box, op=dist.ReduceOp.MAX)
     return int(box.item())
+
+
+def sum_over_ranks(counts: Tensor) -> None:
+    """Sum ``counts`` over the ranks, in place (nothing when not distributed): the pair counts
+    of the verification metrics, each rank having counted its share."""
+    if not is_distributed():
+        return
+    device = _comm_device(counts)
+    if counts.device == device:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        return
+    moved = counts.to(device)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    counts.copy_(moved)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

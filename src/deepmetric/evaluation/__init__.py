@@ -9,7 +9,9 @@ it needs), ``retrieval`` (:func:`evaluate`), ``neighbours`` (:func:`search`, the
 point, and :func:`knn`), ``metrics`` (pure metric functions of ranked lists, NMI), ``exact``
 (torch search), ``blocks`` (chunk planning, score blocks), ``ranks`` (first-positive ranks),
 ``faiss_index`` (faiss backends), ``topk`` (exact top-k under the tie rule), ``checks``
-(input validation), ``extract`` (embedding extraction).
+(input validation), ``extract`` (embedding extraction), ``verification`` (ROC, AUC, TAR@FAR,
+EER over all pairs, exact), ``rerank`` (k-reciprocal, alpha-QE), ``open_set`` (thresholds
+calibrated on validation classes, open-set decisions).
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ from .registry import (
     result_keys,
 )
 from .retrieval import average, evaluate, retrieval_per_query
+from .verification import FARS, PairScoreCounts, pair_score_counts
 
 __all__ = [
     "BACKENDS",
+    "FARS",
     "METRICS",
     "FaissSearcher",
     "Metric",
     "Neighbours",
+    "PairScoreCounts",
     "average",
     "check_metric_names",
     "display_name",
@@ -48,6 +53,7 @@ __all__ = [
     "metric_of_key",
     "nmi",
     "ordered_keys",
+    "pair_score_counts",
     "r_precision",
     "recall_at_k",
     "relevance",

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .metrics import map_at_r, nmi, r_precision, recall_at_k
+from .verification import FARS, PairScoreCounts
 
 __all__ = [
+    "GROUPS",
     "METRICS",
     "Metric",
     "check_metric_names",
@@ -50,43 +52,66 @@ class Metric:
     - ``"lists"``: each query's ranked list of R_i items (its number of relevant items);
       ``function(relevant (Q, L) bool, num_relevant (Q,)) -> (Q,) float64``;
     - ``"embeddings"``: the query embeddings and labels; ``function(emb, labels, seed)
-      -> float``.
+      -> float``;
+    - ``"pairs"``: the score counts of all pairs (:mod:`.verification`, counted once for
+      every pairs metric); ``function(counts: PairScoreCounts, k) -> float``, once per K
+      (the FAR targets of TAR@FAR).
 
-    Per-query values are averaged over the queries with R_i >= 1.
+    Per-query values are averaged over the queries with R_i >= 1. A group name (``GROUPS``:
+    ``verification``) stands for several metrics in ``eval.metrics``.
     """
 
     name: str  # config name: eval.metrics, evaluate(metrics=...)
     key: str  # result key; "{k}" stands for each K: "recall@{k}"
     display: str  # shown in tables and plots; "{k}" as in key
-    needs: Literal["ranks", "lists", "embeddings"]
+    needs: Literal["ranks", "lists", "embeddings", "pairs"]
     function: Callable
     higher_is_better: bool = True
-    fixed_k: int | None = None  # ranks metrics with one K of their own (Precision@1)
+    # the K of its own: Precision@1 (1,); TAR@FAR the FAR targets (spelt "1e-3" in keys)
+    fixed_ks: tuple[int | float, ...] = ()
 
-    def ks(self, recall_at: Sequence[int]) -> tuple[int, ...]:
+    def ks(self, recall_at: Sequence[int]) -> tuple[int | float, ...]:
         """The K of its result keys: its own, else ``recall_at``; () without "{k}"."""
-        if "{k}" not in self.key and self.fixed_k is None:
+        if "{k}" not in self.key and not self.fixed_ks:
             return ()
-        return (self.fixed_k,) if self.fixed_k is not None else tuple(recall_at)
+        return self.fixed_ks or tuple(recall_at)
 
     def keys(self, recall_at: Sequence[int]) -> list[str]:
         """Its result keys: ``["recall@1", "recall@2"]``, ``["map@r"]``."""
         if "{k}" not in self.key:
             return [self.key]
-        return [self.key.format(k=k) for k in self.ks(recall_at)]
+        return [self.key.format(k=_spell(k)) for k in self.ks(recall_at)]
+
+
+def _spell(k: int | float) -> str:
+    """A K as keys write it: 4 -> "4", 0.001 -> "1e-3"."""
+    if isinstance(k, int):
+        return str(k)
+    mantissa, exponent = f"{k:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def _tar_at_far(counts: PairScoreCounts, far: float) -> float:
+    return counts.tar_at_far(far)[0]
 
 
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
         Metric("recall", "recall@{k}", "Recall@{k}", "ranks", recall_at_k),
-        Metric("precision_at_1", "precision@1", "Precision@1", "ranks", recall_at_k, fixed_k=1),
+        Metric("precision_at_1", "precision@1", "Precision@1", "ranks", recall_at_k, fixed_ks=(1,)),
         Metric("map_at_r", "map@r", "MAP@R", "lists", map_at_r),
         Metric("r_precision", "r_precision", "R-precision", "lists", r_precision),
         Metric("nmi", "nmi", "NMI", "embeddings", nmi),
+        Metric("roc_auc", "roc_auc", "ROC AUC", "pairs", lambda c, _: c.auc()),
+        Metric("eer", "eer", "EER", "pairs", lambda c, _: c.eer()[0], higher_is_better=False),
+        Metric("tar_at_far", "tar@far={k}", "TAR@FAR={k}", "pairs", _tar_at_far, fixed_ks=FARS),
     )
 }
 """Every metric, in display order (Recall@K by K, then the others as listed)."""
+
+GROUPS: dict[str, tuple[str, ...]] = {"verification": ("roc_auc", "eer", "tar_at_far")}
+"""Names that stand for several metrics in ``eval.metrics``."""
 
 
 def _near(name: str, choices: Iterable[str]) -> str:
@@ -95,38 +120,45 @@ def _near(name: str, choices: Iterable[str]) -> str:
 
 
 def check_metric_names(names: Sequence[str]) -> tuple[str, ...]:
-    """``names`` as a tuple, or ValueError naming the first unknown one and a near match.
+    """``names`` with each group replaced by its metrics, or ValueError naming the first
+    unknown one and a near match.
 
+    >>> check_metric_names(["recall", "verification"])
+    ('recall', 'roc_auc', 'eer', 'tar_at_far')
     >>> check_metric_names(["mapr"])
     Traceback (most recent call last):
     ...
     ValueError: unknown metric 'mapr' (did you mean 'map_at_r'?); expected some of: recall, \
-precision_at_1, map_at_r, r_precision, nmi
+precision_at_1, map_at_r, r_precision, nmi, roc_auc, eer, tar_at_far, verification
     """
+    known = [*METRICS, *GROUPS]
     for name in names:
-        if name not in METRICS:
+        if name not in known:
             by_key = next((m.name for m in METRICS.values() if m.key == name), None)
-            hint = f" (the result key of {by_key!r})" if by_key else _near(name, METRICS)
-            raise ValueError(
-                f"unknown metric {name!r}{hint}; expected some of: {', '.join(METRICS)}"
-            )
-    return tuple(names)
+            hint = f" (the result key of {by_key!r})" if by_key else _near(name, known)
+            raise ValueError(f"unknown metric {name!r}{hint}; expected some of: {', '.join(known)}")
+    expanded = [member for name in names for member in GROUPS.get(name, (name,))]
+    return tuple(dict.fromkeys(expanded))
 
 
 def result_keys(names: Sequence[str], recall_at: Sequence[int]) -> list[str]:
     """The result keys of the metrics ``names`` (config names), in display order."""
+    names = check_metric_names(names)
     return [key for m in METRICS.values() if m.name in names for key in m.keys(recall_at)]
 
 
-def _parse_key(key: str) -> tuple[Metric, int | None] | None:
+def _parse_key(key: str) -> tuple[Metric, int | float | None] | None:
     for m in METRICS.values():
         if "{k}" in m.key:
             pattern = re.escape(m.key).replace(re.escape("{k}"), r"(\d+)")
             found = re.fullmatch(pattern, key)
             if found:
                 return m, int(found.group(1))
+            for k in m.fixed_ks:  # spelt as floats: "tar@far=1e-3"
+                if key == m.key.format(k=_spell(k)):
+                    return m, k
         elif key == m.key:
-            return m, m.fixed_k
+            return m, m.fixed_ks[0] if m.fixed_ks else None
     return None
 
 
@@ -142,7 +174,7 @@ def display_name(key: str) -> str:
     if parsed is None:
         return key
     metric, k = parsed
-    return metric.display.format(k=k)
+    return metric.display.format(k=_spell(k) if k is not None else k)
 
 
 def ordered_keys(record: Iterable[str]) -> list[str]:
@@ -151,8 +183,15 @@ def ordered_keys(record: Iterable[str]) -> list[str]:
     order = list(METRICS)
     found = [(key, _parse_key(key)) for key in record]
     found = [(key, p) for key, p in found if p is not None]
-    found.sort(key=lambda item: (order.index(item[1][0].name), item[1][1] or 0))
+    # by K; the FAR targets of TAR@FAR by decreasing FAR, as listed
+    found.sort(key=lambda item: (order.index(item[1][0].name), _position(*item[1])))
     return [key for key, _ in found]
+
+
+def _position(metric: Metric, k: int | float | None) -> float:
+    if k is None:
+        return 0
+    return metric.fixed_ks.index(k) if isinstance(k, float) else k
 
 
 def result_key(spelling: str, names: Sequence[str], recall_at: Sequence[int]) -> str:
@@ -166,6 +205,7 @@ def result_key(spelling: str, names: Sequence[str], recall_at: Sequence[int]) ->
     ValueError: one key per K: name one of recall@1, recall@2
     """
     computed = result_keys(names, recall_at)
+    names = check_metric_names(names)
     if spelling in computed:
         return spelling
     metric = METRICS.get(spelling)

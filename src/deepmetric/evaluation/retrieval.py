@@ -29,6 +29,8 @@ from .metrics import recall_at_k, relevance
 from .neighbours import search
 from .ranks import SameLabel
 from .registry import METRICS, Metric, check_metric_names
+from .rerank import Reranking, check_rerank, prepare_rerank
+from .verification import PairScoreCounts, pair_score_counts
 
 
 def evaluate(
@@ -45,6 +47,9 @@ def evaluate(
     memory_budget_bytes: int = 2**30,
     index_options: Mapping[str, Any] | None = None,
     seed: int = 0,
+    rerank: str = "none",
+    rerank_options: Mapping[str, Any] | None = None,
+    pair_counts: PairScoreCounts | None = None,
 ) -> dict[str, Any]:
     """Retrieval and clustering metrics of embeddings (definitions: :mod:`.metrics`).
 
@@ -55,7 +60,9 @@ def evaluate(
             gallery and each query's own item is excluded by index.
         recall_at: the K of Recall@K (``deepmetric.data.SOURCES[name].recall_at`` for the
             benchmarks).
-        metrics: any of "recall", "precision_at_1", "map_at_r", "r_precision", "nmi".
+        metrics: any of "recall", "precision_at_1", "map_at_r", "r_precision", "nmi", and the
+            verification metrics over all pairs "roc_auc", "eer", "tar_at_far" (or
+            "verification" for the three; :mod:`.verification`).
         self_index: with a gallery, (Q,) int64 gallery index of each query's own copy (-1 =
             none): that item is never retrieved and not counted in R_i, as when the query set
             is part of the gallery (PML's ``ref_includes_query``). ``evaluate(x, y, x, y,
@@ -66,17 +73,28 @@ def evaluate(
         memory_budget_bytes: bound on the working memory (default 1 GiB).
         index_options: options of the approximate faiss indexes.
         seed: k-means seed for NMI.
+        rerank: "none", "k_reciprocal" or "alpha_qe" (:mod:`.rerank`, options in
+            ``rerank_options``): Recall@K, Precision@1, MAP@R and R-precision are those of
+            the re-ranked lists (exact search of the re-ranking's vectors with ``backend``).
+            k_reciprocal re-orders each list's first ``candidates`` items; a first positive
+            beyond them keeps its original rank. NMI and the pair metrics ignore it.
+        pair_counts: the verification metrics' pair counts when already made (torchrun: the
+            ranks count their shares together, :class:`~deepmetric.engine.evaluator.Evaluator`).
 
     Returns:
         dict with "recall@K" per K, "precision@1", "map@r", "r_precision", "nmi" (those
         requested; floats, NaN when no query has a positive), "num_queries" (queries in the
-        retrieval metrics), "num_queries_without_positive", and with ``per_class`` a
+        retrieval metrics), "num_queries_without_positive"; with verification metrics
+        "roc_auc", "eer", "tar@far=1e-1" .. "tar@far=1e-5" and the score thresholds
+        "eer_threshold", "threshold@far=1e-1" .., "num_positive_pairs", "num_negative_pairs";
+        with ``per_class`` a
         "per_class" dict of CPU tensors: "labels" (C,), "num_queries" (C,), "recall@1",
         "map@r", "r_precision" (C,) float64, over the classes with evaluated queries.
     """
     asked = [METRICS[name] for name in check_metric_names(metrics)]
     recall_at = check_recall_at(recall_at)
     backend = check_backend(backend, index_options)
+    check_rerank(rerank, dict(rerank_options or {}))
     query = as_embeddings(query_emb, "query_emb")
     query_labels = as_labels(query_labels, query.shape[0], "query_labels", query.device)
     if (gallery_emb is None) != (gallery_labels is None):
@@ -106,25 +124,71 @@ def evaluate(
             "budget": memory_budget_bytes,
             "index_options": index_options,
         }
+        # the vectors searched (alpha_qe: expanded) and k_reciprocal's re-ordering of lists
+        reranking = prepare_rerank(
+            rerank, query, gallery, self_index, dict(rerank_options or {}), memory_budget_bytes
+        )
+        searched, searched_gallery = reranking.query, reranking.gallery
         own = None if self_index is None else self_index >= 0
         if own is not None and bool(own.any()) and not bool(own.all()):
             # queries with and without an own copy can retrieve G - 1 and G items: two searches
             per_query = {}
             for rows, index in ((own, self_index[own]), (~own, None)):
                 part = retrieval_per_query(
-                    query[rows], query_labels[rows], gallery, gallery_labels, index, **options
+                    searched[rows],
+                    query_labels[rows],
+                    searched_gallery,
+                    gallery_labels,
+                    index,
+                    reranking=reranking.rows(rows),
+                    **options,
                 )
                 for name, values in part.items():
                     merged = per_query.setdefault(name, values.new_empty(query.shape[0]))
                     merged[rows.cpu()] = values
         else:
             per_query = retrieval_per_query(
-                query, query_labels, gallery, gallery_labels, self_index, **options
+                searched,
+                query_labels,
+                searched_gallery,
+                gallery_labels,
+                self_index,
+                reranking=reranking,
+                **options,
             )
         result.update(average(per_query, query_labels, recall_at, asked, per_class))
     for m in asked:
         if m.needs == "embeddings":
             result[m.key] = m.function(query, query_labels, seed=seed)
+    pair_metrics = [m for m in asked if m.needs == "pairs"]
+    if pair_metrics:
+        if pair_counts is None:
+            pair_counts = pair_score_counts(
+                query,
+                query_labels,
+                gallery,
+                None if gallery is None else gallery_labels,
+                self_index=None if gallery is None else self_index,
+                memory_budget_bytes=memory_budget_bytes,
+            )
+        result.update(verification_results(pair_counts, pair_metrics))
+    return result
+
+
+def verification_results(counts: PairScoreCounts, metrics: Sequence[Metric]) -> dict[str, Any]:
+    """The pairs ``metrics`` of ``counts`` by result key, with the thresholds and pair counts
+    (NaN for every metric when the set has no positive or no negative pair)."""
+    result: dict[str, Any] = {}
+    usable = counts.num_positive > 0 and counts.num_negative > 0
+    for m in metrics:
+        for k, key in zip(m.ks(()) or (None,), m.keys(())):
+            result[key] = m.function(counts, k) if usable else float("nan")
+    if usable:
+        result["eer_threshold"] = counts.eer()[1]
+        for far, key in zip(counts.fars, METRICS["tar_at_far"].keys(())):
+            result[key.replace("tar@", "threshold@")] = counts.tar_at_far(far)[1]
+    result["num_positive_pairs"] = counts.num_positive
+    result["num_negative_pairs"] = counts.num_negative
     return result
 
 
@@ -140,6 +204,7 @@ def retrieval_per_query(
     backend: str,
     budget: int,
     index_options: Mapping[str, Any] | None,
+    reranking: Reranking | None = None,
 ) -> dict[str, Tensor]:
     """Per-query values on the CPU: "num_relevant" R_i (Q,) int64, "first_positive" (Q,)
     int64 (exact below ``rank_limit``), and each of ``list_metrics`` under its key (Q,)
@@ -148,7 +213,9 @@ def retrieval_per_query(
     List length: R_max (the longest R_i) with list metrics; for ranks alone the shorter of
     R_max and ``rank_limit`` (the first positive of most queries lies within their first R
     items; the torch backend counts the others' ranks, faiss lists are extended to
-    ``rank_limit``). gallery None: the query set, own items excluded.
+    ``rank_limit``). gallery None: the query set, own items excluded. ``reranking``
+    (:func:`~.rerank.prepare_rerank` of these queries): lists of at least its
+    ``candidates``, whose head it re-orders.
     """
     num_query = query.shape[0]
     full_gallery = query if gallery is None else gallery
@@ -164,6 +231,8 @@ def retrieval_per_query(
         out.update({m.key: torch.zeros(num_query, dtype=torch.float64) for m in list_metrics})
         return out
 
+    if reranking is not None:
+        k = max(k, reranking.candidates)
     # the lists of a group of queries and their reductions take at most half the budget
     group = max(1, budget // (2 * LIST_BYTES * k))
     groups = even_ranges(num_query, group)
@@ -186,6 +255,8 @@ def retrieval_per_query(
             rank_limit=rank_limit,
             memory_budget_bytes=budget,
         )
+        if reranking is not None:
+            found = reranking.apply(part, found, query_labels[part], gallery_labels)
         if rank_limit > 0:
             parts["first_positive"].append(found.first_positive.cpu())
         if list_metrics:
