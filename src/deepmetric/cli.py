@@ -6,8 +6,10 @@
     deepmetric datasets check --dataset sop --root ~/data/Stanford_Online_Products
     deepmetric datasets check --config configs/folder.yaml --data.root ~/photos
     deepmetric index build --checkpoint runs/x --images GALLERY --out gallery.index
+        [--threshold-far F | --threshold-precision P] [--calibration-images FOLDER]
     deepmetric index add|remove --index gallery.index --images MORE | --ids PATH ...
     deepmetric search --index gallery.index --images QUERIES --k 10 [--out hits.csv]
+        [--threshold auto|VALUE]
     deepmetric export --checkpoint runs/x --format onnx|torchscript --out model.onnx
     deepmetric report --checkpoint runs/x [--split test|val] [--out report.html]
     deepmetric report --index gallery.index --images QUERIES [--out report.html]
@@ -153,6 +155,26 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--m", type=int, help="hnsw: links per node (default 32)")
     b.add_argument("--ef-search", type=int, help="hnsw: search depth (default 128)")
     b.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
+    target = b.add_mutually_exclusive_group()
+    target.add_argument(
+        "--threshold-far",
+        type=float,
+        metavar="F",
+        help="calibrate the score threshold of search --threshold auto at this false accept "
+        "rate over every pair of the run's validation classes (or --calibration-images)",
+    )
+    target.add_argument(
+        "--threshold-precision",
+        type=float,
+        metavar="P",
+        help="calibrate it at this pair precision instead",
+    )
+    b.add_argument(
+        "--calibration-images",
+        metavar="FOLDER",
+        help="class folders to calibrate on (needed when the run has no validation classes; "
+        "never the test classes)",
+    )
     for action, text in (("add", "add images"), ("remove", "remove items by id (path)")):
         a = isub.add_parser(action, allow_abbrev=False, help=text, description=text + ".")
         a.add_argument("--index", required=True, metavar="INDEX", help="index folder")
@@ -178,6 +200,27 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint", default=None, help="embed with this checkpoint (must match the index)"
     )
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(
+        "--threshold",
+        metavar="auto|VALUE",
+        help="list only items scoring >= this (auto: the index's calibrated threshold); a "
+        "query without one is written as 'no match' (match false)",
+    )
+    p.add_argument(
+        "--rerank",
+        default="none",
+        metavar="NAME",
+        help="re-rank the lists: none (default), k_reciprocal or alpha_qe (exact search of "
+        "the index's vectors; docs: re-ranking)",
+    )
+    p.add_argument(
+        "--rerank-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of --rerank, repeated: k1, k2, lambda_value, candidates "
+        "(k_reciprocal); alpha, n, dba (alpha_qe); e.g. --rerank-option k1=30",
+    )
 
     p = sub.add_parser(
         "export",
@@ -505,6 +548,7 @@ def _index(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: lis
             options=options,
             overrides=extra,
             batch_size=args.batch_size,
+            calibrate=_calibration(args),
         )
         path = retriever.save(args.out)
         m = retriever.manifest
@@ -520,6 +564,13 @@ def _index(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: lis
                 f"recall against exact search on {r['queries']:,} gallery items: "
                 + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k.startswith("recall"))
             )
+        if "threshold" in m:
+            t = m["threshold"]
+            rates = ", ".join(f"{k} {v:.4g}" for k, v in t["achieved"].items())
+            print(
+                f"threshold {t['value']:.4f} ({rates}; {t['pairs']['positive']:,} positive and "
+                f"{t['pairs']['negative']:,} negative pairs) calibrated on {t['calibrated_on']}"
+            )
         return 0
     retriever = Retriever.load(args.index)
     if args.index_command == "add":
@@ -531,6 +582,22 @@ def _index(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: lis
     retriever.save()
     print(f"{verb} {count:,} items; {args.index} holds {len(retriever.items):,}")
     return 0
+
+
+def _calibration(args: argparse.Namespace) -> dict | None:
+    """The ``calibrate`` arguments of ``index build``: a --threshold-far or
+    --threshold-precision target, on --calibration-images or the run's validation classes."""
+    from deepmetric.config import ConfigError
+
+    if args.threshold_far is None and args.threshold_precision is None:
+        if args.calibration_images is not None:
+            raise ConfigError("--calibration-images: give the target, --threshold-far F")
+        return None
+    return {
+        "source": args.calibration_images,
+        "far": args.threshold_far,
+        "precision": args.threshold_precision,
+    }
 
 
 def _tune_or_compare(args: argparse.Namespace, extra: list[str]) -> int:
@@ -571,20 +638,46 @@ def _search(args: argparse.Namespace, extra: list[str]) -> int:
     import json
     from pathlib import Path
 
-    from deepmetric.config import ConfigError
+    from deepmetric.config import ConfigError, parse_overrides
+    from deepmetric.evaluation.rerank import RerankError, check_rerank
     from deepmetric.retrieval import Retriever
+    from deepmetric.retrieval.thresholds import parse_threshold, resolve_threshold
 
     if args.out and Path(args.out).suffix.lower() not in (".csv", ".json"):
         raise ConfigError(f"--out {args.out}: expected a .csv or .json file name")
+    rerank_options: dict = {}
+    for text in args.rerank_option:
+        if "=" not in text:
+            raise ConfigError(f"--rerank-option {text}: expected KEY=VALUE, e.g. k1=30")
+        rerank_options.update(parse_overrides([f"--{text}"]))
+    try:  # before anything is embedded
+        check_rerank(args.rerank, rerank_options)
+    except RerankError as e:
+        flag = "--rerank:" if str(e).startswith("unknown re-ranking") else "--rerank-option"
+        raise ConfigError(f"{flag} {e}") from None
+    threshold = None if args.threshold is None else parse_threshold(args.threshold)
     retriever = Retriever.load(args.index)
+    threshold = resolve_threshold(retriever.manifest, threshold, args.index)  # before embedding
     retriever.use_checkpoint(args.checkpoint, extra)
-    result = retriever.search(args.images, args.k, batch_size=args.batch_size)
+    try:
+        result = retriever.search(
+            args.images,
+            args.k,
+            threshold=threshold,
+            rerank=args.rerank,
+            rerank_options=rerank_options,
+            batch_size=args.batch_size,
+        )
+    except RerankError as e:  # k1, n or candidates beyond the gallery
+        raise ConfigError(f"--rerank {args.rerank}: {e}") from None
     rows = result.rows()
     if args.out is None:
-        for query, paths, scores, labels in zip(
-            result.queries, result.paths, result.scores, result.labels
+        for i, (query, paths, scores, labels) in enumerate(
+            zip(result.queries, result.paths, result.scores, result.labels)
         ):
             print(query)
+            if result.match is not None and not result.match[i]:
+                print(f"  no match (no item scores >= the threshold {threshold:.4f})")
             for rank, (p, s, label) in enumerate(zip(paths, scores, labels), 1):
                 print(f"  {rank:>3}. {s:.4f}  {p}" + (f"  [{label}]" if label is not None else ""))
         return 0
@@ -599,10 +692,17 @@ def _search(args: argparse.Namespace, extra: list[str]) -> int:
             }
             for q, *r in zip(result.queries, result.paths, result.scores, result.labels)
         ]
+        if result.match is not None:  # "match": false and no results for a query without one
+            grouped = [
+                {"query": g["query"], "match": m, "results": g["results"]}
+                for g, m in zip(grouped, result.match)
+            ]
         tmp.write_text(json.dumps(grouped, indent=1) + "\n")
     else:
+        fields = ["query", "rank", "path", "score", "label"]
+        fields += ["match"] if result.match is not None else []
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=["query", "rank", "path", "score", "label"])
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
     tmp.replace(out)

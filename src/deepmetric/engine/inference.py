@@ -40,7 +40,7 @@ from deepmetric.engine.checkpoint import (
     run_dir_of,
 )
 from deepmetric.engine.devices import amp_dtype, resolve_device
-from deepmetric.engine.evaluator import Evaluator
+from deepmetric.engine.evaluator import Evaluator, needs_calibration
 from deepmetric.engine.runlog import format_metrics
 from deepmetric.evaluation import extract_embeddings
 
@@ -117,12 +117,16 @@ def evaluate_checkpoint(
     device = resolve_device(cfg.train.device)
     model.to(device)
     eval_set = evaluation_set(cfg, split, ckpt)
+    calibration = None  # an auto open-set threshold on the test split: the validation classes
+    if split == "test" and needs_calibration(cfg) and cfg.eval.protocol == "val":
+        calibration = evaluation_set(cfg, "val", ckpt)
     evaluator = Evaluator(
         cfg,
         {split: eval_set},
         device,
         amp_dtype(cfg.train.amp, device),
         persistent_workers=False,
+        calibration=calibration,
     )
     metrics = evaluator.evaluate(model, progress=progress)[split]
     iteration = checkpoint_iteration(ckpt)

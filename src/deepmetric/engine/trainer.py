@@ -440,7 +440,10 @@ def _finish(
         best_dir = find_checkpoint(run_dir, ("best",))
         state.model.load_state_dict(load_checkpoint(best_dir, state=False)[0])
         _, test_sets = build_data(cfg, test_only=True)
-        tester = Evaluator(cfg, test_sets, evaluator.device, evaluator.amp_dtype, False)
+        calibration = evaluator.eval_sets.get("val")  # an auto open-set threshold's classes
+        tester = Evaluator(
+            cfg, test_sets, evaluator.device, evaluator.amp_dtype, False, calibration
+        )
         test_of_best = tester.evaluate(state.model)["test"]
         log.log(
             {

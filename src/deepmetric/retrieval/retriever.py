@@ -8,6 +8,8 @@
     hits = r.search("queries/", k=5)                     # image files, or a (Q, d) array
     hits.paths[0], hits.scores[0], hits.labels[0]        # the first query's 5 nearest items
     r.add(["new/1.jpg"], labels=["cat"]); r.remove(["gallery/old.jpg"]); r.save()
+    r.calibrate(far=1e-3); r.save()    # threshold on the run's validation classes (or a folder)
+    hits = r.search("queries/", k=5, threshold="auto")   # hits.match[i]: False = "no match"
 
 Scores are inner products of the model's embeddings (cosine similarity for L2-normalised
 ones); each list is ordered by score, then by the order items were added.
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import deepmetric.evaluation.rerank as reranking
 from deepmetric.config import ConfigError
 from deepmetric.data import IMAGE_EXTENSIONS
 from deepmetric.engine.devices import resolve_device
@@ -47,6 +50,12 @@ from deepmetric.retrieval.index import (
     reconstruct,
     write_index_folder,
 )
+from deepmetric.retrieval.thresholds import (
+    calibration_record,
+    label_codes,
+    resolve_threshold,
+    validation_embeddings,
+)
 
 # Deferred imports: faiss (optional, slow to import), inside the functions that use it.
 
@@ -64,14 +73,40 @@ class SearchResult:
     paths: list[list[str]]  # (Q, <=k) gallery item ids (paths), nearest first
     scores: list[list[float]]  # (Q, <=k) inner products
     labels: list[list[str | None]]  # (Q, <=k) gallery labels (None when unknown)
+    # with a threshold: (Q,) best score >= threshold; the lists then hold only the items
+    # scoring >= threshold (empty for a query without a match); None without a threshold
+    match: list[bool] | None = None
+    threshold: float | None = None
 
     def rows(self) -> list[dict[str, Any]]:
-        """One dict per (query, rank): query, rank (1-based), path, score, label."""
-        return [
-            {"query": q, "rank": r + 1, "path": p, "score": s, "label": lab}
-            for q, ps, ss, ls in zip(self.queries, self.paths, self.scores, self.labels)
-            for r, (p, s, lab) in enumerate(zip(ps, ss, ls))
-        ]
+        """One dict per (query, rank): query, rank (1-based), path, score, label; with a
+        threshold also ``match``, and a query without a match has one row of its own (match
+        False, rank, path, score and label None)."""
+        rows = []
+        lists = zip(self.queries, self.paths, self.scores, self.labels)
+        for i, (q, ps, ss, ls) in enumerate(lists):
+            if self.match is not None and not self.match[i]:
+                none = {"rank": None, "path": None, "score": None, "label": None}
+                rows.append({"query": q, **none, "match": False})
+            for r, (p, s, lab) in enumerate(zip(ps, ss, ls)):
+                row = {"query": q, "rank": r + 1, "path": p, "score": s, "label": lab}
+                rows.append(row if self.match is None else {**row, "match": True})
+        return rows
+
+    def above(self, threshold: float, decided_by: np.ndarray | None = None) -> SearchResult:
+        """The items scoring >= ``threshold``, and ``match`` = a query keeps one.
+        ``decided_by`` (Q, k): the scores compared instead of ``scores`` (re-ranking: the
+        inner products the threshold was calibrated on)."""
+        by = self.scores if decided_by is None else decided_by
+        keep = [[s >= threshold for s in ss] for ss in by]
+        return SearchResult(
+            self.queries,
+            [[x for x, k in zip(xs, ks) if k] for xs, ks in zip(self.paths, keep)],
+            [[x for x, k in zip(xs, ks) if k] for xs, ks in zip(self.scores, keep)],
+            [[x for x, k in zip(xs, ks) if k] for xs, ks in zip(self.labels, keep)],
+            [any(ks) for ks in keep],
+            float(threshold),
+        )
 
 
 def read_gallery(source: str | os.PathLike) -> tuple[list[str], list[str | None]]:
@@ -143,6 +178,7 @@ class Retriever:
         overrides: list[str] | None = None,
         batch_size: int | None = None,
         progress: bool = True,
+        calibrate: dict[str, Any] | None = None,
     ) -> Retriever:
         """Embed a gallery with a checkpoint and index it.
 
@@ -154,6 +190,8 @@ class Retriever:
                 used only for galleries larger than that, exact search below.
             options: ``nlist``, ``nprobe`` (ivf), ``m``, ``ef_construction``, ``ef_search``
                 (hnsw); defaults in :func:`~deepmetric.retrieval.index.faiss_parameters`.
+            calibrate: the arguments of :meth:`calibrate` (``far`` or ``precision``, and
+                ``source``), done before the gallery is embedded (a failure costs no time).
         """
         retriever = cls({}, None, Items(np.zeros(0, dtype=np.int64), [], []))
         retriever._load_model(checkpoint, overrides)
@@ -162,6 +200,8 @@ class Retriever:
         if len(labels) != len(paths):
             raise ValueError(f"{len(paths)} images but {len(labels)} labels")
         _check_unique(paths, {})  # before spending the time to embed
+        if calibrate is not None:
+            retriever.calibrate(**calibrate, batch_size=batch_size, progress=progress)
         start = time.perf_counter()
         vectors = retriever._embed(paths, batch_size, progress)
         embed_seconds = time.perf_counter() - start
@@ -177,6 +217,8 @@ class Retriever:
         )
         built._model, built._checkpoint = retriever._model, retriever._checkpoint
         built.manifest["timings_s"]["embed"] = round(embed_seconds, 3)
+        if "threshold" in retriever.manifest:
+            built.manifest["threshold"] = retriever.manifest["threshold"]
         return built
 
     @classmethod
@@ -249,18 +291,95 @@ class Retriever:
 
     # ------------------------------------------------------------------ use
     def search(
-        self, queries: Queries, k: int = 10, *, batch_size: int | None = None, progress=False
+        self,
+        queries: Queries,
+        k: int = 10,
+        *,
+        threshold: float | str | None = None,
+        rerank: str = "none",
+        rerank_options: dict[str, Any] | None = None,
+        batch_size: int | None = None,
+        progress=False,
     ) -> SearchResult:
         """The ``k`` nearest gallery items of each query: image files (a folder, list file,
-        a path or list of paths; embedded with the index's model) or embeddings (Q, d)."""
+        a path or list of paths; embedded with the index's model) or embeddings (Q, d).
+
+        ``threshold`` (a score, or "auto": the one :meth:`calibrate` stored): only items
+        scoring >= it are listed, and ``match`` says which queries have one ("no match":
+        an empty list).
+
+        ``rerank`` ("k_reciprocal", "alpha_qe"; options ``rerank_options``, see
+        :mod:`deepmetric.evaluation.rerank`): the index's vectors are read back once and
+        searched exactly, whatever the index kind, then re-ranked as ``deepmetric.evaluation.
+        evaluate(rerank=...)`` does; scores are then those of the re-ranking (1 - d* for
+        k_reciprocal, inner products of the expanded vectors for alpha_qe). With both, the
+        threshold applies to the plain inner products it was calibrated on: a query matches
+        when one of its re-ranked items has an inner product >= the threshold."""
+        reranking.check_rerank(rerank, rerank_options)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if len(self.items) == 0:
             raise IndexFileError(f"{self.path or 'the index'} is empty; add items first")
+        value = resolve_threshold(self.manifest, threshold, self.path)
         names, vectors = self._queries(queries, batch_size, progress)
         k = min(k, len(self.items))
-        scores, ids = self.index.search(vectors, k)
-        return self._result(names, scores, ids)
+        if rerank == "none":
+            scores, ids = self.index.search(vectors, k)
+            result = self._result(names, scores, ids)
+            return result if value is None else result.above(value)
+        gallery = reconstruct(self.index, self.items.ids)
+        rows, values = reranking.rerank(rerank, vectors, gallery, k, rerank_options)
+        ids = self.items.ids[rows.numpy()]
+        result = self._result(names, values.numpy(), ids, ordered=True)
+        if value is None:
+            return result
+        inner = np.einsum("qd,qkd->qk", vectors, gallery[rows.numpy()])
+        return result.above(value, decided_by=inner)
+
+    def calibrate(
+        self,
+        source: str | os.PathLike | np.ndarray | torch.Tensor | None = None,
+        labels: Sequence[Any] | None = None,
+        *,
+        far: float | None = None,
+        precision: float | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Choose the threshold of ``search(threshold="auto")`` at a target ``far`` or
+        ``precision`` over every pair of labelled calibration data, never the test classes,
+        and store it in the manifest (``"threshold"``, written by :meth:`save`; fields in
+        :mod:`deepmetric.retrieval.thresholds`). Returns that record.
+
+        ``source``: None = the validation classes of the index's run (``eval.protocol:
+        val``), rebuilt from its config; a folder of class folders (or a list / CSV with
+        labels) embedded with the index's model; or embeddings (N, d) with ``labels`` (N,).
+        """
+        if source is None and self._model is None:
+            self.use_checkpoint()
+        fingerprint = self._fingerprint() if self._model else self.manifest["fingerprint"]
+        model = fingerprint.get("checkpoint_sha256")
+        if source is None:
+            cfg, net = self._model
+            vectors, labels, where = validation_embeddings(
+                cfg, net, self._checkpoint, batch_size=batch_size, progress=progress
+            )
+        elif isinstance(source, (np.ndarray, torch.Tensor)):
+            vectors, where = self._as_vectors(source, None), f"{len(source):,} embeddings given"
+            labels = list(labels) if labels is not None else [None] * len(vectors)
+            if len(labels) != len(vectors):
+                raise ValueError(f"{len(vectors)} embeddings but {len(labels)} labels")
+        else:
+            paths, found = _gallery(source)
+            labels = list(labels) if labels is not None else found
+            where = str(source)
+            label_codes(labels, f"calibration images {where}")  # before spending time to embed
+            vectors = self._embed(paths, batch_size, progress)
+        record = calibration_record(
+            vectors, labels, far=far, precision=precision, source=where, model=model
+        )
+        self.manifest["threshold"] = record
+        return record
 
     def add(
         self,
@@ -327,12 +446,15 @@ class Retriever:
         return int(drop.sum())
 
     # ------------------------------------------------------------------ internals
-    def _result(self, names: list[str], scores: np.ndarray, ids: np.ndarray) -> SearchResult:
+    def _result(
+        self, names: list[str], scores: np.ndarray, ids: np.ndarray, ordered: bool = False
+    ) -> SearchResult:
         found = ids >= 0
-        # ties (equal scores) in the order items were added: sort rows by (-score, id)
-        order = np.lexsort((np.where(found, ids, np.iinfo(np.int64).max), -scores), axis=1)
-        scores = np.take_along_axis(scores, order, 1)
-        ids = np.take_along_axis(ids, order, 1)
+        if not ordered:
+            # ties (equal scores) in the order items were added: sort rows by (-score, id)
+            order = np.lexsort((np.where(found, ids, np.iinfo(np.int64).max), -scores), axis=1)
+            scores = np.take_along_axis(scores, order, 1)
+            ids = np.take_along_axis(ids, order, 1)
         rows = np.searchsorted(self.items.ids, ids)  # ids ascend with the rows
         paths, labels, values = [], [], []
         for q in range(len(names)):
