@@ -19,15 +19,24 @@ from deepmetric.cli import main
 from deepmetric.engine import build_eval_loader
 from deepmetric.engine.inference import evaluation_set, load_model
 from deepmetric.evaluation import extract_embeddings
-from deepmetric.report import ReportOptions, gather_report, report_index, write_report
+from deepmetric.evaluation.verification import FARS, pair_score_counts
+from deepmetric.report import (
+    ReportOptions,
+    gather_report,
+    render_html,
+    report_index,
+    write_report,
+)
 from deepmetric.report.numbers import (
     class_table,
+    far_name,
     pick_random,
     pick_worst,
     project_2d,
     query_results,
     sample_query_rows,
     top_k,
+    verification,
 )
 from deepmetric.report.run import config_diff, metrics_table, read_records
 from deepmetric.report.svg import line_chart
@@ -194,6 +203,65 @@ def test_large_sets_are_sampled_within_bounds(tmp_path: Path) -> None:
     grid_keys = {key for g in content.grids for row in g.rows for key in [row.query, *row.items]}
     assert grid_keys <= set(content.thumbnails) and len(content.thumbnails) < 300
     assert any("no hover image" in note for note in content.notes)
+
+
+def verification_table(page: str) -> dict[str, float]:
+    """{key: exact value} of the rows of the page's verification table that have a key."""
+    table = page.split('id="verification-table"')[1].split("</table>")[0]
+    return {k: float(v) for k, v in re.findall(r'data-key="([^"]+)" data-value="([^"]*)"', table)}
+
+
+def test_verification_section_equals_the_pair_counts() -> None:
+    x, y = clustered(300, 6, 8, seed=8, noise=1.0)
+    options = ReportOptions(k=2, queries=2, max_points=50)
+    content = gather_report(x, y, noise_image, options=options)
+    counts = pair_score_counts(x, y)
+    v = content.verification
+    assert v is not None
+    # every unordered pair i < j, by brute force (float64 scores)
+    i, j = np.triu_indices(len(y), 1)
+    scores = np.einsum("nd,nd->n", x[i].astype(np.float64), x[j].astype(np.float64))
+    same = y[i] == y[j]
+    assert (v.num_positive, v.num_negative) == (same.sum(), (~same).sum())
+    assert (sum(v.positive), sum(v.negative)) == (same.sum(), (~same).sum())  # all in a bin
+
+    page = render_html(content)
+    table = verification_table(page)
+    assert table["roc_auc"] == counts.auc() and f"ROC AUC {counts.auc():.4f}" in page
+    assert table["eer"] == counts.eer()[0]
+    for far in FARS:
+        tar, _ = counts.tar_at_far(far)
+        shown = table[f"tar@far={far_name(far)}"]
+        assert shown == tar or (np.isnan(tar) and np.isnan(shown))
+    assert np.isnan(table["tar@far=1e-5"])  # 37,382 negative pairs cannot resolve 1e-5
+    assert 'data-key="tar@far=1e-5" data-value="nan">&#8212;' in page
+
+    # the line at FAR 1e-3: the conservative threshold, accepting TAR of the positives
+    tar, threshold = counts.tar_at_far(1e-3)
+    line = re.search(r'<line class="threshold"[^>]*data-name="FAR 1e-3" data-score="([^"]+)"', page)
+    assert line is not None and float(line.group(1)) == threshold
+    assert (scores[~same] >= threshold + 1e-6).mean() <= 1e-3
+    assert (scores[same] >= threshold - 1e-6).mean() == pytest.approx(tar, abs=2 / same.sum())
+    assert 'data-name="EER" data-score="' in page
+
+    # the ROC drawn: at most 2 x 200 exact ROC points, from 1e-5 (<= 1 / 37,382 negatives)
+    far, tar_all, _ = counts.roc()
+    assert v.far_min == 1e-5 and v.roc[0][0] == 1e-5 and len(v.roc[0]) <= 400
+    for f, t in zip(*v.roc):
+        assert f == v.far_min or ((far == f) & (tar_all == t)).any()
+    assert len(re.findall(r'<circle class="mark"', page)) == 4  # 1e-1 .. 1e-4
+
+    # roles: every (query, gallery) pair; one class: no negative pairs, a note instead
+    is_query = np.arange(len(y)) % 3 == 0
+    roles = gather_report(
+        x, y, noise_image, query_mask=is_query, gallery_mask=~is_query, options=options
+    )
+    q, g = is_query, ~is_query
+    assert roles.verification.auc == pair_score_counts(x[q], y[q], x[g], y[g]).auc()
+    assert roles.verification.num_positive == (y[q][:, None] == y[g][None]).sum()
+    single = gather_report(x, np.zeros_like(y), noise_image, options=options)
+    assert single.verification is None and 'id="verification"' not in render_html(single)
+    assert any("No verification section" in n and "0 negative" in n for n in single.notes)
 
 
 # ------------------------------------------------------------------------------ a run
@@ -416,6 +484,51 @@ def test_report_in_a_browser(run: Path, browser, tmp_path: Path) -> None:
     with Image.open(top) as image:
         assert len(image.convert("L").getcolors(1 << 16) or []) > 50  # not a blank page
     shutil.copy(top, "/tmp/report-screenshot.png")
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_verification_in_a_browser(run: Path, browser, tmp_path: Path) -> None:
+    browser.get((run / "report.html").resolve().as_uri())
+    drawn = browser.execute_script(
+        """const s = document.getElementById("verification");
+        const box = e => { const r = e.getBoundingClientRect();
+                           return [r.left, r.top, r.width, r.height]; };
+        return {
+          charts: [...s.querySelectorAll("svg.chart")].map(box),
+          curve: s.querySelector(".roc-curve").getTotalLength(),
+          marks: [...s.querySelectorAll("circle.mark")].map(box),
+          bars: [...s.querySelectorAll("polygon.bars")].map(box),
+          frame: box(s.querySelector("svg.histogram rect.frame")),
+          lines: [...s.querySelectorAll("line.threshold")].map(
+            l => [l.dataset.name, Number(l.dataset.score), box(l)]),
+          auc: Number(s.querySelector('[data-key="roc_auc"]').dataset.value),
+        };"""
+    )
+    x, y = run_embeddings(run)
+    counts = pair_score_counts(x, y)
+    expected = verification(counts)
+    assert drawn["auc"] == pytest.approx(counts.auc(), abs=1e-6)
+    # ROC and histograms side by side on a laptop screen, both drawn
+    (roc, hist) = drawn["charts"]
+    assert roc[2] > 500 and roc[3] > 250 and roc[1] == hist[1] and hist[0] > roc[0] + roc[2]
+    assert drawn["curve"] > 300  # px of curve
+    finite = [t for _, t, _ in expected.tar_at_far if np.isfinite(t)]
+    assert len(drawn["marks"]) == len(finite) == 5  # 358,400 negative pairs resolve 1e-5
+    assert len(drawn["bars"]) == 2 and min(b[3] for b in drawn["bars"]) > 50  # px tall
+    # each threshold line where its score lies on the score axis
+    left, _, width, _ = drawn["frame"]
+    e0, e1 = expected.edges[0], expected.edges[-1]
+    assert {name for name, _, _ in drawn["lines"]} == {"EER", "FAR 1e-3"}
+    for name, score, (x0, _, _, height) in drawn["lines"]:
+        assert score == pytest.approx(dict(expected.thresholds)[name], abs=1e-6)
+        assert (x0 - left) / width == pytest.approx((score - e0) / (e1 - e0), abs=3e-3)
+        assert height > 200
+    section = browser.find_element("id", "verification")
+    browser.execute_script("arguments[0].scrollIntoView()", section)
+    shot = tmp_path / "verification.png"
+    assert section.screenshot(str(shot))
+    with Image.open(shot) as image:
+        assert len(image.convert("L").getcolors(1 << 16) or []) > 50  # not a blank panel
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
 
 

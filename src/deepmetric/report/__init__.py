@@ -6,8 +6,9 @@
 A run's report shows the retrieval metrics next to the untrained network's, the settings
 changed from the preset, the training curves, per-class results (sortable, worst first), the
 worst and random queries with their top-k retrievals framed green (same class) or red, and a
-2-D map of the embeddings with the images on hover. Every section is bounded
-(:class:`ReportOptions`), so a report of SOP's 60,502 images stays a few MB.
+2-D map of the embeddings with the images on hover, and the verification over all pairs (ROC,
+positive / negative score histograms with the thresholds, AUC, EER, TAR@FAR). Every section
+is bounded (:class:`ReportOptions`), so a report of SOP's 60,502 images stays a few MB.
 
 Modules: ``content`` (what a report shows, as data), ``numbers`` (per-query and per-class
 numbers, grids, map, from embeddings and labels), ``build`` (:func:`build_report`: embeddings,

@@ -8,7 +8,8 @@
 
 Reads top to bottom: choose the queries (all, or whole random classes up to
 ``max_queries``); their AP@R and Recall@1 by the evaluation's search; the worst and some random
-queries with their top-k; the per-class table; the 2-D map; the thumbnails those need, within
+queries with their top-k; the per-class table; the 2-D map; the verification section (every
+pair of the set, not only the sampled queries'); the thumbnails those need, within
 a byte budget; the page.
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from deepmetric.evaluation import result_keys
+from deepmetric.evaluation.verification import pair_score_counts
 
 from . import numbers
 from .content import MetricsTable, ReportContent, ReportOptions
@@ -94,6 +96,7 @@ def gather_report(
     content.embedding_map = numbers.embedding_map(
         x, y, names, options.max_points, options.map, options.seed
     )
+    _add_verification(content, x, y, candidates if roles else None, gallery_rows)
 
     thumbnails = Thumbnails(
         lambda key: load_image(int(key)), options.thumbnail, options.max_thumbnail_bytes
@@ -131,6 +134,30 @@ def _note_summary(content: ReportContent, results: numbers.QueryResults) -> None
         f"{content.metrics.note} Recomputed by this report over {means['num_queries']:,} "
         f"queries: Recall@1 {means['recall@1']:.4f}, MAP@R {means['map@r']:.4f}."
     ).strip()
+
+
+def _add_verification(
+    content: ReportContent,
+    x: np.ndarray,
+    y: np.ndarray,
+    query_rows: np.ndarray | None,
+    gallery_rows: np.ndarray | None,
+) -> None:
+    """The verification section over all pairs of the set (x (N, d), y (N,)), as the evaluation
+    counts them: the unordered pairs i < j, or every (query, gallery) pair with roles; a note
+    instead when the set lacks positive or negative pairs."""
+    if query_rows is None or gallery_rows is None:
+        counts = pair_score_counts(x, y)
+    else:
+        q, g = query_rows, gallery_rows
+        counts = pair_score_counts(x[q], y[q], x[g], y[g])
+    if counts.num_positive and counts.num_negative:
+        content.verification = numbers.verification(counts)
+    else:
+        content.notes.append(
+            f"No verification section: the set has {counts.num_positive:,} positive and "
+            f"{counts.num_negative:,} negative pairs, and the ROC needs both."
+        )
 
 
 def write_report(content: ReportContent, out: str | os.PathLike) -> Path:

@@ -113,6 +113,25 @@ class EmbeddingMap:
 
 
 @dataclass
+class Verification:
+    """Verification over all pairs of the evaluation set
+    (:mod:`deepmetric.evaluation.verification`): a pair is accepted when its score >= a
+    threshold."""
+
+    num_positive: int
+    num_negative: int
+    auc: float
+    eer: tuple[float, float]  # (EER, threshold)
+    tar_at_far: list[tuple[float, float, float]]  # (FAR target, TAR, threshold); NaN: unresolvable
+    roc: tuple[list[float], list[float]]  # (far, tar) (P,) a sample of the ROC, FAR >= far_min
+    far_min: float  # left end of the log FAR axis (a power of ten)
+    edges: list[float]  # (B + 1,) score bins of the histograms
+    positive: list[int]  # (B,) positive pairs per bin
+    negative: list[int]  # (B,) negative pairs per bin
+    thresholds: list[tuple[str, float]]  # (name, score) lines drawn on the histograms
+
+
+@dataclass
 class ReportContent:
     """Everything a report shows; sections left None are not drawn."""
 
@@ -124,5 +143,6 @@ class ReportContent:
     classes: ClassTable | None = None
     grids: list[Grid] = field(default_factory=list)
     embedding_map: EmbeddingMap | None = None
+    verification: Verification | None = None
     thumbnails: dict[str, str] = field(default_factory=dict)  # key -> data: URI
     notes: list[str] = field(default_factory=list)  # what was sampled or left out, and why

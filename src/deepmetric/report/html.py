@@ -20,8 +20,10 @@ from .content import (
     Grid,
     MetricsTable,
     ReportContent,
+    Verification,
 )
-from .svg import PALETTE, line_chart, scatter
+from .numbers import far_name
+from .svg import PALETTE, histogram_chart, line_chart, roc_chart, scatter
 
 __all__ = ["render_html"]
 
@@ -57,6 +59,8 @@ table.sortable th[data-dir=desc]::after{content:" \\25BC";font-size:10px}
 .charts{display:flex;gap:12px;flex-wrap:wrap}
 svg text{font-size:11px;fill:#444}svg .chart-title{font-size:13px;font-weight:600;fill:#1d1d1f}
 svg .grid{stroke:#ececec}svg .frame{fill:none;stroke:#bbb}svg .axis{fill:#888}
+svg .halo{paint-order:stroke;stroke:#fff;stroke-width:3px;stroke-linejoin:round}
+#verification-table{margin-top:8px}
 .grid-row{display:flex;gap:5px;align-items:flex-start;padding:6px 0;border-top:1px solid #eee}
 figure{margin:0;width:102px;font-size:11.5px;text-align:center}
 figure img{display:block;width:102px;height:102px;object-fit:contain;background:#f0f0f0;
@@ -250,6 +254,59 @@ def _map(m: EmbeddingMap) -> str:
     )
 
 
+def _verification(v: Verification) -> str:
+    far, tar = v.roc
+    marks = [
+        (f, t, f"TAR@FAR={far_name(f)}: {t:.4f} (threshold {threshold:.4f})")
+        for f, t, threshold in v.tar_at_far
+        if math.isfinite(t)
+    ]
+    roc = roc_chart(far, tar, marks, far_min=v.far_min, title="ROC")
+    width = [b - a for a, b in zip(v.edges[:-1], v.edges[1:])]
+    densities = [
+        (name, colour, [c / (total * w) for c, w in zip(counts, width)])
+        for name, colour, counts, total in (
+            ("positive pairs", PALETTE[2], v.positive, v.num_positive),
+            ("negative pairs", PALETTE[3], v.negative, v.num_negative),
+        )
+    ]
+    histograms = histogram_chart(
+        v.edges,
+        densities,
+        v.thresholds,
+        title="Pair scores",
+        x_label="score (inner product)",
+        y_label="density",
+    )
+    rows = [
+        ("roc_auc", v.auc, None),
+        ("eer", v.eer[0], v.eer[1]),
+        *((f"tar@far={far_name(f)}", t, threshold) for f, t, threshold in v.tar_at_far),
+    ]
+    cells = ""
+    for key, value, threshold in rows:
+        shown = _cell(value, _number(value), f' data-key="{escape(key)}"')
+        cells += f"<tr><td>{escape(display_name(key))}</td>{shown}"
+        cells += f"{_cell(threshold, _number(threshold))}</tr>"
+    cells += "".join(
+        f"<tr><td>{name}</td>{_cell(count, f'{count:,}')}<td></td></tr>"
+        for name, count in (("positive pairs", v.num_positive), ("negative pairs", v.num_negative))
+    )
+    eer, eer_threshold = v.eer
+    return (
+        '<h2>Verification</h2><p class="caption">Every pair of the evaluation set, accepted when '
+        f"its score is at least a threshold: ROC AUC {v.auc:.4f}, EER {eer:.4f} (threshold "
+        f"{eer_threshold:.4f}). Left: TAR against FAR, dots at TAR@FAR (hover for the threshold), "
+        "dashed: chance. Right: the scores of the positive (same class) and negative pairs, each "
+        f"normalised to unit area (negative pairs outnumber positive ones "
+        f"{v.num_negative / v.num_positive:,.0f} to 1), dashed lines at the thresholds. A dash "
+        "in the table: the set has too few negative pairs for that FAR.</p>"
+        f'<div class="charts">{roc}{histograms}</div><table id="verification-table"><thead><tr>'
+        f"<th>metric</th><th>value</th><th>threshold</th></tr></thead><tbody>{cells}</tbody>"
+        "</table>"
+    )
+
+
 def render_html(content: ReportContent) -> str:
     """The page of ``content``: one HTML document, nothing outside it."""
     facts = "".join(
@@ -265,6 +322,11 @@ def render_html(content: ReportContent) -> str:
         body.append(f'<section class="row">{"".join(top)}</section>')
     if content.curves is not None:
         body.append(f'<section class="panel" id="curves">{_curves(content.curves)}</section>')
+    if content.verification is not None:
+        body.append(
+            f'<section class="panel" id="verification">{_verification(content.verification)}'
+            "</section>"
+        )
     if content.grids:
         grids = "".join(_grid(g, n) for n, g in enumerate(content.grids))
         legend = (

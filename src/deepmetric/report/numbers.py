@@ -1,5 +1,7 @@
 """The numbers of a report, from embeddings and labels: per-query AP@R and Recall@1, per-class
-means, the worst and random queries with their top-k retrievals, the 2-D map.
+means, the worst and random queries with their top-k retrievals, the 2-D map, the verification
+section (ROC, score histograms, thresholds) from the pair counts of
+:mod:`deepmetric.evaluation.verification`.
 
 Retrieval follows the evaluation exactly (:mod:`deepmetric.evaluation`): the same search
 (score descending, then gallery index), the same per-query metric functions, each query's own
@@ -9,6 +11,7 @@ item excluded when the set is searched against itself, queries without a relevan
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +20,9 @@ import numpy as np
 import torch
 
 from deepmetric.evaluation import METRICS, average, retrieval_per_query, search
+from deepmetric.evaluation.verification import FARS, PairScoreCounts, float_of_key
 
-from .content import ClassTable, EmbeddingMap, Grid, GridRow
+from .content import ClassTable, EmbeddingMap, Grid, GridRow, Verification
 
 # Deferred import: scikit-learn's TSNE (~1-3 s to import), in project_2d(), for method="tsne".
 
@@ -27,6 +31,7 @@ __all__ = [
     "class_names",
     "class_table",
     "embedding_map",
+    "far_name",
     "grid",
     "pick_random",
     "pick_worst",
@@ -34,6 +39,7 @@ __all__ = [
     "query_results",
     "sample_query_rows",
     "top_k",
+    "verification",
 ]
 
 #: The metrics a report computes itself (with Recall@1 only).
@@ -263,3 +269,50 @@ def class_names(labels: np.ndarray, names: Sequence[Any] | None) -> list[str]:
     if names is not None:
         return [str(n) for n in names]
     return [str(i) for i in range(int(np.max(labels)) + 1 if len(labels) else 0)]
+
+
+def far_name(far: float) -> str:
+    """The name of a FAR: 1e-3 for 0.001 (a power of ten), else the shortest form (0.05)."""
+    power = round(math.log10(far))
+    return f"1e{power}" if math.isclose(far, 10.0**power) else f"{far:g}"
+
+
+def verification(
+    counts: PairScoreCounts, *, bins: int = 100, roc_points: int = 200, line_far: float = 1e-3
+) -> Verification:
+    """The verification section of ``counts`` (it needs positive and negative pairs): AUC, EER
+    and TAR@FAR for :data:`FARS` with their thresholds; the ROC sampled at the two points around
+    each of ``roc_points`` log-spaced FARs from ``far_min`` (1e-5, or the power of ten at or
+    below 1 / negatives) to 1, so at most 2 x roc_points points whatever the pair count; the
+    pairs counted in ``bins`` score bins over the scores' range (rounded out to 0.1); lines at
+    the EER threshold and at that of FAR ``line_far`` (when the set resolves it)."""
+    far, tar, _ = counts.roc()
+    far_min = max(1e-5, 10.0 ** math.floor(math.log10(1 / counts.num_negative)))
+    grid = np.logspace(math.log10(far_min), 0.0, roc_points)
+    below = np.searchsorted(far, grid, side="right") - 1  # last point with FAR <= the value
+    keep = np.unique(np.r_[below, np.minimum(below + 1, len(far) - 1)])
+    keep = keep[keep >= below[0]]  # from the last point at FAR <= far_min (drawn at far_min)
+    eer, eer_threshold = counts.eer()
+    at_far = [(f, *counts.tar_at_far(f)) for f in FARS]
+    scores = float_of_key(counts.keys)  # (U,) decreasing
+    lo = math.floor(scores[-1] * 10) / 10
+    edges = np.linspace(lo, max(math.floor(scores[0] * 10) / 10 + 0.1, lo + 0.1), bins + 1)
+    edges[-1] = max(edges[-1], np.nextafter(scores[0], np.inf))  # the top score in the last bin
+    positive, negative = counts.histogram(edges)
+    lines = [("EER", eer_threshold)]
+    line = next((t for f, _, t in at_far if f == line_far), float("nan"))
+    if math.isfinite(line):
+        lines.append((f"FAR {far_name(line_far)}", line))
+    return Verification(
+        num_positive=counts.num_positive,
+        num_negative=counts.num_negative,
+        auc=counts.auc(),
+        eer=(eer, eer_threshold),
+        tar_at_far=at_far,
+        roc=([float(max(f, far_min)) for f in far[keep]], [float(t) for t in tar[keep]]),
+        far_min=far_min,
+        edges=[float(e) for e in edges],
+        positive=[int(c) for c in positive],
+        negative=[int(c) for c in negative],
+        thresholds=lines,
+    )
