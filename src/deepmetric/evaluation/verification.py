@@ -50,7 +50,7 @@ FINE_BITS = 12  # low key bits resolved in pass 2
 NUM_COARSE = 1 << (32 - FINE_BITS)  # 2^20 coarse bins
 NUM_FINE = 1 << FINE_BITS
 BYTES_PER_PAIR = 64  # a block's score, key, label match and index temporaries
-BYTES_PER_BIN = 2 * NUM_FINE * 4 * 3  # a resolved bin's int32 counters, and their reduction
+BYTES_PER_BIN = 2 * NUM_FINE * 4  # a resolved bin's int32 counters (reduced 256 bins at a time)
 
 SORT_BYTES_PER_PAIR = 32  # a small set's keys, kept and sorted
 AllReduce = Callable[[Tensor], None]  # sums a tensor over ranks, in place
@@ -265,9 +265,9 @@ def pair_score_counts(
 
     # one pass counts per coarse bin, and per key in the bins likely to need it; a further
     # pass resolves those that turn out to need it and were not guessed
-    guess = np.array(
-        _likely_bins(pairs, fars)[:bins_per_round] if not resolve_all else [], np.int64
-    )
+    guess = np.zeros(0, dtype=np.int64)
+    if not resolve_all:
+        guess = np.sort(_likely_bins(pairs, fars)[:bins_per_round])
     coarse, fine = pairs.count(guess, shard, all_reduce, with_coarse=True)
     coarse_pos, coarse_neg = coarse[1::2], coarse[0::2]
     needed, decisive = _bins_to_resolve(coarse_pos, coarse_neg, fars, resolve_all)
@@ -279,26 +279,31 @@ def pair_score_counts(
     return _units(coarse_pos, coarse_neg, rounds, needed, decisive, fars, resolve_all)
 
 
-def _likely_bins(pairs: _Pairs, fars: tuple[float, ...]) -> list[int]:
-    """Coarse bins likely to need resolving: those of the positive pairs (scored class by
-    class, cheap) and, from a sample of query rows, those around each FAR target's and the
-    EER's crossing. A wrong guess costs time (one more pass), never exactness."""
-    positive_keys = pairs.positive_keys()
-    bins = set(np.unique(positive_keys >> FINE_BITS).tolist())
+def _likely_bins(pairs: _Pairs, fars: tuple[float, ...]) -> np.ndarray:
+    """Coarse bins likely to need resolving, the likeliest first: those around each FAR
+    target's and the EER's crossing in a sample of query rows (within four standard errors of
+    the sample's counts), then those of the positive pairs (scored class by class, cheap; with
+    their neighbours, as a block's product may move a score by one unit in the last place). A
+    wrong guess costs time (one more pass), never exactness."""
+    near = set()
     pos, neg = pairs.sample_counts()
     order = np.flatnonzero((pos + neg) > 0)[::-1]
     fps, tps = np.cumsum(neg[order]), np.cumsum(pos[order])
-    if len(order) == 0 or fps[-1] == 0:
-        return sorted(bins)
-    for far in fars:  # the bins between the sample's crossings of far / 3 and 3 far
-        low, high = np.searchsorted(fps, [far / 3 * fps[-1], 3 * far * fps[-1]])
-        bins.update(order[low : high + 1].tolist())
-    if tps[-1] > 0:
-        gap = fps / fps[-1] - (1 - tps / tps[-1])
-        near = np.flatnonzero(np.abs(gap) <= 0.02)
-        crossing = int(np.argmax(gap >= 0))
-        bins.update(order[near].tolist() + order[max(0, crossing - 2) : crossing + 3].tolist())
-    return sorted(bins)
+    if len(order) and fps[-1] > 0:
+        for far in fars:
+            expected = far * fps[-1]
+            spread = 4 * np.sqrt(expected) + 2
+            low, high = np.searchsorted(fps, [expected - spread, expected + spread])
+            near.update(order[max(0, low - 1) : high + 2].tolist())
+        if tps[-1] > 0:
+            gap = fps / fps[-1] - (1 - tps / tps[-1])
+            crossing = int(np.argmax(gap >= 0))
+            near.update(order[max(0, crossing - 3) : crossing + 4].tolist())
+    positive = np.unique(pairs.positive_keys() >> FINE_BITS)
+    positive = np.unique(np.concatenate([positive - 1, positive, positive + 1]))
+    positive = positive[(positive >= 0) & (positive < NUM_COARSE)]
+    near = np.array(sorted(near), dtype=np.int64)
+    return np.concatenate([near, np.setdiff1d(positive, near)])
 
 
 def _bins_to_resolve(
@@ -384,8 +389,8 @@ MASKED = torch.iinfo(torch.int32).min  # key of the pairs not counted: a NaN's, 
 
 def _signed_keys(scores: Tensor) -> Tensor:
     """int32 keys ordered as the float32 ``scores`` (the key of :func:`key_of_float` - 2^31)."""
-    bits = (scores + 0.0).view(torch.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    bits = (scores + 0.0).view(torch.int32)  # -0.0 + 0.0 = +0.0
+    return bits.bitwise_xor_((bits >> 31).bitwise_and_(0x7FFFFFFF))  # in place: one copy
 
 
 class _Pairs:
@@ -425,32 +430,36 @@ class _Pairs:
         ``rows``: only these query rows, each against every gallery item but itself (a
         sample)."""
         device = self.query.device
-        slot_of_bin = torch.full((NUM_COARSE,), -1, dtype=torch.int32, device=device)
-        slot_of_bin[torch.as_tensor(bins, dtype=torch.long, device=device)] = torch.arange(
-            len(bins), dtype=torch.int32, device=device
-        )
+        # fine counters: an 8192-counter block per resolved bin, [key, positive?] interleaved,
+        # after a first block where the pairs of the other bins land (dropped)
+        base_of_bin = torch.zeros(NUM_COARSE, dtype=torch.int32, device=device)
+        base_of_bin[torch.as_tensor(bins, dtype=torch.long, device=device)] = torch.arange(
+            1, len(bins) + 1, dtype=torch.int32, device=device
+        ) * (2 * NUM_FINE)
         coarse = torch.zeros(2 * NUM_COARSE, dtype=torch.int64, device=device)
-        fine = torch.zeros(len(bins) * 2 * NUM_FINE + 1, dtype=torch.int32, device=device)
+        fine = torch.zeros((len(bins) + 1) * 2 * NUM_FINE, dtype=torch.int32, device=device)
         rank, world = shard
         with exact_float32(device):
             for block, (r0, r1, c0, c1) in enumerate(self._blocks(rows)):
                 if block % world != rank:
                     continue
                 keys, positive = self._keys(r0, r1, c0, c1, rows)
-                bin_of_pair = (keys >> FINE_BITS) + NUM_COARSE // 2
+                bin_of_pair = (keys >> FINE_BITS).add_(NUM_COARSE // 2)
                 if with_coarse:
-                    index = bin_of_pair * 2 + positive
+                    index = (bin_of_pair << 1).bitwise_or_(positive)
                     coarse += torch.bincount(index.flatten(), minlength=2 * NUM_COARSE)
+                    del index
                 if len(bins):
-                    slot = slot_of_bin[bin_of_pair]  # int32 arithmetic: < 2^31 counters
-                    index = ((slot << FINE_BITS) | (keys & (NUM_FINE - 1))) * 2 + positive + 1
-                    _accumulate(fine, torch.where(slot >= 0, index, 0).flatten())
+                    index = base_of_bin[bin_of_pair]  # int32 arithmetic: < 2^31 counters
+                    within = (keys & (NUM_FINE - 1)).bitwise_left_shift_(1).bitwise_or_(positive)
+                    _accumulate(fine, index.add_(within).flatten())
         if all_reduce is not None:
             if with_coarse:
                 all_reduce(coarse)
             all_reduce(fine)
         coarse[:2] = 0  # coarse bin 0: the pairs not counted
-        fine_counts = fine[1:].view(len(bins), NUM_FINE, 2).permute(0, 2, 1).cpu().numpy()
+        fine_counts = fine[2 * NUM_FINE :].view(len(bins), NUM_FINE, 2).permute(0, 2, 1)
+        fine_counts = fine_counts.cpu().numpy()
         return coarse.cpu().numpy(), fine_counts
 
     def _blocks(self, rows: Tensor | None) -> list[tuple[int, int, int, int]]:
@@ -474,7 +483,8 @@ class _Pairs:
         """Signed keys (r, c) int32 of a block's pairs (MASKED where not a pair) and whether
         each is positive (r, c) int32."""
         take = torch.arange(r0, r1, device=self.query.device) if rows is None else rows[r0:r1]
-        keys = _signed_keys(self.query[take] @ self.gallery[c0:c1].T)
+        query = self.query[r0:r1] if rows is None else self.query[take]
+        keys = _signed_keys(query @ self.gallery[c0:c1].T)
         positive = (self.query_labels[take, None] == self.gallery_labels[None, c0:c1]).int()
         columns = torch.arange(c0, c1, device=keys.device)[None, :]
         if self.within and rows is None and c0 < r1:  # the pairs i < j only
@@ -529,7 +539,7 @@ class _Pairs:
             found.append(_signed_keys(scores[same]).long() + (1 << 31))
         return torch.cat(found).cpu().numpy() if found else np.zeros(0, dtype=np.int64)
 
-    def sample_counts(self, share: int = 64, least: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    def sample_counts(self, share: int = 64, least: int = 512) -> tuple[np.ndarray, np.ndarray]:
         """(positive, negative) counts per coarse bin of a seeded sample of query rows (every
         row of small sets) against all gallery items but their own."""
         num_query = self.query.shape[0]
