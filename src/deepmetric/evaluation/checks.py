@@ -118,3 +118,29 @@ def _as_tensor(x: Tensor | np.ndarray | Sequence[int]) -> Tensor:
     if isinstance(x, np.ndarray):
         return torch.from_numpy(x)
     return x if isinstance(x, Tensor) else torch.as_tensor(x)
+
+
+def as_query_gallery(
+    query_emb: Tensor | np.ndarray,
+    query_labels: Tensor | np.ndarray | Sequence[int],
+    gallery_emb: Tensor | np.ndarray | None,
+    gallery_labels: Tensor | np.ndarray | Sequence[int] | None,
+    self_index: Tensor | np.ndarray | Sequence[int] | None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Validated (query (Q, d) float32, query labels (Q,) int64, gallery (G, d) or None,
+    gallery labels (G,) (the query labels without a gallery), self_index (Q,) int64 or None)
+    of an evaluation: a query set against a gallery, or against itself."""
+    query = as_embeddings(query_emb, "query_emb")
+    query_labels = as_labels(query_labels, query.shape[0], "query_labels", query.device)
+    if (gallery_emb is None) != (gallery_labels is None):
+        raise ValueError("give both gallery_emb and gallery_labels, or neither")
+    if gallery_emb is None:
+        if self_index is not None:
+            raise ValueError("self_index needs a gallery (without one, self is excluded)")
+        return query, query_labels, None, query_labels, None
+    gallery = as_embeddings(gallery_emb, "gallery_emb")
+    check_same_space(query, gallery)
+    gallery_labels = as_labels(gallery_labels, gallery.shape[0], "gallery_labels", query.device)
+    if self_index is not None:
+        self_index = as_self_index(self_index, query.shape[0], gallery.shape[0], query.device)
+    return query, query_labels, gallery, gallery_labels, self_index

@@ -16,14 +16,7 @@ import torch
 from torch import Tensor
 
 from .blocks import LIST_BYTES, even_ranges
-from .checks import (
-    as_embeddings,
-    as_labels,
-    as_self_index,
-    check_backend,
-    check_recall_at,
-    check_same_space,
-)
+from .checks import as_query_gallery, check_backend, check_recall_at
 from .faiss_index import FaissSearcher
 from .metrics import recall_at_k, relevance
 from .neighbours import search
@@ -95,21 +88,11 @@ def evaluate(
     recall_at = check_recall_at(recall_at)
     backend = check_backend(backend, index_options)
     check_rerank(rerank, dict(rerank_options or {}))
-    query = as_embeddings(query_emb, "query_emb")
-    query_labels = as_labels(query_labels, query.shape[0], "query_labels", query.device)
-    if (gallery_emb is None) != (gallery_labels is None):
-        raise ValueError("give both gallery_emb and gallery_labels, or neither")
-    if gallery_emb is None:
-        if self_index is not None:
-            raise ValueError("self_index needs a gallery (without one, self is excluded)")
-        gallery, gallery_labels = None, query_labels
+    query, query_labels, gallery, gallery_labels, self_index = as_query_gallery(
+        query_emb, query_labels, gallery_emb, gallery_labels, self_index
+    )
+    if gallery is None:  # the query set against itself: each query's own item excluded
         self_index = torch.arange(query.shape[0], device=query.device)
-    else:
-        gallery = as_embeddings(gallery_emb, "gallery_emb")
-        check_same_space(query, gallery)
-        gallery_labels = as_labels(gallery_labels, gallery.shape[0], "gallery_labels", query.device)
-        if self_index is not None:
-            self_index = as_self_index(self_index, query.shape[0], gallery.shape[0], query.device)
 
     result: dict[str, Any] = {}
     # per_class reports Recall@1, MAP@R and R-precision whatever ``metrics`` asks

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .blocks import exact_float32
-from .checks import as_embeddings, as_labels, as_self_index, check_same_space
+from .checks import as_query_gallery
 
 __all__ = ["FARS", "PairScoreCounts", "float_of_key", "key_of_float", "pair_score_counts"]
 
@@ -236,21 +236,9 @@ def pair_score_counts(
         shard, all_reduce: (rank, world size) and a function summing a tensor over ranks in
             place: each rank scores every world-th block of query rows (torchrun).
     """
-    query = as_embeddings(query_emb, "query_emb")
-    query_labels = as_labels(query_labels, query.shape[0], "query_labels", query.device)
-    if (gallery_emb is None) != (gallery_labels is None):
-        raise ValueError("give both gallery_emb and gallery_labels, or neither")
-    gallery = None
-    if gallery_emb is None:
-        if self_index is not None:
-            raise ValueError("self_index needs a gallery (without one, pairs are i < j)")
-        gallery_labels = query_labels
-    else:
-        gallery = as_embeddings(gallery_emb, "gallery_emb")
-        check_same_space(query, gallery)
-        gallery_labels = as_labels(gallery_labels, gallery.shape[0], "gallery_labels", query.device)
-        if self_index is not None:
-            self_index = as_self_index(self_index, query.shape[0], gallery.shape[0], query.device)
+    query, query_labels, gallery, gallery_labels, self_index = as_query_gallery(
+        query_emb, query_labels, gallery_emb, gallery_labels, self_index
+    )
     fars = tuple(float(f) for f in fars)
     pairs = _Pairs(query, query_labels, gallery, gallery_labels, self_index, memory_budget_bytes)
     num_pairs = pairs.num_pairs()
