@@ -432,3 +432,14 @@ def test_training_evaluation_uses_eval_rerank(points) -> None:
     plain = evaluate(x, labels, recall_at=recall_at(cfg), metrics=cfg.eval.metrics)
     assert ours["map@r"] == expected["map@r"] != plain["map@r"]
     assert ours["recall@1"] == expected["recall@1"]
+
+
+def test_eval_with_candidates_above_the_gallery_is_a_user_error(tiny_index, capsys) -> None:
+    """Reported by a user run: the size error was labelled an internal error (a bug)."""
+    from deepmetric.cli import main
+
+    run, _ = tiny_index
+    argv = ["eval", "--checkpoint", str(run), "--eval.rerank=k_reciprocal"]
+    assert main([*argv, "--eval.rerank_options.candidates=100000"]) == 2
+    err = capsys.readouterr().err
+    assert "larger than the gallery: candidates=100000" in err and "internal error" not in err

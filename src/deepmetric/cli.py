@@ -748,6 +748,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from deepmetric.data import DatasetError
     from deepmetric.engine.checkpoint import CheckpointError
     from deepmetric.engine.divergence import TrainingDiverged
+    from deepmetric.evaluation.rerank import RerankError
     from deepmetric.retrieval.export import ExportError
     from deepmetric.retrieval.index import IndexFileError
 
@@ -758,6 +759,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DatasetError,
         IndexFileError,
         ExportError,
+        RerankError,
         FileNotFoundError,
         NotADirectoryError,
         IsADirectoryError,
