@@ -516,13 +516,8 @@ class _Pairs:
         """Unsigned keys (P,) int64 of the positive pairs, scored a group of classes at a time
         (their scores may differ from the blocks' in the last bit: a guess, not a count)."""
         order = torch.argsort(self.query_labels, stable=True)
-        labels = self.query_labels[order]
-        starts = torch.ones_like(labels, dtype=torch.bool)
-        starts[1:] = labels[1:] != labels[:-1]
         found = []
         for chunk in torch.split(order, 2048):
-            if chunk.numel() == 0:
-                continue
             mine = torch.isin(self.gallery_labels, self.query_labels[chunk]).nonzero().flatten()
             scores = self.query[chunk] @ self.gallery[mine].T
             same = self.query_labels[chunk, None] == self.gallery_labels[None, mine]
@@ -530,7 +525,7 @@ class _Pairs:
                 same &= chunk[:, None] != mine[None, :]
             elif self.self_index is not None:
                 same &= self.self_index[chunk, None] != mine[None, :]
-            found.append(_signed_keys(scores[same]).long() + (1 << 31))
+            found.append(key_of_float(scores[same]))
         return torch.cat(found).cpu().numpy() if found else np.zeros(0, dtype=np.int64)
 
     def sample_counts(self, share: int = 64, least: int = 512) -> tuple[np.ndarray, np.ndarray]:
